@@ -1,0 +1,176 @@
+//! Content hashing: every regular file is cut into fixed-size blocks and each block
+//! is hashed with BLAKE3. Hashing runs on a background thread fed after a file is
+//! closed, never on the FUSE hot path.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::catalog::{Catalog, Op};
+use crate::ids::{BlockHash, Ino};
+
+/// Size of one block: the unit of hashing, transfer and caching.
+pub const BLOCK_SIZE: u64 = 256 * 1024;
+
+/// Hashes of every block of `file` (its current length), in order.
+pub fn hash_file(file: &File) -> std::io::Result<Vec<(BlockHash, u32)>> {
+    let len = file.metadata()?.len();
+    let mut out = Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize);
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut off = 0u64;
+    while off < len {
+        let want = (len - off).min(BLOCK_SIZE) as usize;
+        let mut got = 0;
+        while got < want {
+            let n = file.read_at(&mut buf[got..want], off + got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        out.push((hash_block(&buf[..got]), got as u32));
+        off += want as u64;
+    }
+    Ok(out)
+}
+
+/// BLAKE3 of one block.
+pub fn hash_block(data: &[u8]) -> BlockHash {
+    BlockHash(*blake3::hash(data).as_bytes())
+}
+
+/// A background worker that (re)hashes files after they change. Requests for the
+/// same file coalesce while it waits.
+#[derive(Debug, Clone)]
+pub struct Hasher {
+    inner: Arc<HasherInner>,
+}
+
+#[derive(Debug)]
+struct HasherInner {
+    /// Files waiting to be hashed, and whether the worker should stop. The worker
+    /// sleeps on `wake` while the set is empty.
+    queue: Mutex<(Vec<(Ino, PathBuf)>, HashSet<Ino>, bool)>,
+    wake: Condvar,
+    /// Signalled whenever the queue drains, for [`Hasher::wait_idle`].
+    idle: Condvar,
+}
+
+impl Hasher {
+    /// Starts the worker thread; it writes results through `catalog`.
+    pub fn start(catalog: Catalog) -> Self {
+        let inner = Arc::new(HasherInner {
+            queue: Mutex::new((Vec::new(), HashSet::new(), false)),
+            wake: Condvar::new(),
+            idle: Condvar::new(),
+        });
+        let worker = inner.clone();
+        // The hashing thread: lives until `stop`; owns no state but the queue.
+        let spawned = std::thread::Builder::new()
+            .name("hasher".into())
+            .spawn(move || run(&worker, &catalog));
+        if let Err(e) = spawned {
+            tracing::error!(cause = ?e, "cannot start the block hasher");
+        }
+        Self { inner }
+    }
+
+    /// Asks for `ino`'s blocks to be hashed from the file at `path`.
+    pub fn enqueue(&self, ino: Ino, path: PathBuf) {
+        let Ok(mut q) = self.inner.queue.lock() else {
+            return;
+        };
+        if q.1.insert(ino) {
+            q.0.push((ino, path));
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Blocks until every queued file has been hashed (or the worker stopped).
+    pub fn wait_idle(&self) {
+        let Ok(mut q) = self.inner.queue.lock() else {
+            return;
+        };
+        while !q.1.is_empty() && !q.2 {
+            q = match self.inner.idle.wait(q) {
+                Ok(q) => q,
+                Err(_) => return,
+            };
+        }
+    }
+
+    /// Stops the worker after the files already queued.
+    pub fn stop(&self) {
+        if let Ok(mut q) = self.inner.queue.lock() {
+            q.2 = true;
+            self.inner.wake.notify_all();
+        }
+    }
+}
+
+fn run(inner: &HasherInner, catalog: &Catalog) {
+    loop {
+        let (ino, path) = {
+            let Ok(mut q) = inner.queue.lock() else {
+                return;
+            };
+            loop {
+                if let Some(job) = q.0.pop() {
+                    break job;
+                }
+                if q.2 {
+                    inner.idle.notify_all();
+                    return;
+                }
+                q = match inner.wake.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        };
+        let result = File::open(&path).and_then(|f| hash_file(&f));
+        match result {
+            Ok(blocks) => {
+                let count = blocks.len() as u64;
+                let _ = catalog.send(Op::PutBlocks {
+                    ino,
+                    from: 0,
+                    blocks,
+                    count,
+                });
+            }
+            // The file was removed meanwhile: nothing to index.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
+        }
+        if let Ok(mut q) = inner.queue.lock() {
+            q.1.remove(&ino);
+            if q.1.is_empty() {
+                inner.idle.notify_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn blocks_cover_the_file_exactly() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..(BLOCK_SIZE * 2 + 5)).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        let blocks = hash_file(&f).unwrap();
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[2].1, 5);
+        assert_eq!(
+            blocks[1].0,
+            hash_block(&data[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize])
+        );
+        assert_ne!(blocks[0].0, blocks[1].0);
+    }
+}

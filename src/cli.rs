@@ -1,0 +1,240 @@
+//! The command line: argument types and the dispatch of each subcommand into the
+//! library. `main` turns the result into an exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::fs::{MountOptions, mount};
+
+/// Share a folder directly between people's machines.
+#[derive(Debug, Parser)]
+#[command(name = "brume", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount the Brume filesystem at DIR.
+    Mount(MountArgs),
+    /// Show the state of the client: mount, groups, catalog.
+    Status(StatusArgs),
+    /// Run the signaling server, or administer its accounts.
+    Server(crate::signal::cli::ServerArgs),
+    /// Print a fresh access token.
+    Token(crate::signal::cli::TokenArgs),
+    /// Start a local server, two users and two mounts, and show a file crossing.
+    Demo,
+}
+
+/// `brume mount DIR [--config PATH] [--data DIR] [-f]`.
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// Where to mount.
+    pub dir: PathBuf,
+    /// Config file (default `~/.config/Brume/brume.conf`, or `$BRUME_CONFIG`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (default `~/.local/share/brume`, or `$BRUME_DATA`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Stay in the foreground.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+    /// Serve file data through the daemon even where kernel passthrough is possible.
+    #[arg(long)]
+    pub no_passthrough: bool,
+}
+
+/// `brume status [--config PATH] [--data DIR] [--json]`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("brume: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd (journald on stderr) or when not on a terminal: no colours.
+    let ansi = std::env::var_os("JOURNAL_STREAM").is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Mount(args) => run_mount(args),
+        Command::Status(args) => crate::status::run(args),
+        Command::Server(args) => crate::signal::cli::run_server(args),
+        Command::Token(args) => crate::signal::cli::run_token(args),
+        Command::Demo => bail!("brume demo: not yet implemented"),
+    }
+}
+
+/// Loads the config named on the command line or the default one.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<(PathBuf, Config)> {
+    let path = path
+        .map(Path::to_owned)
+        .unwrap_or_else(config::default_config_path);
+    let config = Config::load(&path).with_context(
+        || "a config is needed: create one with `brume server add-user NAME > brume.conf`",
+    )?;
+    Ok((path, config))
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn run_mount(args: MountArgs) -> anyhow::Result<()> {
+    let (config_path, mut config) = load_config(args.config.as_deref())?;
+    if args.no_passthrough {
+        config.fs.passthrough = false;
+    }
+    let data_dir = args.data.clone().unwrap_or_else(config::default_data_dir);
+    let mountpoint = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("mountpoint {}", args.dir.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    if !args.foreground {
+        return daemonize(&args, &config_path, &data_dir, &mountpoint);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut mounted = mount(MountOptions {
+        mountpoint,
+        config,
+        data_dir,
+    })?;
+    loop {
+        if mounted.wait_timeout(Duration::from_millis(100)) {
+            tracing::info!("unmounted");
+            return Ok(());
+        }
+        if STOP.load(Ordering::SeqCst) {
+            tracing::info!("signal received; unmounting");
+            mounted.unmount()?;
+            return Ok(());
+        }
+    }
+}
+
+/// Whether `dir` is currently a mountpoint of a Brume filesystem.
+pub fn is_brume_mount(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = dir.to_string_lossy();
+    text.lines().any(|l| {
+        let mut f = l.split(' ');
+        let (_src, target, fstype) = (f.next(), f.next(), f.next());
+        target.map(|t| t.replace("\\040", " ")) == Some(want.to_string())
+            && fstype.is_some_and(|t| t == "fuse.brume" || t == "fuse")
+    })
+}
+
+/// Re-runs this command in the foreground as a detached child logging to
+/// `<data>/brume.log`, and returns once the mount is up.
+fn daemonize(
+    args: &MountArgs,
+    config_path: &Path,
+    data_dir: &Path,
+    mountpoint: &Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("data directory {}", data_dir.display()))?;
+    let log_path = data_dir.join("brume.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("log file {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the brume binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("mount")
+        .arg(mountpoint)
+        .arg("--config")
+        .arg(config_path)
+        .arg("--data")
+        .arg(data_dir)
+        .arg("-f");
+    if args.no_passthrough {
+        cmd.arg("--no-passthrough");
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the daemon")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if is_brume_mount(mountpoint) {
+            println!(
+                "brume mounted at {} (pid {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!(
+                "the daemon exited ({status}) before mounting; last log lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    bail!(
+        "timed out waiting for the mount at {}; see {}",
+        mountpoint.display(),
+        log_path.display()
+    )
+}

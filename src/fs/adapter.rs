@@ -1,0 +1,1246 @@
+//! The `fuser::Filesystem` implementation. Every callback converts its arguments,
+//! calls a helper returning `FsResult`, and replies: errors become an errno in
+//! one place, [`FsError::errno`]. Local disk I/O is done inline; nothing here waits
+//! on the network.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::blocks::Hasher;
+use crate::catalog::{Catalog, NodeKind, Stamp};
+use crate::fs::error::{FsError, FsResult};
+use crate::fs::store::Store;
+use crate::fs::tree::{self, Node, ROOT, SetAttr, Tree, WSSERVER};
+use crate::ids::Ino;
+
+/// How long the kernel may cache entries and attributes. Brume is the only writer
+/// of its namespace and the kernel invalidates what it changes itself.
+const TTL: Duration = Duration::from_secs(300);
+
+/// State shared by all handles of one open regular file.
+#[derive(Debug)]
+struct OpenInode {
+    /// The backing file, opened read-write by the daemon.
+    file: Arc<File>,
+    /// Kernel passthrough registration; reused by every handle of the inode.
+    backing: Option<BackingId>,
+    /// Open handles.
+    handles: u32,
+    /// Size and mtime of the backing file when last reconciled with the node:
+    /// a difference means a passthrough write the daemon did not see.
+    seen: (u64, i64, i64),
+    /// Content changed since the last change-log entry.
+    dirty: bool,
+    /// Byte ranges written through the daemon since the last entry; `None` once
+    /// a write happened that the daemon could not see (passthrough).
+    ranges: Option<Vec<(u64, u64)>>,
+}
+
+/// One open file handle.
+#[derive(Debug)]
+struct Handle {
+    ino: Ino,
+    file: Arc<File>,
+    writable: bool,
+}
+
+/// One open directory handle: a snapshot of the entries taken at opendir, so that
+/// offsets stay stable while the directory changes.
+#[derive(Debug)]
+struct DirHandle {
+    entries: Vec<(Ino, NodeKind, Vec<u8>)>,
+}
+
+/// The filesystem served to the kernel.
+#[derive(Debug)]
+pub(crate) struct BrumeFs {
+    /// The namespace. Readers (lookup, getattr, readdir) share it; every mutation
+    /// takes it exclusively, which also orders the catalog ops it queues.
+    tree: RwLock<Tree>,
+    /// Open regular files by inode; lock order: `tree` before `open`.
+    open: Mutex<HashMap<Ino, OpenInode>>,
+    /// File handles by fh.
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Directory handles by fh.
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_fh: AtomicU64,
+    store: Store,
+    catalog: Catalog,
+    hasher: Hasher,
+    data_dir: PathBuf,
+    /// Whether the kernel accepted passthrough (decided in `init`).
+    passthrough: AtomicBool,
+    want_passthrough: bool,
+    /// Content of `.wsserver.json`.
+    wsserver: Vec<u8>,
+    owner: (u32, u32),
+}
+
+fn kind_to_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn stamp_of(t: TimeOrNow) -> Stamp {
+    match t {
+        TimeOrNow::SpecificTime(t) => Stamp::from_system(t),
+        TimeOrNow::Now => Stamp::now(),
+    }
+}
+
+fn name_bytes(name: &OsStr) -> &[u8] {
+    name.as_bytes()
+}
+
+impl BrumeFs {
+    pub(crate) fn new(
+        tree: Tree,
+        store: Store,
+        catalog: Catalog,
+        hasher: Hasher,
+        data_dir: PathBuf,
+        want_passthrough: bool,
+        wsserver: Vec<u8>,
+        owner: (u32, u32),
+    ) -> Self {
+        Self {
+            tree: RwLock::new(tree),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            store,
+            catalog,
+            hasher,
+            data_dir,
+            passthrough: AtomicBool::new(false),
+            want_passthrough,
+            wsserver,
+            owner,
+        }
+    }
+
+    fn tree_read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        // A panic while holding the lock leaves the tree as it was at the panic:
+        // every mutation keeps it consistent step by step, so keep serving.
+        self.tree.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tree_write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
+        self.tree.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open_map(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, OpenInode>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dir_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, DirHandle>> {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wsserver_attr(&self) -> FileAttr {
+        let t = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(WSSERVER.0),
+            size: self.wsserver.len() as u64,
+            blocks: 1,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::RegularFile,
+            perm: 0o444,
+            nlink: 1,
+            uid: self.owner.0,
+            gid: self.owner.1,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// The attributes of `node`, reconciled with the backing file if a write the
+    /// daemon did not see may have changed it.
+    fn attr_of(&self, node: &Node) -> FileAttr {
+        let r = &node.row;
+        let mut size = r.size;
+        let mut mtime = r.mtime;
+        let mut ctime = r.ctime;
+        let mut blocks = size.div_ceil(512);
+        if r.kind == NodeKind::File
+            && node.opens > 0
+            && let Some(oi) = self.open_map().get(&r.ino)
+            && let Ok(m) = oi.file.metadata()
+        {
+            blocks = m.blocks();
+            if (m.size(), m.mtime(), m.mtime_nsec()) != oi.seen {
+                size = m.size();
+                mtime = Stamp {
+                    secs: m.mtime(),
+                    nanos: m.mtime_nsec() as u32,
+                };
+                ctime = ctime.max(Stamp {
+                    secs: m.ctime(),
+                    nanos: m.ctime_nsec() as u32,
+                });
+            }
+        }
+        FileAttr {
+            ino: INodeNo(r.ino.0),
+            size,
+            blocks,
+            atime: r.atime.to_system(),
+            mtime: mtime.to_system(),
+            ctime: ctime.to_system(),
+            crtime: r.ctime.to_system(),
+            kind: kind_to_type(r.kind),
+            perm: r.perm,
+            nlink: r.nlink,
+            uid: r.uid,
+            gid: r.gid,
+            rdev: r.rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn getattr_ino(&self, ino: Ino) -> FsResult<FileAttr> {
+        if ino == WSSERVER {
+            return Ok(self.wsserver_attr());
+        }
+        let tree = self.tree_read();
+        Ok(self.attr_of(tree.get(ino)?))
+    }
+
+    /// Deletes the bytes of a node that lost its last link and handle.
+    fn drop_node(&self, node: Option<Node>) {
+        if let Some(n) = node
+            && n.row.kind == NodeKind::File
+        {
+            self.store.remove(n.row.ino);
+        }
+    }
+
+    /// Brings the node's size and times up to date with its backing file and, if
+    /// the content changed since the last entry, appends a `write` entry. Called
+    /// when a writable handle is released or the file is synced.
+    fn reconcile(&self, tree: &mut Tree, ino: Ino, log: bool) -> FsResult<()> {
+        let mut open = self.open_map();
+        let Some(oi) = open.get_mut(&ino) else {
+            return Ok(());
+        };
+        let m = oi.file.metadata()?;
+        let stat = (m.size(), m.mtime(), m.mtime_nsec());
+        if stat != oi.seen {
+            oi.seen = stat;
+            oi.dirty = true;
+            oi.ranges = None;
+        }
+        if !(oi.dirty && log) {
+            return Ok(());
+        }
+        oi.dirty = false;
+        let ranges = oi.ranges.replace(Vec::new());
+        drop(open);
+        let mtime = Stamp {
+            secs: m.mtime(),
+            nanos: m.mtime_nsec() as u32,
+        };
+        let ctime = Stamp {
+            secs: m.ctime(),
+            nanos: m.ctime_nsec() as u32,
+        };
+        // Writes through the daemon already set the node's times; keep them.
+        let node = tree.get(ino)?;
+        let (mtime, ctime) = if ranges.is_some() {
+            (node.row.mtime, node.row.ctime)
+        } else {
+            (mtime, ctime)
+        };
+        tree.content_changed(ino, m.size(), mtime, ctime, ranges)?;
+        self.hasher.enqueue(ino, self.store.path(ino));
+        self.refresh_members_of(tree, ino)?;
+        Ok(())
+    }
+
+    /// If `ino` is a group's `.members`, re-reads it.
+    fn refresh_members_of(&self, tree: &mut Tree, ino: Ino) -> FsResult<()> {
+        let node = tree.get(ino)?;
+        let parent = node.parent;
+        if let Some(g) = tree.members_file_group(parent, tree::MEMBERS_NAME)
+            && tree.child(parent, tree::MEMBERS_NAME) == Some(ino)
+        {
+            let text = std::fs::read(self.store.path(ino)).unwrap_or_default();
+            tree.set_members(g, tree::parse_members(&text))?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the member list of the group whose root is `dir`, if `name` is its
+    /// `.members` (after a rename onto it or its removal).
+    fn refresh_members_at(&self, tree: &mut Tree, dir: Ino, name: &[u8]) -> FsResult<()> {
+        if let Some(g) = tree.members_file_group(dir, name) {
+            let members = match tree.child(dir, name) {
+                Some(ino) => {
+                    tree::parse_members(&std::fs::read(self.store.path(ino)).unwrap_or_default())
+                }
+                None => Vec::new(),
+            };
+            tree.set_members(g, members)?;
+        }
+        Ok(())
+    }
+
+    fn do_mknod(
+        &self,
+        req: &Request,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> FsResult<FileAttr> {
+        let kind = tree::kind_of_mode(mode).ok_or(FsError::Invalid { why: "file type" })?;
+        let mut tree = self.tree_write();
+        let ino = tree.create(
+            parent,
+            name,
+            kind,
+            mode & !umask & 0o7777,
+            req.uid(),
+            req.gid(),
+            rdev,
+            None,
+        )?;
+        if kind == NodeKind::File {
+            self.store.create(ino)?;
+        }
+        Ok(self.attr_of(tree.get(ino)?))
+    }
+
+    /// Opens `ino` for a new handle; returns the handle and, with passthrough, the
+    /// inode's backing id to reply with. `register` makes the backing id from the
+    /// backing file through the reply object.
+    fn open_file(
+        &self,
+        ino: Ino,
+        writable: bool,
+        register: impl FnOnce(&File) -> std::io::Result<BackingId>,
+        reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
+    ) -> FsResult<()> {
+        let mut tree = self.tree_write();
+        let node = tree.get(ino)?;
+        match node.row.kind {
+            NodeKind::File => {}
+            NodeKind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid { why: "not a file" }),
+        }
+        let mut open = self.open_map();
+        if !open.contains_key(&ino) {
+            let file = self.store.open_rw(ino)?;
+            let m = file.metadata()?;
+            let backing = if self.passthrough.load(Ordering::Relaxed) {
+                match register(&file) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(%ino, cause = ?e, "passthrough refused; serving through the daemon");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            open.insert(
+                ino,
+                OpenInode {
+                    file: Arc::new(file),
+                    backing,
+                    handles: 0,
+                    seen: (m.size(), m.mtime(), m.mtime_nsec()),
+                    dirty: false,
+                    ranges: Some(Vec::new()),
+                },
+            );
+        }
+        let Some(oi) = open.get_mut(&ino) else {
+            return Err(FsError::NotFound);
+        };
+        oi.handles += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handle_map().insert(
+            fh,
+            Handle {
+                ino,
+                file: oi.file.clone(),
+                writable,
+            },
+        );
+        tree.opened(ino)?;
+        reply_with(FileHandle(fh), oi.backing.as_ref());
+        Ok(())
+    }
+
+    fn release_file(&self, fh: u64) -> FsResult<()> {
+        let Some(h) = self.handle_map().remove(&fh) else {
+            return Err(FsError::BadHandle);
+        };
+        let mut tree = self.tree_write();
+        if h.writable {
+            self.reconcile(&mut tree, h.ino, true)?;
+        }
+        {
+            let mut open = self.open_map();
+            if let Some(oi) = open.get_mut(&h.ino) {
+                oi.handles -= 1;
+                if oi.handles == 0 {
+                    open.remove(&h.ino);
+                }
+            }
+        }
+        let gone = tree.closed(h.ino)?;
+        drop(tree);
+        self.drop_node(gone);
+        Ok(())
+    }
+
+    fn handle(&self, fh: FileHandle) -> FsResult<(Ino, Arc<File>, bool)> {
+        self.handle_map()
+            .get(&fh.0)
+            .map(|h| (h.ino, h.file.clone(), h.writable))
+            .ok_or(FsError::BadHandle)
+    }
+
+    fn do_setattr(&self, ino: Ino, set: SetAttr, fh: Option<FileHandle>) -> FsResult<FileAttr> {
+        if ino == WSSERVER {
+            return Err(FsError::NotPermitted {
+                why: ".wsserver.json is read-only",
+            });
+        }
+        let mut tree = self.tree_write();
+        let kind = tree.get(ino)?.row.kind;
+        if kind == NodeKind::File && (set.size.is_some() || set.mtime.is_some()) {
+            // Keep the backing file's size and mtime in step so that a later
+            // reconcile does not mistake them for a write.
+            let file = match fh.and_then(|fh| self.handle(fh).ok()) {
+                Some((_, f, _)) => f,
+                None => match self.open_map().get(&ino) {
+                    Some(oi) => oi.file.clone(),
+                    None => Arc::new(self.store.open_rw(ino)?),
+                },
+            };
+            if self.open_map().contains_key(&ino) {
+                self.reconcile(&mut tree, ino, false)?;
+            }
+            if let Some(size) = set.size {
+                file.set_len(size)?;
+            }
+            if let Some(mt) = set.mtime {
+                let at = set.atime.unwrap_or(tree.get(ino)?.row.atime);
+                let times = [
+                    libc::timespec {
+                        tv_sec: at.secs,
+                        tv_nsec: at.nanos as i64,
+                    },
+                    libc::timespec {
+                        tv_sec: mt.secs,
+                        tv_nsec: mt.nanos as i64,
+                    },
+                ];
+                // SAFETY: the fd is open for the duration of the call and `times`
+                // points to two valid timespecs.
+                let rc = unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+            }
+            if let Some(oi) = self.open_map().get_mut(&ino) {
+                let m = oi.file.metadata()?;
+                oi.seen = (m.size(), m.mtime(), m.mtime_nsec());
+                if set.size.is_some() {
+                    oi.ranges = None;
+                }
+            }
+        }
+        tree.setattr(ino, &set)?;
+        if set.size.is_some() {
+            self.hasher.enqueue(ino, self.store.path(ino));
+            self.refresh_members_of(&mut tree, ino)?;
+        }
+        Ok(self.attr_of(tree.get(ino)?))
+    }
+
+    fn statfs_data(&self) -> FsResult<libc::statvfs> {
+        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_bytes())
+            .map_err(|_| FsError::Invalid { why: "data path" })?;
+        // SAFETY: statvfs writes into a zeroed struct we own; `path` is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(st)
+    }
+
+    /// Flushes everything to disk: used at unmount.
+    pub(crate) fn flush_all(&self) {
+        if let Err(e) = self.catalog.barrier() {
+            tracing::error!(cause = ?e, "final catalog flush failed");
+        }
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: FsResult<FileAttr>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e.errno()),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e.errno()),
+    }
+}
+
+impl fuser::Filesystem for BrumeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_SPLICE_READ
+            | InitFlags::FUSE_SPLICE_WRITE
+            | InitFlags::FUSE_SPLICE_MOVE;
+        for flag in wanted.iter() {
+            let _ = config.add_capabilities(flag);
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let root = nix_geteuid() == 0;
+        if self.want_passthrough && root {
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Relaxed);
+                tracing::info!("kernel passthrough enabled");
+            } else {
+                tracing::info!("kernel has no FUSE passthrough; file data goes through the daemon");
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.flush_all();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = Ino(parent.0);
+        let name = name_bytes(name);
+        if parent == ROOT && name == tree::WSSERVER_NAME {
+            return reply.entry(&TTL, &self.wsserver_attr(), Generation(0));
+        }
+        let tree = self.tree_read();
+        match tree.lookup(parent, name) {
+            Ok(ino) => match tree.get(ino) {
+                Ok(n) => reply.entry(&TTL, &self.attr_of(n), Generation(0)),
+                Err(e) => reply.error(e.errno()),
+            },
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.getattr_ino(Ino(ino.0)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(stamp_of),
+            mtime: mtime.map(stamp_of),
+            ctime: ctime.map(Stamp::from_system),
+        };
+        match self.do_setattr(Ino(ino.0), set, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let tree = self.tree_read();
+        match tree.get(Ino(ino.0)) {
+            Ok(n) => match &n.row.target {
+                Some(t) => reply.data(t),
+                None => reply.error(Errno::EINVAL),
+            },
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.do_mknod(req, Ino(parent.0), name_bytes(name), mode, umask, rdev),
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.do_mknod(
+                req,
+                Ino(parent.0),
+                name_bytes(name),
+                libc::S_IFDIR | mode,
+                umask,
+                0,
+            ),
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            let mut tree = self.tree_write();
+            let gone = tree.remove(Ino(parent.0), name_bytes(name), false)?;
+            self.refresh_members_at(&mut tree, Ino(parent.0), name_bytes(name))?;
+            drop(tree);
+            self.drop_node(gone);
+            Ok(())
+        })();
+        reply_empty(reply, r);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self
+            .tree_write()
+            .remove(Ino(parent.0), name_bytes(name), true)
+            .map(|_| ());
+        reply_empty(reply, r);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let target = target.as_os_str().as_bytes();
+            if target.len() > 4095 {
+                return Err(FsError::NameTooLong);
+            }
+            let mut tree = self.tree_write();
+            let ino = tree.create(
+                Ino(parent.0),
+                name_bytes(link_name),
+                NodeKind::Symlink,
+                0o777,
+                req.uid(),
+                req.gid(),
+                0,
+                Some(target.to_vec()),
+            )?;
+            Ok(self.attr_of(tree.get(ino)?))
+        })();
+        reply_entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                return Err(FsError::Invalid { why: "whiteout" });
+            }
+            let (p, n) = (Ino(parent.0), name_bytes(name));
+            let (np, nn) = (Ino(newparent.0), name_bytes(newname));
+            let mut tree = self.tree_write();
+            let gone = tree.rename(
+                p,
+                n,
+                np,
+                nn,
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+                flags.contains(RenameFlags::RENAME_EXCHANGE),
+            )?;
+            self.refresh_members_at(&mut tree, p, n)?;
+            self.refresh_members_at(&mut tree, np, nn)?;
+            drop(tree);
+            self.drop_node(gone);
+            Ok(())
+        })();
+        reply_empty(reply, r);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let mut tree = self.tree_write();
+            tree.link(Ino(ino.0), Ino(newparent.0), name_bytes(newname))?;
+            Ok(self.attr_of(tree.get(Ino(ino.0))?))
+        })();
+        reply_entry(reply, r);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = Ino(ino.0);
+        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        if ino == WSSERVER {
+            if writable {
+                return reply.error(Errno::EACCES);
+            }
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        let reply = std::cell::RefCell::new(Some(reply));
+        let r = self.open_file(
+            ino,
+            writable,
+            |f| match reply.borrow().as_ref() {
+                Some(r) => r.open_backing(f),
+                None => Err(std::io::Error::other("reply already sent")),
+            },
+            |fh, backing| {
+                if let Some(r) = reply.borrow_mut().take() {
+                    match backing {
+                        Some(b) => r.opened_passthrough(fh, FopenFlags::empty(), b),
+                        None => r.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+                    }
+                }
+            },
+        );
+        if let Err(e) = r
+            && let Some(r) = reply.borrow_mut().take()
+        {
+            r.error(e.errno());
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let attr = match self.do_mknod(
+            req,
+            Ino(parent.0),
+            name_bytes(name),
+            libc::S_IFREG | (mode & 0o7777),
+            umask,
+            0,
+        ) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let writable = OpenFlags(flags).acc_mode() != OpenAccMode::O_RDONLY;
+        let reply = std::cell::RefCell::new(Some(reply));
+        let r = self.open_file(
+            Ino(attr.ino.0),
+            writable,
+            |f| match reply.borrow().as_ref() {
+                Some(r) => r.open_backing(f),
+                None => Err(std::io::Error::other("reply already sent")),
+            },
+            |fh, backing| {
+                if let Some(r) = reply.borrow_mut().take() {
+                    match backing {
+                        Some(b) => r.created_passthrough(
+                            &TTL,
+                            &attr,
+                            Generation(0),
+                            fh,
+                            FopenFlags::empty(),
+                            b,
+                        ),
+                        None => {
+                            r.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+                        }
+                    }
+                }
+            },
+        );
+        if let Err(e) = r
+            && let Some(r) = reply.borrow_mut().take()
+        {
+            r.error(e.errno());
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if Ino(ino.0) == WSSERVER {
+            let start = (offset as usize).min(self.wsserver.len());
+            let end = (start + size as usize).min(self.wsserver.len());
+            return reply.data(&self.wsserver[start..end]);
+        }
+        let file = match self.handle(fh) {
+            Ok((_, f, _)) => f,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(FsError::from(e).errno()),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = (|| -> FsResult<u32> {
+            let (ino, file, _) = self.handle(fh)?;
+            file.write_all_at(data, offset)?;
+            let end = offset + data.len() as u64;
+            let mut tree = self.tree_write();
+            tree.note_write(ino, end)?;
+            if let Some(oi) = self.open_map().get_mut(&ino) {
+                oi.dirty = true;
+                if let Ok(m) = oi.file.metadata() {
+                    oi.seen = (m.size(), m.mtime(), m.mtime_nsec());
+                }
+                // Track written ranges, merging sequential writes; past 1024
+                // distinct ranges, fall back to "unknown" (whole-file diff).
+                let overflow = match oi.ranges.as_mut() {
+                    Some(r) => {
+                        let len = r.len();
+                        match r.last_mut() {
+                            Some(last) if last.1 == offset => {
+                                last.1 = end;
+                                false
+                            }
+                            _ if len >= 1024 => true,
+                            _ => {
+                                r.push((offset, end));
+                                false
+                            }
+                        }
+                    }
+                    None => false,
+                };
+                if overflow {
+                    oi.ranges = None;
+                }
+            }
+            Ok(data.len() as u32)
+        })();
+        match r {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 == 0 {
+            return reply.ok();
+        }
+        reply_empty(reply, self.release_file(fh.0));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let (ino, file, writable) = self.handle(fh)?;
+            if datasync {
+                file.sync_data()?;
+            } else {
+                file.sync_all()?;
+            }
+            if writable {
+                let mut tree = self.tree_write();
+                self.reconcile(&mut tree, ino, true)?;
+            }
+            self.catalog.barrier()?;
+            Ok(())
+        })();
+        reply_empty(reply, r);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let entries = match self.tree_read().list(Ino(ino.0)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dir_map().insert(fh, DirHandle { entries });
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dirs = self.dir_map();
+        let Some(d) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (ino, kind, name)) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(ino.0),
+                i as u64 + 1,
+                kind_to_type(*kind),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dirs = self.dir_map();
+        let Some(d) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let tree = self.tree_read();
+        for (i, (ino, _, name)) in d.entries.iter().enumerate().skip(offset as usize) {
+            let attr = if *ino == WSSERVER {
+                self.wsserver_attr()
+            } else {
+                match tree.get(*ino) {
+                    Ok(n) => self.attr_of(n),
+                    // Removed since opendir: skip it.
+                    Err(_) => continue,
+                }
+            };
+            if reply.add(
+                INodeNo(ino.0),
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dir_map().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.catalog.barrier().map_err(FsError::from));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.statfs_data() {
+            Ok(st) => reply.statfs(
+                st.f_blocks,
+                st.f_bfree,
+                st.f_bavail,
+                st.f_files,
+                st.f_ffree,
+                st.f_bsize as u32,
+                255,
+                st.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = name_bytes(name);
+        if name.starts_with(b"system.") {
+            return reply.error(Errno::ENOTSUP);
+        }
+        reply_empty(
+            reply,
+            self.tree_write().set_xattr(Ino(ino.0), name, value, flags),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if Ino(ino.0) == WSSERVER {
+            return reply.error(Errno::NO_XATTR);
+        }
+        let tree = self.tree_read();
+        let r = tree.get(Ino(ino.0)).and_then(|n| {
+            n.xattrs
+                .get(name_bytes(name))
+                .cloned()
+                .ok_or(FsError::NoData)
+        });
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if Ino(ino.0) == WSSERVER {
+            return reply.size(0);
+        }
+        let tree = self.tree_read();
+        let r = tree.get(Ino(ino.0)).map(|n| {
+            let mut out = Vec::new();
+            for k in n.xattrs.keys() {
+                out.extend_from_slice(k);
+                out.push(0);
+            }
+            out
+        });
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.tree_write().remove_xattr(Ino(ino.0), name_bytes(name)),
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let (ino, file, _) = self.handle(fh)?;
+            // SAFETY: plain syscall on an fd we keep open for its duration.
+            let rc =
+                unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut tree = self.tree_write();
+            if let Some(oi) = self.open_map().get_mut(&ino) {
+                oi.dirty = true;
+            }
+            self.reconcile(&mut tree, ino, false)?;
+            let m = file.metadata()?;
+            let now = Stamp::now();
+            tree.content_changed(
+                ino,
+                m.size(),
+                now,
+                now,
+                Some(vec![(offset, offset + length)]),
+            )?;
+            Ok(())
+        })();
+        reply_empty(reply, r);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let r = (|| {
+            let (_, file, _) = self.handle(fh)?;
+            // SAFETY: plain syscall on an fd we keep open for its duration. The
+            // backing fd's own position is never used for I/O (pread/pwrite only).
+            let off = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+            if off < 0 {
+                return Err(FsError::from(std::io::Error::last_os_error()));
+            }
+            Ok(off)
+        })();
+        match r {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+}
+
+fn nix_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}

@@ -1,0 +1,244 @@
+//! Mounting: opens the catalog and the backing store, rebuilds the tree, and runs
+//! the FUSE session until it is unmounted (by [`Mounted::unmount`], a signal
+//! handled by the caller, or `fusermount3 -u`).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use fuser::{Config as FuseConfig, MountOption, SessionACL};
+
+use crate::blocks::Hasher;
+use crate::catalog::{Catalog, CatalogThread};
+use crate::config::Config;
+use crate::fs::adapter::BrumeFs;
+use crate::fs::store::Store;
+use crate::fs::tree::Tree;
+
+/// What `brume mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// The client's configuration.
+    pub config: Config,
+    /// The data directory: catalog, objects.
+    pub data_dir: PathBuf,
+}
+
+/// Errors while mounting.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The data directory could not be prepared.
+    #[error("data directory {path}: {source}")]
+    Data {
+        /// The directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The catalog could not be opened.
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    /// Building the tree failed.
+    #[error("loading the namespace: {0}")]
+    Tree(#[from] crate::fs::error::FsError),
+    /// The kernel refused the mount.
+    #[error("cannot mount {path}: {source}")]
+    Mount {
+        /// The mountpoint.
+        path: PathBuf,
+        /// What the kernel or fusermount said.
+        source: std::io::Error,
+    },
+}
+
+/// A running mount. Dropping it unmounts.
+#[derive(Debug)]
+pub struct Mounted {
+    mountpoint: PathBuf,
+    unmounter: Option<fuser::SessionUnmounter>,
+    /// Reports when the session loop has ended (after any unmount).
+    done: mpsc::Receiver<std::io::Result<()>>,
+    session: Option<std::thread::JoinHandle<()>>,
+    hasher: Hasher,
+    _catalog: Option<CatalogThread>,
+    state_file: PathBuf,
+}
+
+impl Mounted {
+    /// The mountpoint.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Blocks until the filesystem is unmounted by someone.
+    pub fn wait(&mut self) -> std::io::Result<()> {
+        let r = self.done.recv().unwrap_or(Ok(()));
+        self.finish();
+        r
+    }
+
+    /// Waits up to `timeout` for the session to end; true if it has.
+    pub fn wait_timeout(&mut self, timeout: std::time::Duration) -> bool {
+        match self.done.recv_timeout(timeout) {
+            Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.finish();
+                true
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+        }
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> std::io::Result<()> {
+        if let Some(mut u) = self.unmounter.take()
+            && let Err(e) = u.unmount()
+        {
+            // Busy or already gone: fall back to a lazy unmount so nothing is left.
+            tracing::warn!(cause = ?e, "unmount failed; detaching lazily");
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        let _ = self.done.recv();
+        self.finish();
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.join();
+        }
+        self.hasher.stop();
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            let _ = self.unmount_inner();
+        }
+    }
+}
+
+/// State of a running mount, written to `<data>/mount.json` for `brume status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountState {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// Whether file data uses kernel passthrough.
+    pub passthrough_wanted: bool,
+}
+
+/// Name of the mount state file in the data dir.
+pub(crate) const STATE_FILE: &str = "mount.json";
+
+/// Mounts Brume at `opts.mountpoint` and returns once the kernel has it.
+pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
+    let data = &opts.data_dir;
+    let io = |source| MountError::Data {
+        path: data.clone(),
+        source,
+    };
+    std::fs::create_dir_all(data).map_err(io)?;
+    let store = Store::open(data).map_err(io)?;
+    let (catalog, snapshot, catalog_thread) = Catalog::open(&data.join("catalog.db"))?;
+    // SAFETY: getuid/getgid have no preconditions.
+    let owner = unsafe { (libc::getuid(), libc::getgid()) };
+    let (tree, dropped) = Tree::load(
+        snapshot,
+        opts.config.username.clone(),
+        owner.0,
+        owner.1,
+        catalog.clone(),
+    )?;
+    for ino in dropped {
+        store.remove(ino);
+    }
+    // Backing files that no node owns: created just before a crash.
+    let known: std::collections::HashSet<_> = tree.files().collect();
+    for ino in store.list().map_err(io)? {
+        if !known.contains(&ino) {
+            store.remove(ino);
+        }
+    }
+    catalog.barrier()?;
+    let hasher = Hasher::start(catalog.clone());
+    let wsserver = serde_json::to_vec_pretty(&serde_json::json!({
+        "url": opts.config.server_url,
+        "username": opts.config.username.as_str(),
+    }))
+    .unwrap_or_default();
+    let fs = BrumeFs::new(
+        tree,
+        store,
+        catalog,
+        hasher.clone(),
+        data.clone(),
+        opts.config.fs.passthrough,
+        wsserver,
+        owner,
+    );
+    let mut fuse = FuseConfig::default();
+    fuse.mount_options = vec![
+        MountOption::FSName(format!("brume:{}", opts.config.username)),
+        MountOption::Subtype("brume".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if owner.0 == 0 {
+        fuse.mount_options.push(MountOption::Dev);
+        fuse.mount_options.push(MountOption::Suid);
+        fuse.acl = SessionACL::All;
+    }
+    fuse.n_threads = Some(opts.config.fs.threads.max(1));
+    fuse.clone_fd = true;
+    let mut session =
+        fuser::Session::new(fs, &opts.mountpoint, &fuse).map_err(|source| MountError::Mount {
+            path: opts.mountpoint.clone(),
+            source,
+        })?;
+    let unmounter = session.unmount_callable();
+    let (tx, done) = mpsc::channel();
+    // The session loop: serves the kernel until the filesystem is unmounted.
+    let session = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = tx.send(r);
+        })
+        .map_err(io)?;
+    let state_file = data.join(STATE_FILE);
+    let state = MountState {
+        pid: std::process::id(),
+        mountpoint: opts.mountpoint.clone(),
+        passthrough_wanted: opts.config.fs.passthrough,
+    };
+    if let Ok(text) = serde_json::to_vec(&state) {
+        let _ = std::fs::write(&state_file, text);
+    }
+    tracing::info!(mountpoint = %opts.mountpoint.display(), user = %opts.config.username, "mounted");
+    Ok(Mounted {
+        mountpoint: opts.mountpoint,
+        unmounter: Some(unmounter),
+        done,
+        session: Some(session),
+        hasher,
+        _catalog: Some(catalog_thread),
+        state_file,
+    })
+}
+
+/// The state file of a mount using `data_dir`, if one was written.
+pub fn mount_state(data_dir: &Path) -> Option<MountState> {
+    let text = std::fs::read(data_dir.join(STATE_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}

@@ -1,0 +1,1111 @@
+//! The namespace in memory: every node of the catalog, directory children, extended
+//! attributes and groups. While mounted this is the authority; each mutation also
+//! queues the matching catalog ops (written behind, in order) and, inside a group,
+//! a change-log entry that bumps the node's version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use crate::catalog::{
+    Catalog, ChangeOp, ChangeRow, GroupRow, NodeKind, NodeRow, Op, Snapshot, Stamp,
+};
+use crate::fs::error::{FsError, FsResult};
+use crate::ids::{GroupId, GroupName, Ino, Seq, UserName, Version};
+
+/// The mount's root directory.
+pub const ROOT: Ino = Ino(1);
+/// `.wsserver.json`, a read-only file generated on the fly.
+pub const WSSERVER: Ino = Ino(2);
+/// Name of the signaling-server info file in the root.
+pub const WSSERVER_NAME: &[u8] = b".wsserver.json";
+/// Name of the member list in a group's root.
+pub const MEMBERS_NAME: &[u8] = b".members";
+/// Longest name component.
+const NAME_MAX: usize = 255;
+/// Largest extended attribute value.
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+
+/// One node in memory.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Persistent attributes.
+    pub row: NodeRow,
+    /// Children by name, for directories.
+    pub children: Option<BTreeMap<Vec<u8>, Ino>>,
+    /// The containing directory (for directories: their only parent).
+    pub parent: Ino,
+    /// Extended attributes.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Open file handles; an unlinked node lives on until this is zero.
+    pub opens: u32,
+}
+
+/// A group in memory.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Persistent row.
+    pub row: GroupRow,
+    /// Members from `.members`.
+    pub members: Vec<String>,
+}
+
+/// Where a directory sits in Brume's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The mount root: holds user folders.
+    Root,
+    /// `<user>/`: holds that user's groups.
+    UserDir,
+    /// Inside a group (its root or below).
+    Group(GroupId),
+}
+
+/// Attribute changes of a setattr.
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (the caller has resized the backing file).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<Stamp>,
+    /// New modification time.
+    pub mtime: Option<Stamp>,
+    /// Explicit change time.
+    pub ctime: Option<Stamp>,
+}
+
+/// The in-memory namespace.
+#[derive(Debug)]
+pub struct Tree {
+    nodes: HashMap<Ino, Node>,
+    groups: HashMap<GroupId, Group>,
+    next_ino: u64,
+    next_group: u64,
+    me: UserName,
+    catalog: Catalog,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid { why: "bad name" });
+    }
+    Ok(())
+}
+
+fn mode_kind(kind: NodeKind) -> u32 {
+    match kind {
+        NodeKind::File => libc::S_IFREG,
+        NodeKind::Dir => libc::S_IFDIR,
+        NodeKind::Symlink => libc::S_IFLNK,
+        NodeKind::Fifo => libc::S_IFIFO,
+        NodeKind::Socket => libc::S_IFSOCK,
+        NodeKind::CharDevice => libc::S_IFCHR,
+        NodeKind::BlockDevice => libc::S_IFBLK,
+    }
+}
+
+/// The node kind of a `mode`'s file-type bits.
+pub fn kind_of_mode(mode: u32) -> Option<NodeKind> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => NodeKind::File,
+        libc::S_IFDIR => NodeKind::Dir,
+        libc::S_IFLNK => NodeKind::Symlink,
+        libc::S_IFIFO => NodeKind::Fifo,
+        libc::S_IFSOCK => NodeKind::Socket,
+        libc::S_IFCHR => NodeKind::CharDevice,
+        libc::S_IFBLK => NodeKind::BlockDevice,
+        _ => return None,
+    })
+}
+
+/// Parses `.members`: one username per line, `#` starts a comment, blank lines and
+/// invalid names are skipped (invalid ones are logged).
+pub fn parse_members(text: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(text);
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        match UserName::new(line) {
+            Ok(u) => {
+                if !out.iter().any(|o| o == u.as_str()) {
+                    out.push(u.to_string());
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "ignoring line in .members"),
+        }
+    }
+    out
+}
+
+impl Tree {
+    /// Builds the tree from a catalog snapshot, creating the root and `<me>/` on
+    /// first use and dropping nodes no directory reaches (left by a crash).
+    /// Returns the tree and the inodes of regular files that were dropped, whose
+    /// backing files the caller removes.
+    pub fn load(
+        snapshot: Snapshot,
+        me: UserName,
+        owner_uid: u32,
+        owner_gid: u32,
+        catalog: Catalog,
+    ) -> FsResult<(Self, Vec<Ino>)> {
+        let mut nodes: HashMap<Ino, Node> = HashMap::with_capacity(snapshot.nodes.len());
+        for row in snapshot.nodes {
+            let children = (row.kind == NodeKind::Dir).then(BTreeMap::new);
+            nodes.insert(
+                row.ino,
+                Node {
+                    row,
+                    children,
+                    parent: ROOT,
+                    xattrs: BTreeMap::new(),
+                    opens: 0,
+                },
+            );
+        }
+        let mut dangling = Vec::new();
+        for (parent, name, ino) in snapshot.dirents {
+            if !nodes.contains_key(&ino) {
+                dangling.push((parent, name));
+                continue;
+            }
+            match nodes.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+                Some(children) => {
+                    children.insert(name, ino);
+                }
+                None => {
+                    dangling.push((parent, name));
+                    continue;
+                }
+            }
+            if let Some(n) = nodes.get_mut(&ino) {
+                n.parent = parent;
+            }
+        }
+        for (ino, name, value) in snapshot.xattrs {
+            if let Some(n) = nodes.get_mut(&ino) {
+                n.xattrs.insert(name, value);
+            }
+        }
+        let mut groups = HashMap::new();
+        for row in snapshot.groups {
+            groups.insert(
+                row.id,
+                Group {
+                    row,
+                    members: Vec::new(),
+                },
+            );
+        }
+        for (g, user) in snapshot.members {
+            if let Some(g) = groups.get_mut(&g) {
+                g.members.push(user);
+            }
+        }
+        let next_group = groups.keys().map(|g| g.0).max().unwrap_or(0) + 1;
+        let mut tree = Self {
+            nodes,
+            groups,
+            next_ino: snapshot.next_ino.max(3),
+            next_group,
+            me,
+            catalog,
+        };
+        for (parent, name) in dangling {
+            tree.catalog.send(Op::DeleteDirent { parent, name })?;
+        }
+        if !tree.nodes.contains_key(&ROOT) {
+            let now = Stamp::now();
+            let row = NodeRow {
+                ino: ROOT,
+                group: None,
+                kind: NodeKind::Dir,
+                perm: 0o755,
+                uid: owner_uid,
+                gid: owner_gid,
+                nlink: 2,
+                rdev: 0,
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                version: Version(0),
+                target: None,
+            };
+            tree.catalog.send(Op::PutNode(row.clone()))?;
+            tree.nodes.insert(
+                ROOT,
+                Node {
+                    row,
+                    children: Some(BTreeMap::new()),
+                    parent: ROOT,
+                    xattrs: BTreeMap::new(),
+                    opens: 0,
+                },
+            );
+        }
+        let me_name = tree.me.as_str().as_bytes().to_vec();
+        if tree.child(ROOT, &me_name).is_none() {
+            tree.create(
+                ROOT,
+                &me_name,
+                NodeKind::Dir,
+                0o755,
+                owner_uid,
+                owner_gid,
+                0,
+                None,
+            )?;
+        }
+        // Drop whatever the root does not reach: nodes orphaned by a crash between
+        // unlink and the node's deletion, or an unlinked file that was still open.
+        let mut reached = std::collections::HashSet::new();
+        let mut stack = vec![ROOT];
+        while let Some(ino) = stack.pop() {
+            if !reached.insert(ino) {
+                continue;
+            }
+            if let Some(children) = tree.nodes.get(&ino).and_then(|n| n.children.as_ref()) {
+                stack.extend(children.values().copied());
+            }
+        }
+        let orphans: Vec<Ino> = tree
+            .nodes
+            .keys()
+            .copied()
+            .filter(|i| !reached.contains(i))
+            .collect();
+        let mut dropped_files = Vec::new();
+        for ino in orphans {
+            if let Some(n) = tree.nodes.remove(&ino)
+                && n.row.kind == NodeKind::File
+            {
+                dropped_files.push(ino);
+            }
+            tree.catalog.send(Op::DeleteNode(ino))?;
+        }
+        // Hard-link counts follow from the entries; repair any a crash left behind.
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        for n in tree.nodes.values() {
+            if let Some(children) = &n.children {
+                for c in children.values() {
+                    *links.entry(*c).or_default() += 1;
+                }
+            }
+        }
+        let fixes: Vec<NodeRow> = tree
+            .nodes
+            .values_mut()
+            .filter_map(|n| {
+                let want = if n.row.kind == NodeKind::Dir {
+                    2 + n
+                        .children
+                        .as_ref()
+                        .map(|c| c.len() as u32)
+                        .unwrap_or(0)
+                        .saturating_sub(0)
+                } else {
+                    links.get(&n.row.ino).copied().unwrap_or(1)
+                };
+                (n.row.kind != NodeKind::Dir && n.row.nlink != want).then(|| {
+                    n.row.nlink = want;
+                    n.row.clone()
+                })
+            })
+            .collect();
+        for row in fixes {
+            tree.catalog.send(Op::PutNode(row))?;
+        }
+        tree.recount_dir_links();
+        Ok((tree, dropped_files))
+    }
+
+    fn recount_dir_links(&mut self) {
+        let counts: Vec<(Ino, u32)> = self
+            .nodes
+            .values()
+            .filter_map(|n| {
+                n.children.as_ref().map(|c| {
+                    let subdirs = c
+                        .values()
+                        .filter(|i| {
+                            self.nodes
+                                .get(i)
+                                .map(|n| n.row.kind == NodeKind::Dir)
+                                .unwrap_or(false)
+                        })
+                        .count() as u32;
+                    (n.row.ino, 2 + subdirs)
+                })
+            })
+            .collect();
+        for (ino, want) in counts {
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                n.row.nlink = want;
+            }
+        }
+    }
+
+    /// The user this client acts as.
+    pub fn me(&self) -> &UserName {
+        &self.me
+    }
+
+    /// A node.
+    pub fn get(&self, ino: Ino) -> FsResult<&Node> {
+        self.nodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn get_mut(&mut self, ino: Ino) -> FsResult<&mut Node> {
+        self.nodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    /// The child `name` of `parent`, if any.
+    pub fn child(&self, parent: Ino, name: &[u8]) -> Option<Ino> {
+        self.nodes
+            .get(&parent)?
+            .children
+            .as_ref()?
+            .get(name)
+            .copied()
+    }
+
+    /// Looks up `name` in directory `parent`.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Ino> {
+        let p = self.get(parent)?;
+        let children = p.children.as_ref().ok_or(FsError::NotDir)?;
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        children.get(name).copied().ok_or(FsError::NotFound)
+    }
+
+    /// Where directory `ino` sits in the layout.
+    pub fn place(&self, ino: Ino) -> FsResult<Place> {
+        if ino == ROOT {
+            return Ok(Place::Root);
+        }
+        let n = self.get(ino)?;
+        Ok(match n.row.group {
+            Some(g) => Place::Group(g),
+            None => Place::UserDir,
+        })
+    }
+
+    /// A group.
+    pub fn group(&self, g: GroupId) -> Option<&Group> {
+        self.groups.get(&g)
+    }
+
+    /// All groups.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
+    fn alloc_ino(&mut self) -> FsResult<Ino> {
+        let ino = Ino(self.next_ino);
+        self.next_ino += 1;
+        self.catalog.send(Op::SetMeta {
+            key: "next_ino",
+            value: self.next_ino as i64,
+        })?;
+        Ok(ino)
+    }
+
+    /// Appends to `group`'s change log and returns the new version.
+    fn log(
+        &mut self,
+        group: GroupId,
+        op: ChangeOp,
+        ino: Ino,
+        parent: Option<(Ino, Vec<u8>)>,
+        new_parent: Option<(Ino, Vec<u8>)>,
+        ranges: Option<Vec<(u64, u64)>>,
+    ) -> FsResult<Version> {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(Version(0));
+        };
+        let seq = g.row.next_seq;
+        g.row.next_seq = Seq(seq.0 + 1);
+        self.catalog.send(Op::AppendChange(ChangeRow {
+            group,
+            seq,
+            op,
+            ino,
+            parent,
+            new_parent,
+            ranges,
+        }))?;
+        Ok(Version(seq.0))
+    }
+
+    /// Records a change to node `ino`: bumps its version through the log of its
+    /// group and persists the node.
+    fn changed(
+        &mut self,
+        ino: Ino,
+        op: ChangeOp,
+        parent: Option<(Ino, Vec<u8>)>,
+        new_parent: Option<(Ino, Vec<u8>)>,
+        ranges: Option<Vec<(u64, u64)>>,
+    ) -> FsResult<()> {
+        let group = self.get(ino)?.row.group;
+        if let Some(g) = group {
+            let v = self.log(g, op, ino, parent, new_parent, ranges)?;
+            self.get_mut(ino)?.row.version = v;
+        }
+        self.persist(ino)
+    }
+
+    /// Queues the node's current row for the catalog.
+    pub fn persist(&mut self, ino: Ino) -> FsResult<()> {
+        let row = self.get(ino)?.row.clone();
+        self.catalog.send(Op::PutNode(row))?;
+        Ok(())
+    }
+
+    fn touch_dir(&mut self, dir: Ino, now: Stamp) -> FsResult<()> {
+        let d = self.get_mut(dir)?;
+        d.row.mtime = now;
+        d.row.ctime = now;
+        self.persist(dir)
+    }
+
+    /// Creates a node `name` in `parent`. Enforces the layout: user folders in the
+    /// root, groups in user folders, anything inside groups.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        kind: NodeKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+    ) -> FsResult<Ino> {
+        check_name(name)?;
+        let p = self.get(parent)?;
+        let pchildren = p.children.as_ref().ok_or(FsError::NotDir)?;
+        if pchildren.contains_key(name) || (parent == ROOT && name == WSSERVER_NAME) {
+            return Err(FsError::Exists);
+        }
+        let pgroup = p.row.group;
+        let pperm = p.row.perm;
+        let pgid = p.row.gid;
+        let place = self.place(parent)?;
+        let text = std::str::from_utf8(name).unwrap_or("");
+        let mut new_group = None;
+        let group = match place {
+            Place::Root => {
+                if kind != NodeKind::Dir {
+                    return Err(FsError::NotPermitted {
+                        why: "only user folders live in the root",
+                    });
+                }
+                UserName::new(text).map_err(|_| FsError::Invalid {
+                    why: "not a valid user name",
+                })?;
+                None
+            }
+            Place::UserDir => {
+                if kind != NodeKind::Dir {
+                    return Err(FsError::NotPermitted {
+                        why: "only groups live in a user folder",
+                    });
+                }
+                GroupName::new(text).map_err(|_| FsError::Invalid {
+                    why: "not a valid group name",
+                })?;
+                let id = GroupId(self.next_group);
+                self.next_group += 1;
+                new_group = Some(id);
+                Some(id)
+            }
+            Place::Group(_) => pgroup,
+        };
+        let ino = self.alloc_ino()?;
+        let now = Stamp::now();
+        // BSD group semantics under a setgid directory, as ext4 does it.
+        let (gid, mut perm) = if pperm & libc::S_ISGID as u16 != 0 {
+            let mut perm = perm;
+            if kind == NodeKind::Dir {
+                perm |= libc::S_ISGID;
+            }
+            (pgid, perm)
+        } else {
+            (gid, perm)
+        };
+        perm &= 0o7777;
+        let size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
+        let row = NodeRow {
+            ino,
+            group,
+            kind,
+            perm: perm as u16,
+            uid,
+            gid,
+            nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+            rdev,
+            size,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            version: Version(0),
+            target,
+        };
+        if let Some(id) = new_group {
+            let owner = self
+                .get(parent)?
+                .parent
+                .eq(&ROOT)
+                .then(|| self.name_in(ROOT, parent))
+                .flatten()
+                .unwrap_or_default();
+            let grow = GroupRow {
+                id,
+                owned: owner == self.me.as_str(),
+                owner,
+                name: text.to_owned(),
+                root: ino,
+                next_seq: Seq(1),
+            };
+            self.catalog.send(Op::PutGroup(grow.clone()))?;
+            self.groups.insert(
+                id,
+                Group {
+                    row: grow,
+                    members: Vec::new(),
+                },
+            );
+        }
+        self.nodes.insert(
+            ino,
+            Node {
+                row,
+                children: (kind == NodeKind::Dir).then(BTreeMap::new),
+                parent,
+                xattrs: BTreeMap::new(),
+                opens: 0,
+            },
+        );
+        let p = self.get_mut(parent)?;
+        if let Some(c) = p.children.as_mut() {
+            c.insert(name.to_vec(), ino);
+        }
+        if kind == NodeKind::Dir {
+            p.row.nlink += 1;
+        }
+        self.catalog.send(Op::PutDirent {
+            parent,
+            name: name.to_vec(),
+            ino,
+        })?;
+        self.touch_dir(parent, now)?;
+        self.changed(
+            ino,
+            ChangeOp::Create,
+            Some((parent, name.to_vec())),
+            None,
+            None,
+        )?;
+        Ok(ino)
+    }
+
+    /// The name under which `parent` holds `ino`, as text.
+    fn name_in(&self, parent: Ino, ino: Ino) -> Option<String> {
+        self.nodes
+            .get(&parent)?
+            .children
+            .as_ref()?
+            .iter()
+            .find(|(_, i)| **i == ino)
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+    }
+
+    /// Removes the entry `name` from `parent`. `dir` selects rmdir semantics.
+    /// Returns the node if it has no links left and no open handles: the caller
+    /// deletes its backing file.
+    pub fn remove(&mut self, parent: Ino, name: &[u8], dir: bool) -> FsResult<Option<Node>> {
+        if name == b"." {
+            return Err(FsError::Invalid {
+                why: "cannot remove .",
+            });
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        let ino = self.lookup(parent, name)?;
+        let place = self.place(parent)?;
+        let n = self.get(ino)?;
+        let is_dir = n.row.kind == NodeKind::Dir;
+        if dir && !is_dir {
+            return Err(FsError::NotDir);
+        }
+        if !dir && is_dir {
+            return Err(FsError::IsDir);
+        }
+        if is_dir && n.children.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(FsError::NotEmpty);
+        }
+        if place == Place::Root && name == self.me.as_str().as_bytes() {
+            return Err(FsError::NotPermitted {
+                why: "your own user folder cannot be removed",
+            });
+        }
+        let group_root_of = (place == Place::UserDir).then(|| n.row.group).flatten();
+        let now = Stamp::now();
+        // Log first, while the node still knows its group.
+        self.changed(
+            ino,
+            ChangeOp::Remove,
+            Some((parent, name.to_vec())),
+            None,
+            None,
+        )?;
+        let p = self.get_mut(parent)?;
+        if let Some(c) = p.children.as_mut() {
+            c.remove(name);
+        }
+        if is_dir {
+            p.row.nlink = p.row.nlink.saturating_sub(1);
+        }
+        self.catalog.send(Op::DeleteDirent {
+            parent,
+            name: name.to_vec(),
+        })?;
+        self.touch_dir(parent, now)?;
+        if let Some(g) = group_root_of {
+            self.groups.remove(&g);
+            self.catalog.send(Op::DeleteGroup(g))?;
+        }
+        let n = self.get_mut(ino)?;
+        n.row.nlink = if is_dir {
+            0
+        } else {
+            n.row.nlink.saturating_sub(1)
+        };
+        n.row.ctime = now;
+        self.release_if_unused(ino)
+    }
+
+    /// Deletes `ino` if it has no links and no open handles; returns it if so.
+    pub fn release_if_unused(&mut self, ino: Ino) -> FsResult<Option<Node>> {
+        let n = self.get(ino)?;
+        if n.row.nlink > 0 || n.opens > 0 {
+            self.persist(ino)?;
+            return Ok(None);
+        }
+        self.catalog.send(Op::DeleteNode(ino))?;
+        Ok(self.nodes.remove(&ino))
+    }
+
+    /// Whether `ancestor` is `ino` or one of its ancestors.
+    fn is_ancestor(&self, ancestor: Ino, mut ino: Ino) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            if ino == ROOT {
+                return false;
+            }
+            match self.nodes.get(&ino) {
+                Some(n) => ino = n.parent,
+                None => return false,
+            }
+        }
+    }
+
+    /// Renames `parent/name` to `newparent/newname`. Returns a node that lost its
+    /// last link (a replaced target), for the caller to delete.
+    pub fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> FsResult<Option<Node>> {
+        check_name(newname)?;
+        let ino = self.lookup(parent, name)?;
+        let src_place = self.place(parent)?;
+        let dst_place = self.place(newparent)?;
+        match (src_place, dst_place) {
+            (Place::Group(a), Place::Group(b)) if a == b => {}
+            (Place::Group(_), Place::Group(_)) => return Err(FsError::CrossGroup),
+            _ => {
+                return Err(FsError::NotPermitted {
+                    why: "user folders and groups cannot be renamed",
+                });
+            }
+        }
+        let target = self.child(newparent, newname);
+        if target == Some(ino) {
+            return Ok(None);
+        }
+        let src_dir = self.get(ino)?.row.kind == NodeKind::Dir;
+        if src_dir && self.is_ancestor(ino, newparent) {
+            return Err(FsError::Invalid {
+                why: "cannot move a directory into itself",
+            });
+        }
+        let now = Stamp::now();
+        if exchange {
+            let other = target.ok_or(FsError::NotFound)?;
+            let other_dir = self.get(other)?.row.kind == NodeKind::Dir;
+            if other_dir && self.is_ancestor(other, parent) {
+                return Err(FsError::Invalid {
+                    why: "cannot move a directory into itself",
+                });
+            }
+            self.set_child(parent, name, other)?;
+            self.set_child(newparent, newname, ino)?;
+            self.get_mut(ino)?.parent = newparent;
+            self.get_mut(other)?.parent = parent;
+            if src_dir != other_dir && parent != newparent {
+                let (gain, lose) = if src_dir {
+                    (newparent, parent)
+                } else {
+                    (parent, newparent)
+                };
+                self.get_mut(gain)?.row.nlink += 1;
+                let l = self.get_mut(lose)?;
+                l.row.nlink = l.row.nlink.saturating_sub(1);
+            }
+            for i in [ino, other] {
+                self.get_mut(i)?.row.ctime = now;
+            }
+            self.touch_dir(parent, now)?;
+            self.touch_dir(newparent, now)?;
+            self.changed(
+                ino,
+                ChangeOp::Rename,
+                Some((parent, name.to_vec())),
+                Some((newparent, newname.to_vec())),
+                None,
+            )?;
+            self.changed(
+                other,
+                ChangeOp::Rename,
+                Some((newparent, newname.to_vec())),
+                Some((parent, name.to_vec())),
+                None,
+            )?;
+            return Ok(None);
+        }
+        let mut replaced = None;
+        if let Some(t) = target {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            let tn = self.get(t)?;
+            let t_dir = tn.row.kind == NodeKind::Dir;
+            match (src_dir, t_dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if tn.children.as_ref().is_some_and(|c| !c.is_empty()) => {
+                    return Err(FsError::NotEmpty);
+                }
+                _ => {}
+            }
+            replaced = self.remove(newparent, newname, t_dir)?;
+        }
+        let p = self.get_mut(parent)?;
+        if let Some(c) = p.children.as_mut() {
+            c.remove(name);
+        }
+        if src_dir {
+            p.row.nlink = p.row.nlink.saturating_sub(1);
+        }
+        self.catalog.send(Op::DeleteDirent {
+            parent,
+            name: name.to_vec(),
+        })?;
+        self.set_child(newparent, newname, ino)?;
+        if src_dir {
+            self.get_mut(newparent)?.row.nlink += 1;
+        }
+        let n = self.get_mut(ino)?;
+        n.parent = newparent;
+        n.row.ctime = now;
+        self.touch_dir(parent, now)?;
+        if newparent != parent {
+            self.touch_dir(newparent, now)?;
+        }
+        self.changed(
+            ino,
+            ChangeOp::Rename,
+            Some((parent, name.to_vec())),
+            Some((newparent, newname.to_vec())),
+            None,
+        )?;
+        Ok(replaced)
+    }
+
+    fn set_child(&mut self, parent: Ino, name: &[u8], ino: Ino) -> FsResult<()> {
+        let p = self.get_mut(parent)?;
+        p.children
+            .as_mut()
+            .ok_or(FsError::NotDir)?
+            .insert(name.to_vec(), ino);
+        self.catalog.send(Op::PutDirent {
+            parent,
+            name: name.to_vec(),
+            ino,
+        })?;
+        Ok(())
+    }
+
+    /// Adds a hard link `newparent/newname` to `ino`.
+    pub fn link(&mut self, ino: Ino, newparent: Ino, newname: &[u8]) -> FsResult<()> {
+        check_name(newname)?;
+        let n = self.get(ino)?;
+        if n.row.kind == NodeKind::Dir {
+            return Err(FsError::NotPermitted {
+                why: "hard links to directories",
+            });
+        }
+        let group = n.row.group;
+        match self.place(newparent)? {
+            Place::Group(g) if Some(g) == group => {}
+            Place::Group(_) => return Err(FsError::CrossGroup),
+            _ => {
+                return Err(FsError::NotPermitted {
+                    why: "only groups hold files",
+                });
+            }
+        }
+        if self.child(newparent, newname).is_some() {
+            return Err(FsError::Exists);
+        }
+        let now = Stamp::now();
+        self.set_child(newparent, newname, ino)?;
+        let n = self.get_mut(ino)?;
+        n.row.nlink += 1;
+        n.row.ctime = now;
+        self.touch_dir(newparent, now)?;
+        self.changed(
+            ino,
+            ChangeOp::Link,
+            None,
+            Some((newparent, newname.to_vec())),
+            None,
+        )
+    }
+
+    /// Applies a setattr. The caller has already resized the backing file.
+    pub fn setattr(&mut self, ino: Ino, set: &SetAttr) -> FsResult<()> {
+        let now = Stamp::now();
+        let n = self.get_mut(ino)?;
+        if let Some(mode) = set.mode {
+            n.row.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            n.row.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            n.row.gid = gid;
+        }
+        let mut content = false;
+        if let Some(size) = set.size {
+            if n.row.kind == NodeKind::Dir {
+                return Err(FsError::IsDir);
+            }
+            n.row.size = size;
+            n.row.mtime = now;
+            content = true;
+        }
+        if let Some(t) = set.atime {
+            n.row.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            n.row.mtime = t;
+        }
+        n.row.ctime = set.ctime.unwrap_or(now);
+        let size = n.row.size;
+        if content {
+            self.changed(
+                ino,
+                ChangeOp::Write,
+                None,
+                None,
+                Some(vec![(size, u64::MAX)]),
+            )
+        } else {
+            self.changed(ino, ChangeOp::SetAttr, None, None, None)
+        }
+    }
+
+    /// Records that a file's content changed: new size and times (as the backing
+    /// file reports them), and the byte ranges written if known.
+    pub fn content_changed(
+        &mut self,
+        ino: Ino,
+        size: u64,
+        mtime: Stamp,
+        ctime: Stamp,
+        ranges: Option<Vec<(u64, u64)>>,
+    ) -> FsResult<()> {
+        let n = self.get_mut(ino)?;
+        n.row.size = size;
+        n.row.mtime = mtime;
+        n.row.ctime = n.row.ctime.max(ctime);
+        self.changed(ino, ChangeOp::Write, None, None, ranges)
+    }
+
+    /// Updates size and times after a write that goes through the daemon, without
+    /// logging (the log entry is written when the file is closed).
+    pub fn note_write(&mut self, ino: Ino, end: u64) -> FsResult<()> {
+        let now = Stamp::now();
+        let n = self.get_mut(ino)?;
+        n.row.size = n.row.size.max(end);
+        n.row.mtime = now;
+        n.row.ctime = now;
+        Ok(())
+    }
+
+    /// Counts an open handle on `ino`.
+    pub fn opened(&mut self, ino: Ino) -> FsResult<()> {
+        self.get_mut(ino)?.opens += 1;
+        Ok(())
+    }
+
+    /// Drops an open handle; returns the node if it was unlinked and is now unused.
+    pub fn closed(&mut self, ino: Ino) -> FsResult<Option<Node>> {
+        let n = self.get_mut(ino)?;
+        n.opens = n.opens.saturating_sub(1);
+        if n.row.nlink == 0 && n.opens == 0 {
+            return self.release_if_unused(ino);
+        }
+        Ok(None)
+    }
+
+    /// Sets an extended attribute; `flags` are `XATTR_CREATE`/`XATTR_REPLACE`.
+    pub fn set_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(FsError::Range);
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::TooBig);
+        }
+        let n = self.get_mut(ino)?;
+        let exists = n.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoData);
+        }
+        n.xattrs.insert(name.to_vec(), value.to_vec());
+        n.row.ctime = Stamp::now();
+        self.catalog.send(Op::PutXattr {
+            ino,
+            name: name.to_vec(),
+            value: value.to_vec(),
+        })?;
+        self.changed(ino, ChangeOp::Xattr, None, None, None)
+    }
+
+    /// Removes an extended attribute.
+    pub fn remove_xattr(&mut self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        let n = self.get_mut(ino)?;
+        if n.xattrs.remove(name).is_none() {
+            return Err(FsError::NoData);
+        }
+        n.row.ctime = Stamp::now();
+        self.catalog.send(Op::DeleteXattr {
+            ino,
+            name: name.to_vec(),
+        })?;
+        self.changed(ino, ChangeOp::Xattr, None, None, None)
+    }
+
+    /// If `ino` is the `.members` file at the root of an owned group, that group.
+    pub fn members_file_group(&self, parent: Ino, name: &[u8]) -> Option<GroupId> {
+        if name != MEMBERS_NAME {
+            return None;
+        }
+        let g = self.get(parent).ok()?.row.group?;
+        let group = self.groups.get(&g)?;
+        (group.row.root == parent && group.row.owned).then_some(g)
+    }
+
+    /// Replaces a group's member list (from its `.members`).
+    pub fn set_members(&mut self, g: GroupId, members: Vec<String>) -> FsResult<()> {
+        if let Some(group) = self.groups.get_mut(&g)
+            && group.members != members
+        {
+            tracing::info!(group = %group.row.name, ?members, "members changed");
+            group.members = members.clone();
+            self.catalog.send(Op::SetMembers {
+                group: g,
+                users: members,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Entries of directory `ino` as (ino, kind, name), with `.` and `..` first.
+    pub fn list(&self, ino: Ino) -> FsResult<Vec<(Ino, NodeKind, Vec<u8>)>> {
+        let n = self.get(ino)?;
+        let children = n.children.as_ref().ok_or(FsError::NotDir)?;
+        let mut out = Vec::with_capacity(children.len() + 3);
+        out.push((ino, NodeKind::Dir, b".".to_vec()));
+        out.push((n.parent, NodeKind::Dir, b"..".to_vec()));
+        if ino == ROOT {
+            out.push((WSSERVER, NodeKind::File, WSSERVER_NAME.to_vec()));
+        }
+        for (name, c) in children {
+            let kind = self
+                .nodes
+                .get(c)
+                .map(|n| n.row.kind)
+                .unwrap_or(NodeKind::File);
+            out.push((*c, kind, name.clone()));
+        }
+        Ok(out)
+    }
+
+    /// The path of the group root `g` relative to the mount, for messages.
+    pub fn group_path(&self, g: GroupId) -> Option<PathBuf> {
+        let group = self.groups.get(&g)?;
+        Some(PathBuf::from(&group.row.owner).join(&group.row.name))
+    }
+
+    /// Regular files in the tree, for maintenance passes.
+    pub fn files(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.nodes
+            .values()
+            .filter(|n| n.row.kind == NodeKind::File)
+            .map(|n| n.row.ino)
+    }
+
+    /// The file-type bits of `kind`.
+    pub fn mode_bits(kind: NodeKind) -> u32 {
+        mode_kind(kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_comments_blanks_and_bad_names() {
+        let m = parse_members(b"# team\nbob\n\n  carol  # friend\n../evil\nbob\n");
+        assert_eq!(m, vec!["bob".to_string(), "carol".to_string()]);
+    }
+}

@@ -1,0 +1,116 @@
+//! `brume status`: what the client reports about its mount, groups and catalog.
+//! Works whether or not the daemon runs: it reads the catalog read-only and the
+//! mount state file the daemon keeps in the data directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::catalog::{self, GroupSummary};
+use crate::cli::{StatusArgs, is_brume_mount, load_config};
+use crate::config;
+use crate::fs::mount_state;
+
+/// Everything `brume status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The account.
+    pub user: String,
+    /// The signaling server URL.
+    pub server: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The mount, if the daemon is running.
+    pub mount: Option<MountStatus>,
+    /// Groups known to the catalog.
+    pub groups: Vec<GroupSummary>,
+    /// Bytes used by the catalog files.
+    pub catalog_bytes: u64,
+}
+
+/// A running mount.
+#[derive(Debug, Serialize)]
+pub struct MountStatus {
+    /// Where.
+    pub mountpoint: PathBuf,
+    /// The daemon's pid.
+    pub pid: u32,
+}
+
+/// Collects the status of the client whose data lives in `data_dir`.
+pub fn collect(user: &str, server: &str, data_dir: &Path) -> anyhow::Result<Status> {
+    let db = data_dir.join("catalog.db");
+    let summary = if db.exists() {
+        catalog::summarize(&db)?
+    } else {
+        catalog::Summary::default()
+    };
+    let mount = mount_state(data_dir).and_then(|s| {
+        let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
+        (alive && is_brume_mount(&s.mountpoint)).then_some(MountStatus {
+            mountpoint: s.mountpoint,
+            pid: s.pid,
+        })
+    });
+    Ok(Status {
+        user: user.to_owned(),
+        server: server.to_owned(),
+        data_dir: data_dir.to_owned(),
+        mount,
+        groups: summary.groups,
+        catalog_bytes: summary.catalog_bytes,
+    })
+}
+
+/// Runs `brume status`.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let (_, config) = load_config(args.config.as_deref())?;
+    let data_dir = args.data.unwrap_or_else(config::default_data_dir);
+    let status = collect(config.username.as_str(), &config.server_url, &data_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    print!("{}", render(&status));
+    Ok(())
+}
+
+/// The human-readable form.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "user:    {}", s.user);
+    let _ = writeln!(out, "server:  {}", s.server);
+    match &s.mount {
+        Some(m) => {
+            let _ = writeln!(out, "mount:   {} (pid {})", m.mountpoint.display(), m.pid);
+        }
+        None => {
+            let _ = writeln!(out, "mount:   not mounted");
+        }
+    }
+    let _ = writeln!(out, "data:    {}", s.data_dir.display());
+    let _ = writeln!(out, "catalog: {} bytes", s.catalog_bytes);
+    if s.groups.is_empty() {
+        let _ = writeln!(out, "groups:  none");
+    }
+    for g in &s.groups {
+        let role = if g.owned { "owner" } else { "member" };
+        let _ = writeln!(
+            out,
+            "group {}/{} ({role}): {} files, {} dirs, {} bytes, log at {}, members: {}",
+            g.owner,
+            g.name,
+            g.files,
+            g.dirs,
+            g.bytes,
+            g.last_seq,
+            if g.members.is_empty() {
+                "none".to_string()
+            } else {
+                g.members.join(", ")
+            }
+        );
+    }
+    out
+}

@@ -1,0 +1,8 @@
+//! Brume's integration tests: one test binary, one module per area. Every test that
+//! mounts a filesystem or starts a server goes through `harness`, which tears it
+//! all down again even when the test panics.
+
+mod harness;
+
+mod fs;
+mod signal;
