@@ -1,0 +1,468 @@
+//! `brume server`: one listener serving `POST /token` (credential → access token) and
+//! the WebSocket upgrade at `/`, after which each connection is a [`session`] that
+//! relays setup messages and presence through the [`router`].
+//!
+//! The entry point is [`run`], which takes a bound listener and a shutdown future so
+//! tests can start and stop a server in-process.
+
+mod router;
+mod session;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::accounts::{AccountStore, Accounts, AccountsError};
+use super::protocol::{ErrorCode, HttpError, MAX_MESSAGE_BYTES};
+use super::token::{
+    Clock, DEFAULT_TOKEN_TTL_SECS, MAX_TOKEN_TTL_SECS, TokenError, TokenKey, TokenRequest,
+    TokenResponse,
+};
+use router::Router;
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The account database could not be opened.
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+    /// The listener failed.
+    #[error("listener: {source}")]
+    Listener {
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// Per-connection and global limits. The defaults suit a real deployment; tests
+/// shorten the timeouts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most WebSocket sessions at once; further upgrades are answered 503.
+    pub max_connections: usize,
+    /// Bytes of messages queued for one connection before it is dropped as lagging.
+    pub queue_bytes: usize,
+    /// Messages queued for one connection before it is dropped as lagging.
+    pub queue_messages: usize,
+    /// Sustained frames per second one connection may send; faster senders are
+    /// throttled (the server stops reading from them).
+    pub frames_per_sec: u32,
+    /// Frames one connection may send in a burst above the sustained rate.
+    pub burst: u32,
+    /// How often the server pings an otherwise quiet connection.
+    pub ping_interval: Duration,
+    /// A connection that sent nothing (not even a pong) for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Time allowed for the HTTP request and, after the upgrade, for `hello`.
+    pub handshake_timeout: Duration,
+    /// Time allowed to write one batch of messages to a connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 25_000,
+            queue_bytes: 256 * 1024,
+            queue_messages: 64,
+            frames_per_sec: 100,
+            burst: 200,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The account database (created if missing).
+    pub db: PathBuf,
+    /// Limits.
+    pub limits: Limits,
+    /// Source of time for token checks.
+    pub clock: Clock,
+}
+
+impl ServerConfig {
+    /// A config with default limits and the system clock.
+    pub fn new(db: PathBuf) -> Self {
+        Self {
+            db,
+            limits: Limits::default(),
+            clock: Clock::System,
+        }
+    }
+}
+
+/// State shared by every connection of one server.
+struct Shared {
+    accounts: AccountStore,
+    token_key: TokenKey,
+    limits: Limits,
+    clock: Clock,
+    /// Who is online and who watches whom. A plain mutex: it is held for map
+    /// operations only, never across an await.
+    router: Mutex<Router>,
+    /// One permit per open WebSocket session, so their number (and memory) is bounded.
+    sessions: Arc<Semaphore>,
+    /// Flips to `true` when the server shuts down; every task watches it.
+    shutdown: watch::Receiver<bool>,
+    /// Connection ids, for logs and for telling a replaced connection from its successor.
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn router(&self) -> std::sync::MutexGuard<'_, Router> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way
+        // that matters more than stopping relaying for everyone would.
+        self.router.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        // Small buffers: most connections are idle, and messages are small.
+        .read_buffer_size(4096)
+        .write_buffer_size(8192)
+        .max_write_buffer_size(MAX_MESSAGE_BYTES * 4)
+        // Checked on the frame header, before the payload is read.
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
+
+/// Serves on `listener` until `shutdown` completes, then closes every connection
+/// (close code 1001) and returns once they are gone.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let accounts = Accounts::open(&config.db)?;
+    let token_key = accounts.token_key()?;
+    let accounts = AccountStore::spawn(accounts)?;
+    let (stop, stopped) = watch::channel(false);
+    // Every connection task holds a clone of `done`; when all are dropped, `all_done`
+    // yields `None` and shutdown is complete (mini-redis's pattern).
+    let (done, mut all_done) = mpsc::channel::<()>(1);
+    let shared = Arc::new(Shared {
+        accounts,
+        token_key,
+        sessions: Arc::new(Semaphore::new(config.limits.max_connections)),
+        limits: config.limits,
+        clock: config.clock,
+        router: Mutex::new(Router::default()),
+        shutdown: stopped,
+        next_id: Default::default(),
+    });
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listener { source })?;
+    info!(%addr, db = %config.db.display(), "signaling server listening");
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = info_span!("http", %peer);
+                    // One task per TCP connection: serves its HTTP request and, after an
+                    // upgrade, hands over to the session task.
+                    tokio::spawn(serve_http(shared.clone(), stream, peer, done.clone()).instrument(span));
+                }
+                Err(err) => {
+                    // Usually EMFILE: wait for connections to close rather than spin.
+                    warn!(cause = ?err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    info!("shutting down");
+    stop.send_replace(true);
+    drop(done);
+    drop(shared);
+    let _ = all_done.recv().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn serve_http(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    done: mpsc::Sender<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = shared.limits.clone();
+    let mut stop = shared.shutdown.clone();
+    let service_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        handle(service_shared.clone(), peer, req, done.clone())
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(16 * 1024)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::select! {
+        served = tokio::time::timeout(limits.handshake_timeout, conn) => match served {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(cause = ?err, "http connection failed"),
+            Err(_) => debug!("http request timed out"),
+        },
+        () = stopping(&mut stop) => {}
+    }
+}
+
+/// Completes when the server starts shutting down.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // An error means the server is gone: that is shutdown too.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn http_error(
+    status: StatusCode,
+    error: &str,
+    message: impl Into<String>,
+) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &HttpError {
+            error: error.to_owned(),
+            message: message.into(),
+        },
+    )
+}
+
+fn code_error(code: ErrorCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    http_error(status, code.name(), message)
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    done: mpsc::Sender<()>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/token") => token_endpoint(&shared, req).await,
+        (&Method::GET, "/") => upgrade(shared, peer, req, done),
+        (_, "/" | "/token") => http_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            "use GET / (WebSocket) or POST /token",
+        ),
+        _ => http_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+    };
+    debug!(status = %response.status(), "answered");
+    Ok(response)
+}
+
+/// `POST /token`: `{username, credential, ttl?}` → `{token, expires_in}`.
+async fn token_endpoint(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) => {
+            return http_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body",
+                format!("request body: {err}"),
+            );
+        }
+    };
+    let request: TokenRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "body",
+                format!("malformed request: {err}"),
+            );
+        }
+    };
+    let user = request.username.clone();
+    match shared
+        .accounts
+        .check_credential(request.username, request.credential)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            info!(%user, "token refused: bad credential");
+            return http_error(
+                StatusCode::FORBIDDEN,
+                "credential",
+                "unknown user or wrong credential",
+            );
+        }
+        Err(err) => {
+            warn!(cause = ?err, "account store failed");
+            return http_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "account store failed",
+            );
+        }
+    }
+    let ttl = request
+        .ttl
+        .unwrap_or(DEFAULT_TOKEN_TTL_SECS)
+        .clamp(1, MAX_TOKEN_TTL_SECS);
+    let now = shared.clock.now_unix();
+    match shared.token_key.mint(&user, now, now + ttl) {
+        Ok(token) => {
+            debug!(%user, ttl, "token issued");
+            json_response(
+                StatusCode::OK,
+                &TokenResponse {
+                    token,
+                    expires_in: ttl,
+                },
+            )
+        }
+        Err(err) => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            err.to_string(),
+        ),
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The access token of an upgrade request: `Authorization: Bearer T`, else `?token=T`.
+fn request_token(req: &Request<Incoming>) -> Option<&str> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    bearer
+        .or_else(|| {
+            req.uri()
+                .query()?
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("token="))
+        })
+        .filter(|t| !t.is_empty())
+}
+
+/// `GET /` with `Upgrade: websocket`: checks the token, answers 101 and starts the
+/// session; or answers 400/401/406 (token) or 503 (full) with a JSON body.
+fn upgrade(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    done: mpsc::Sender<()>,
+) -> Response<Full<Bytes>> {
+    let headers = req.headers();
+    let is_websocket = header_has_token(headers, header::UPGRADE, "websocket")
+        && header_has_token(headers, header::CONNECTION, "upgrade")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_websocket)
+    else {
+        return http_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint only accepts WebSocket upgrades",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let claims = match request_token(&req) {
+        None => Err(TokenError::Missing),
+        Some(token) => shared.token_key.verify(token, shared.clock.now_unix()),
+    };
+    let claims = match claims {
+        Ok(claims) => claims,
+        Err(err) => {
+            info!(cause = %err, "upgrade refused");
+            return code_error(err.code(), err.to_string());
+        }
+    };
+    let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+        warn!("upgrade refused: connection limit reached");
+        return code_error(
+            ErrorCode::ConnRefused,
+            "the server is at its connection limit",
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = info_span!("session", user = %claims.sub, %peer);
+    // The session's task: lives as long as the WebSocket, holds the session permit and
+    // a `done` handle so shutdown waits for it.
+    tokio::spawn(
+        async move {
+            let _done = done;
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let ws = Ws::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config()),
+                    )
+                    .await;
+                    session::run(shared, ws, claims, permit).await;
+                }
+                Err(err) => debug!(cause = ?err, "upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
