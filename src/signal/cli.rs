@@ -1,0 +1,178 @@
+//! `brume server …` and `brume token`: argument types and entry points.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use super::accounts::Accounts;
+use super::server::{self, ServerConfig};
+use crate::config::{CacheConfig, Config, FsConfig};
+use crate::ids::UserName;
+
+/// `brume server [--listen ADDR] [--db PATH]` and its administrative subcommands.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: String,
+    /// Account database [default: ~/.local/share/brume/server.db].
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Administrative command; without one, the server runs in the foreground.
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+}
+
+/// Administrative commands; they work while the server runs.
+#[derive(Debug, clap::Subcommand)]
+pub enum ServerCommand {
+    /// Creates an account and prints the brume.conf its user installs.
+    AddUser {
+        /// The new user's name.
+        #[arg(value_parser = parse_user)]
+        name: UserName,
+        /// Account database [default: ~/.local/share/brume/server.db].
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The server's WebSocket URL as clients reach it.
+        #[arg(long, default_value = "ws://127.0.0.1:8787/")]
+        url: String,
+    },
+    /// Forgets a user's identity key, so the next key it presents is registered.
+    ResetKey {
+        /// The user.
+        #[arg(value_parser = parse_user)]
+        name: UserName,
+        /// Account database [default: ~/.local/share/brume/server.db].
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+}
+
+fn parse_user(name: &str) -> Result<UserName, String> {
+    UserName::new(name).map_err(|e| e.to_string())
+}
+
+/// `brume token [--config PATH] [--ttl SECONDS]`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    /// Config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Lifetime of the token in seconds.
+    #[arg(long)]
+    pub ttl: Option<u64>,
+}
+
+/// `~/.local/share/brume/server.db`.
+pub fn default_server_db() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".local/share/brume/server.db")
+}
+
+/// Runs `brume server`.
+pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let db_or_default =
+        |db: Option<PathBuf>| db.or(args.db.clone()).unwrap_or_else(default_server_db);
+    match args.command {
+        Some(ServerCommand::AddUser {
+            ref name,
+            ref db,
+            ref url,
+        }) => {
+            let accounts = Accounts::open(&db_or_default(db.clone()))?;
+            let credential = accounts.add_user(name)?;
+            let config = Config {
+                server_url: url.clone(),
+                username: name.clone(),
+                credential,
+                ice_servers: vec![],
+                cache: CacheConfig::default(),
+                fs: FsConfig::default(),
+            };
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Some(ServerCommand::ResetKey { ref name, ref db }) => {
+            Accounts::open(&db_or_default(db.clone()))?.reset_key(name)?;
+            eprintln!("identity key of {name} reset: the next key it presents will be registered");
+            Ok(())
+        }
+        None => serve(&args.listen, db_or_default(None)),
+    }
+}
+
+fn serve(listen: &str, db: PathBuf) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        // Scripts (and tests) read the actual address from here when given port 0.
+        println!("brume server listening on ws://{addr}/");
+        server::run(listener, ServerConfig::new(db), shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(err) => {
+            tracing::warn!(cause = ?err, "no SIGTERM handler; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Every connection is a file descriptor: allow as many as the hard limit does.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
+/// Runs `brume token`.
+pub fn run_token(args: TokenArgs) -> anyhow::Result<()> {
+    let path = args
+        .config
+        .unwrap_or_else(crate::config::default_config_path);
+    let config = Config::load(&path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let token = runtime.block_on(super::client::fetch_token(
+        &config.server_url,
+        &config.username,
+        &config.credential,
+        args.ttl,
+    ))?;
+    println!("{}", token.token);
+    Ok(())
+}
