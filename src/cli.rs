@@ -84,7 +84,11 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // fuser warns about a second unmount after `fusermount3 -u`, which is normal.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("fuser")) {
+        filter = filter.add_directive("fuser::session=error".parse().expect("static directive"));
+    }
     // Under systemd (journald on stderr) or when not on a terminal: no colours.
     let ansi = std::env::var_os("JOURNAL_STREAM").is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stderr());

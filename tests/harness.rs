@@ -1,1 +1,245 @@
-//! Test harness.
+//! Test harness: temp dirs, configs, and real `brume mount` daemons that are
+//! unmounted and stopped when the guard drops, even if the test panics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `brume` binary under test.
+pub fn brume_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_brume")
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether `dir` is a mountpoint right now.
+pub fn is_mounted(dir: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let want = dir.to_string_lossy().to_string();
+    text.lines()
+        .any(|l| l.split(' ').nth(1).map(|t| t.replace("\\040", " ")) == Some(want.clone()))
+}
+
+/// One client: a config, a data dir and (while mounted) a daemon.
+pub struct Client {
+    pub dir: tempfile::TempDir,
+    pub user: String,
+    pub mnt: PathBuf,
+    pub data: PathBuf,
+    pub config: PathBuf,
+    pub passthrough: bool,
+    child: Option<Child>,
+}
+
+impl Client {
+    /// A fresh client for `user`, not yet mounted.
+    pub fn new(user: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("brume-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        let data = dir.path().join("data");
+        let config = dir.path().join("brume.conf");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{user}\"\ncredential = \"test\"\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            dir,
+            user: user.to_owned(),
+            mnt,
+            data,
+            config,
+            passthrough: true,
+            child: None,
+        }
+    }
+
+    /// A client for `alice`, mounted, with a group `g` created; returns the group path.
+    pub fn with_group(passthrough: bool) -> (Self, PathBuf) {
+        let mut c = Self::new("alice");
+        c.passthrough = passthrough;
+        c.mount();
+        let g = c.mnt.join("alice/g");
+        std::fs::create_dir(&g).unwrap();
+        (c, g)
+    }
+
+    /// Starts `brume mount -f` and waits for the mount.
+    pub fn mount(&mut self) {
+        assert!(self.child.is_none(), "already mounted");
+        let mut cmd = Command::new(brume_bin());
+        cmd.arg("mount")
+            .arg(&self.mnt)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data")
+            .arg(&self.data)
+            .arg("-f")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        if !self.passthrough {
+            cmd.arg("--no-passthrough");
+        }
+        let mut child = cmd.spawn().expect("spawn brume mount");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&self.mnt) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("brume mount exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.child = Some(child);
+    }
+
+    /// Unmounts cleanly (as `fusermount3 -u` would) and waits for the daemon.
+    pub fn unmount(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let status = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status()
+            .expect("fusermount3");
+        if !status.success() {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon did not exit after unmount");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends a signal to the daemon and waits for it to exit.
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("mounted");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = child.wait().expect("wait");
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+        status
+    }
+
+    /// Kills the daemon with SIGKILL and detaches the dead mount.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Remounts after a clean unmount.
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.mount();
+    }
+
+    /// The catalog database path.
+    pub fn catalog(&self) -> PathBuf {
+        self.data.join("catalog.db")
+    }
+
+    /// Opens the catalog read-only (works while mounted: WAL).
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.catalog(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open catalog")
+    }
+
+    /// Runs `brume` with this client's config and data dir appended.
+    pub fn brume(&self, args: &[&str]) -> std::process::Output {
+        Command::new(brume_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data")
+            .arg(&self.data)
+            .output()
+            .expect("run brume")
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+/// Runs a shell command in `dir`, panicking with its output if it fails.
+pub fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The errno of the last failed libc call.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// A path as a C string.
+pub fn cpath(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
