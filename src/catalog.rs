@@ -23,6 +23,8 @@ use crate::ids::{BlockHash, GroupId, Ino, Seq, Version};
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// Most ops applied in one transaction.
 const BATCH: usize = 4096;
+/// How long the actor gathers ops before committing them together.
+const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Errors of the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -405,11 +407,25 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
+        // Group commit: gather what arrives within a short window (or until a
+        // barrier asks for durability) so that a burst of small operations costs
+        // one transaction instead of one each.
+        let window = std::time::Instant::now() + GROUP_COMMIT_WINDOW;
+        while batch.len() < BATCH && !matches!(batch.last(), Some(Op::Barrier(_))) {
+            let left = window.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
+        }
+        coalesce(&mut batch);
+        // Commits are cheap (synchronous=NORMAL: the WAL is not fsynced) unless the
+        // batch answers a barrier: then that commit fsyncs the WAL, which makes it
+        // and every earlier commit durable.
+        let durable = batch.iter().any(|op| matches!(op, Op::Barrier(_)));
+        let mode = if durable { "FULL" } else { "NORMAL" };
+        if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
+            tracing::error!(cause = ?e, "cannot set catalog sync mode");
         }
         let mut barriers = Vec::new();
         let result = apply(&mut conn, &mut batch, &mut barriers);
@@ -421,6 +437,28 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         }
     }
     tracing::debug!("catalog actor stopped");
+}
+
+/// Drops node writes that a later write or delete of the same node in the batch
+/// supersedes: a file created, written and closed within one window is stored
+/// once, and its directory's times once per batch.
+fn coalesce(batch: &mut Vec<Op>) {
+    let mut later = std::collections::HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    for (i, op) in batch.iter().enumerate().rev() {
+        match op {
+            Op::PutNode(n) => keep[i] = later.insert(n.ino),
+            Op::DeleteNode(ino) => {
+                later.insert(*ino);
+            }
+            _ => {}
+        }
+    }
+    let mut i = 0;
+    batch.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
 }
 
 fn apply(
@@ -542,8 +580,6 @@ fn apply(
                     ranges,
                     Stamp::now().secs.saturating_mul(1_000_000_000),
                 ])?;
-                tx.prepare_cached("UPDATE groups SET next_seq = MAX(next_seq, ?2) WHERE id = ?1")?
-                    .execute(params![c.group.0 as i64, c.seq.0 as i64 + 1])?;
             }
             Op::PutBlocks {
                 ino,
@@ -552,6 +588,13 @@ fn apply(
                 count,
             } => {
                 let i = ino.0 as i64;
+                // The file may have been deleted after it was queued for hashing.
+                let exists = tx
+                    .prepare_cached("SELECT 1 FROM nodes WHERE ino = ?1")?
+                    .exists([i])?;
+                if !exists {
+                    continue;
+                }
                 for (k, (hash, len)) in blocks.iter().enumerate() {
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO blocks (ino, idx, hash, len) VALUES (?1, ?2, ?3, ?4)",
@@ -637,8 +680,7 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
     })? {
         s.groups.push(g?);
     }
-    // The log may be ahead of the group row if a crash hit between the two (both
-    // are in one transaction, but be robust): never hand out a used position again.
+    // The group row keeps the first position; the log itself says how far it got.
     for g in &mut s.groups {
         let max: Option<i64> = conn.query_row(
             "SELECT MAX(seq) FROM changes WHERE group_id = ?1",
@@ -704,7 +746,8 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
         })?;
     let mut out = Summary::default();
     let mut q = conn.prepare(
-        "SELECT g.id, g.owner, g.name, g.owned, g.next_seq, \
+        "SELECT g.id, g.owner, g.name, g.owned, \
+           (SELECT COALESCE(MAX(seq), 0) FROM changes c WHERE c.group_id = g.id), \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1), \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 2) - 1, \
            (SELECT COALESCE(SUM(size), 0) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1) \
@@ -717,7 +760,7 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
                 owner: r.get(1)?,
                 name: r.get(2)?,
                 owned: r.get(3)?,
-                last_seq: (r.get::<_, i64>(4)? - 1).max(0) as u64,
+                last_seq: r.get::<_, i64>(4)? as u64,
                 files: r.get::<_, i64>(5)? as u64,
                 dirs: r.get::<_, i64>(6)?.max(0) as u64,
                 bytes: r.get::<_, i64>(7)? as u64,

@@ -5,4 +5,5 @@
 mod harness;
 
 mod fs;
+mod posix;
 mod signal;

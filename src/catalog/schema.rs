@@ -98,7 +98,8 @@ pub enum SchemaError {
 /// Sets the connection's pragmas and brings the schema up to [`VERSION`].
 pub(crate) fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Everything an fsync acknowledges goes through a commit: it must be durable.
+    // Everything an fsync acknowledges goes through a FULL commit (see the actor);
+    // the schema itself is written durably.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;

@@ -32,6 +32,10 @@ use crate::ids::Ino;
 /// of its namespace and the kernel invalidates what it changes itself.
 const TTL: Duration = Duration::from_secs(300);
 
+/// Flags of every open file: the daemon buffers nothing and the kernel keeps
+/// POSIX and flock locks itself, so close needs no FLUSH round trip.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
 /// State shared by all handles of one open regular file.
 #[derive(Debug)]
 struct OpenInode {
@@ -325,7 +329,7 @@ impl BrumeFs {
         mode: u32,
         umask: u32,
         rdev: u32,
-    ) -> FsResult<FileAttr> {
+    ) -> FsResult<(FileAttr, Option<File>)> {
         let kind = tree::kind_of_mode(mode).ok_or(FsError::Invalid { why: "file type" })?;
         let mut tree = self.tree_write();
         let ino = tree.create(
@@ -338,10 +342,11 @@ impl BrumeFs {
             rdev,
             None,
         )?;
-        if kind == NodeKind::File {
-            self.store.create(ino)?;
-        }
-        Ok(self.attr_of(tree.get(ino)?))
+        let file = match kind {
+            NodeKind::File => Some(self.store.create(ino)?),
+            _ => None,
+        };
+        Ok((self.attr_of(tree.get(ino)?), file))
     }
 
     /// Opens `ino` for a new handle; returns the handle and, with passthrough, the
@@ -350,6 +355,7 @@ impl BrumeFs {
     fn open_file(
         &self,
         ino: Ino,
+        created: Option<File>,
         writable: bool,
         register: impl FnOnce(&File) -> std::io::Result<BackingId>,
         reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
@@ -363,7 +369,10 @@ impl BrumeFs {
         }
         let mut open = self.open_map();
         if !open.contains_key(&ino) {
-            let file = self.store.open_rw(ino)?;
+            let file = match created {
+                Some(f) => f,
+                None => self.store.open_rw(ino)?,
+            };
             let m = file.metadata()?;
             let backing = if self.passthrough.load(Ordering::Relaxed) {
                 match register(&file) {
@@ -642,7 +651,8 @@ impl fuser::Filesystem for BrumeFs {
     ) {
         reply_entry(
             reply,
-            self.do_mknod(req, Ino(parent.0), name_bytes(name), mode, umask, rdev),
+            self.do_mknod(req, Ino(parent.0), name_bytes(name), mode, umask, rdev)
+                .map(|(attr, _)| attr),
         );
     }
 
@@ -664,7 +674,8 @@ impl fuser::Filesystem for BrumeFs {
                 libc::S_IFDIR | mode,
                 umask,
                 0,
-            ),
+            )
+            .map(|(attr, _)| attr),
         );
     }
 
@@ -779,6 +790,7 @@ impl fuser::Filesystem for BrumeFs {
         let reply = std::cell::RefCell::new(Some(reply));
         let r = self.open_file(
             ino,
+            None,
             writable,
             |f| match reply.borrow().as_ref() {
                 Some(r) => r.open_backing(f),
@@ -787,8 +799,8 @@ impl fuser::Filesystem for BrumeFs {
             |fh, backing| {
                 if let Some(r) = reply.borrow_mut().take() {
                     match backing {
-                        Some(b) => r.opened_passthrough(fh, FopenFlags::empty(), b),
-                        None => r.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+                        Some(b) => r.opened_passthrough(fh, OPEN_FLAGS, b),
+                        None => r.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
                     }
                 }
             },
@@ -810,7 +822,7 @@ impl fuser::Filesystem for BrumeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let attr = match self.do_mknod(
+        let (attr, file) = match self.do_mknod(
             req,
             Ino(parent.0),
             name_bytes(name),
@@ -825,6 +837,7 @@ impl fuser::Filesystem for BrumeFs {
         let reply = std::cell::RefCell::new(Some(reply));
         let r = self.open_file(
             Ino(attr.ino.0),
+            file,
             writable,
             |f| match reply.borrow().as_ref() {
                 Some(r) => r.open_backing(f),

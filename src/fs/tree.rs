@@ -20,6 +20,8 @@ pub const WSSERVER: Ino = Ino(2);
 pub const WSSERVER_NAME: &[u8] = b".wsserver.json";
 /// Name of the member list in a group's root.
 pub const MEMBERS_NAME: &[u8] = b".members";
+/// How many inode numbers are reserved in the catalog at a time.
+const INO_CHUNK: u64 = 1024;
 /// Longest name component.
 const NAME_MAX: usize = 255;
 /// Largest extended attribute value.
@@ -85,6 +87,8 @@ pub struct Tree {
     nodes: HashMap<Ino, Node>,
     groups: HashMap<GroupId, Group>,
     next_ino: u64,
+    /// Inode numbers below this are reserved in the catalog's `next_ino`.
+    reserved_ino: u64,
     next_group: u64,
     me: UserName,
     catalog: Catalog,
@@ -218,6 +222,7 @@ impl Tree {
             nodes,
             groups,
             next_ino: snapshot.next_ino.max(3),
+            reserved_ino: snapshot.next_ino.max(3),
             next_group,
             me,
             catalog,
@@ -416,10 +421,15 @@ impl Tree {
     fn alloc_ino(&mut self) -> FsResult<Ino> {
         let ino = Ino(self.next_ino);
         self.next_ino += 1;
-        self.catalog.send(Op::SetMeta {
-            key: "next_ino",
-            value: self.next_ino as i64,
-        })?;
+        // Reserve inode numbers in chunks: the catalog only needs an upper bound,
+        // and the highest node in use covers the rest after a crash.
+        if self.next_ino > self.reserved_ino {
+            self.reserved_ino = self.next_ino + INO_CHUNK;
+            self.catalog.send(Op::SetMeta {
+                key: "next_ino",
+                value: self.reserved_ino as i64,
+            })?;
+        }
         Ok(ino)
     }
 
