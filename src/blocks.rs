@@ -84,7 +84,10 @@ impl Hasher {
         };
         if q.1.insert(ino) {
             q.0.push((ino, path));
-            self.inner.wake.notify_one();
+            // Only an idle worker needs waking; a busy one drains the queue.
+            if q.1.len() == 1 {
+                self.inner.wake.notify_one();
+            }
         }
     }
 
@@ -110,16 +113,18 @@ impl Hasher {
     }
 }
 
+/// How long the hasher lets requests gather after waking, so that a burst of
+/// closed files costs one wake-up rather than one per file.
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn run(inner: &HasherInner, catalog: &Catalog) {
     loop {
-        let (ino, path) = {
+        // Sleep until there is work (or we are told to stop with nothing left).
+        {
             let Ok(mut q) = inner.queue.lock() else {
                 return;
             };
-            loop {
-                if let Some(job) = q.0.pop() {
-                    break job;
-                }
+            while q.0.is_empty() {
                 if q.2 {
                     inner.idle.notify_all();
                     return;
@@ -129,28 +134,42 @@ fn run(inner: &HasherInner, catalog: &Catalog) {
                     Err(_) => return,
                 };
             }
-        };
-        let result = File::open(&path).and_then(|f| hash_file(&f));
-        match result {
-            Ok(blocks) => {
-                let count = blocks.len() as u64;
-                let _ = catalog.send(Op::PutBlocks {
-                    ino,
-                    from: 0,
-                    blocks,
-                    count,
-                });
-            }
-            // The file was removed meanwhile: nothing to index.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
         }
-        if let Ok(mut q) = inner.queue.lock() {
-            q.1.remove(&ino);
-            if q.1.is_empty() {
-                inner.idle.notify_all();
+        // Let a burst gather, then hash everything queued.
+        std::thread::sleep(DEBOUNCE);
+        loop {
+            let job = match inner.queue.lock() {
+                Ok(mut q) => q.0.pop(),
+                Err(_) => return,
+            };
+            let Some((ino, path)) = job else {
+                break;
+            };
+            hash_one(catalog, ino, &path);
+            if let Ok(mut q) = inner.queue.lock() {
+                q.1.remove(&ino);
+                if q.1.is_empty() {
+                    inner.idle.notify_all();
+                }
             }
         }
+    }
+}
+
+fn hash_one(catalog: &Catalog, ino: Ino, path: &std::path::Path) {
+    match File::open(path).and_then(|f| hash_file(&f)) {
+        Ok(blocks) => {
+            let count = blocks.len() as u64;
+            let _ = catalog.send(Op::PutBlocks {
+                ino,
+                from: 0,
+                blocks,
+                count,
+            });
+        }
+        // The file was removed meanwhile: nothing to index.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
     }
 }
 

@@ -327,6 +327,8 @@ pub struct Catalog {
     /// Ops to the actor thread, which owns the connection. Bounded: a burst of
     /// writes blocks its sender instead of growing without limit.
     tx: mpsc::SyncSender<Op>,
+    /// The actor thread, unparked by barriers so they skip the commit window.
+    actor: std::thread::Thread,
     path: PathBuf,
 }
 
@@ -367,6 +369,7 @@ impl Catalog {
         Ok((
             Self {
                 tx,
+                actor: handle.thread().clone(),
                 path: path.to_owned(),
             },
             snapshot,
@@ -396,6 +399,7 @@ impl Catalog {
     pub fn barrier(&self) -> Result<(), CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Op::Barrier(tx))?;
+        self.actor.unpark();
         match rx.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) | Err(_) => Err(CatalogError::Stopped),
@@ -406,14 +410,17 @@ impl Catalog {
 fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Ok(first) = rx.recv() {
+        // Group commit: after the first op of a batch, sleep through a short window
+        // (senders do not wake us; only a barrier does, via unpark) and then take
+        // everything queued, so a burst of small operations costs one transaction
+        // and one wake-up instead of one each.
+        let urgent = matches!(first, Op::Barrier(_));
         batch.push(first);
-        // Group commit: gather what arrives within a short window (or until a
-        // barrier asks for durability) so that a burst of small operations costs
-        // one transaction instead of one each.
-        let window = std::time::Instant::now() + GROUP_COMMIT_WINDOW;
-        while batch.len() < BATCH && !matches!(batch.last(), Some(Op::Barrier(_))) {
-            let left = window.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
+        if !urgent {
+            std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Filesystem benchmark: native ext4, bindfs, and Brume (with and without kernel
+passthrough) side by side, in one run, on one freshly made ext4 filesystem.
+
+Usage (as root, after `cargo build --release`):
+    python3 benches/fs_bench.py [--size-mib 1024] [--reps 3] [--brume target/release/brume]
+
+Every workload runs on every target in turn, repeated --reps times with the
+order rotated; the median time is reported with its ratio to native
+(native time / target time: 1.0 = as fast as native, higher is better).
+A fresh loop-mounted ext4 image keeps the allocator state of the host out of
+the figures. Nothing here is a test: it prints numbers.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import random
+
+MIB = 1 << 20
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def is_mounted(path):
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+def wait_mounted(path, proc=None, timeout=30):
+    deadline = time.time() + timeout
+    while not is_mounted(path):
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"mount at {path} failed to start")
+        if time.time() > deadline:
+            raise SystemExit(f"timed out waiting for {path}")
+        time.sleep(0.01)
+
+
+class Targets:
+    """Creates native, bindfs and Brume directories on one fresh ext4 image."""
+
+    def __init__(self, brume, work):
+        self.work = work
+        self.procs = []
+        self.mounts = []
+        self.img = os.path.join(work, "fs.img")
+        self.fs = os.path.join(work, "fs")
+        os.makedirs(self.fs)
+        sh("truncate", "-s", "16G", self.img)
+        sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.img)
+        # Direct I/O on the loop device: the image's writes do not pile up as dirty
+        # pages of the host filesystem and throttle whichever target runs next.
+        self.loop = subprocess.run(
+            ["losetup", "--direct-io=on", "--find", "--show", self.img],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        sh("mount", self.loop, self.fs)
+        self.mounts.append(self.fs)
+        self.dirs = {}
+        native = os.path.join(self.fs, "native")
+        os.makedirs(native)
+        self.dirs["native"] = native
+        if shutil.which("bindfs"):
+            src = os.path.join(self.fs, "bindfs-src")
+            mnt = os.path.join(work, "bindfs")
+            os.makedirs(src)
+            os.makedirs(mnt)
+            sh("bindfs", "--no-allow-other", src, mnt)
+            wait_mounted(mnt)
+            self.mounts.append(mnt)
+            self.dirs["bindfs"] = mnt
+        conf = os.path.join(work, "brume.conf")
+        with open(conf, "w") as f:
+            f.write('server_url = "ws://127.0.0.1:9/"\nusername = "bench"\ncredential = "x"\n')
+        for name, extra in (("brume", []), ("brume-nopt", ["--no-passthrough"])):
+            mnt = os.path.join(work, name)
+            data = os.path.join(self.fs, name + "-data")
+            os.makedirs(mnt)
+            proc = subprocess.Popen(
+                [brume, "mount", mnt, "--config", conf, "--data", data, "-f", *extra],
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "RUST_LOG": "warn"},
+            )
+            self.procs.append(proc)
+            wait_mounted(mnt, proc)
+            self.mounts.append(mnt)
+            group = os.path.join(mnt, "bench", "b")
+            os.mkdir(group)
+            self.dirs[name] = group
+
+    def close(self):
+        for m in reversed(self.mounts):
+            if m == self.fs:
+                continue
+            subprocess.run(["fusermount3", "-u", m], check=False)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["umount", self.fs], check=False)
+        subprocess.run(["losetup", "-d", self.loop], check=False)
+
+
+def timed(fn):
+    # Start every measurement with no dirty data from the previous one.
+    os.sync()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def seq_write(d, size):
+    buf = b"\xa5" * MIB
+    p = os.path.join(d, "seq")
+
+    def run():
+        fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        for _ in range(size // MIB):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.close(fd)
+
+    return timed(run)
+
+
+def seq_read(d, size, cold):
+    p = os.path.join(d, "seq")
+    if cold:
+        drop_caches()
+    else:
+        seq_read_once(p)
+
+    return timed(lambda: seq_read_once(p))
+
+
+def seq_read_once(p):
+    fd = os.open(p, os.O_RDONLY)
+    while os.read(fd, MIB):
+        pass
+    os.close(fd)
+
+
+def create_stat(d, n, rep):
+    sub = os.path.join(d, f"cs{rep}")
+    os.mkdir(sub)
+    buf = b"x" * 4096
+
+    def run():
+        for i in range(n):
+            p = f"{sub}/f{i}"
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+            os.write(fd, buf)
+            os.close(fd)
+            os.stat(p)
+
+    return timed(run)
+
+
+def warm_stat(d, n, rep):
+    sub = os.path.join(d, f"cs{rep}")
+    names = [f"{sub}/f{i}" for i in range(n)]
+    for p in names:
+        os.stat(p)
+    return timed(lambda: [os.stat(p) for p in names for _ in range(3)])
+
+
+def make_tarball(path, files):
+    rng = random.Random(42)
+    src = path + ".src"
+    os.makedirs(src)
+    for i in range(files):
+        d = os.path.join(src, f"d{i % 97}", f"e{i % 7}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i}.txt"), "wb") as f:
+            f.write(rng.randbytes(rng.choice([0, 100, 1000, 3000, 8000, 20000])))
+    with tarfile.open(path, "w") as t:
+        t.add(src, arcname="tree")
+    shutil.rmtree(src)
+
+
+def tar_x(d, tarball, rep):
+    dest = os.path.join(d, f"tar{rep}")
+    os.mkdir(dest)
+    return timed(lambda: sh("tar", "-xf", tarball, "-C", dest))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--brume", default="target/release/brume")
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=10000)
+    ap.add_argument("--tar-files", type=int, default=5000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated workloads")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (loop mounts, drop_caches)")
+    brume = os.path.abspath(args.brume)
+    work = tempfile.mkdtemp(prefix="brume-bench-")
+    targets = Targets(brume, work)
+    tarball = os.path.join(work, "tree.tar")
+    make_tarball(tarball, args.tar_files)
+    size = args.size_mib * MIB
+    workloads = [
+        (f"seq write {args.size_mib} MiB + fsync", lambda d, r: seq_write(d, size), "MB/s", size),
+        (f"seq read {args.size_mib} MiB, cold", lambda d, r: seq_read(d, size, True), "MB/s", size),
+        (f"seq read {args.size_mib} MiB, warm", lambda d, r: seq_read(d, size, False), "MB/s", size),
+        (f"create+stat {args.files} x 4 KiB", lambda d, r: create_stat(d, args.files, r), "files/s", args.files),
+        (f"warm stat {args.files} x 3", lambda d, r: warm_stat(d, args.files, r), "stats/s", args.files * 3),
+        (f"tar x {args.tar_files} files", lambda d, r: tar_x(d, tarball, r), "files/s", args.tar_files),
+    ]
+    if args.only:
+        keep = args.only.split(",")
+        workloads = [w for w in workloads if any(k in w[0] for k in keep)]
+    names = list(targets.dirs)
+    results = {}
+    try:
+        for title, fn, unit, amount in workloads:
+            times = {n: [] for n in names}
+            for rep in range(args.reps):
+                order = names[rep % len(names):] + names[: rep % len(names)]
+                for n in order:
+                    times[n].append(fn(targets.dirs[n], rep))
+            results[title] = (unit, amount, {n: statistics.median(t) for n, t in times.items()})
+            line = f"{title}: " + ", ".join(
+                f"{n} {results[title][2][n]:.3f}s" for n in names
+            )
+            print(line, file=sys.stderr, flush=True)
+    finally:
+        targets.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    uname = os.uname()
+    print(f"machine: {os.cpu_count()} cores, {uname.sysname} {uname.release}; reps={args.reps}, median\n")
+    header = "| workload | " + " | ".join(names) + " |"
+    print(header)
+    print("|" + "---|" * (len(names) + 1))
+    for title, (unit, amount, med) in results.items():
+        cells = []
+        for n in names:
+            rate = amount / med[n]
+            rate_s = f"{rate / 1e6:.0f} MB/s" if unit == "MB/s" else f"{rate:,.0f} {unit}"
+            ratio = med["native"] / med[n]
+            cells.append(f"{rate_s} ({ratio:.2f}x)")
+        print(f"| {title} | " + " | ".join(cells) + " |")
+    if "bindfs" in names:
+        print()
+        for title, (_, _, med) in results.items():
+            print(f"{title}: brume is {med['bindfs'] / med['brume']:.2f}x the speed of bindfs")
+
+
+if __name__ == "__main__":
+    main()

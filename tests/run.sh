@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs Brume's whole test suite on a Debian 12 machine as root (what .ci/run calls).
+# Installs what the tests need: FUSE 3, the programs the tests drive, pjdfstest
+# and fsx. Exits non-zero if anything fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+
+packages=(fuse3 rsync git tar python3 bindfs)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v pjdfstest >/dev/null || cargo install --locked --quiet pjdfstest@0.2.2
+command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
+
+# A test run killed half-way may have left mounts behind; they would break this one.
+grep -o ' [^ ]*brume-test-[^ ]*/mnt ' /proc/mounts | while read -r m; do
+  fusermount3 -uz "$m" || true
+done
+
+cargo build --tests --bins --quiet
+cargo test --no-fail-fast -- --test-threads=2
