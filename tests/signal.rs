@@ -1,0 +1,1141 @@
+//! Signaling server integration tests: a real server on `127.0.0.1:0`, started and
+//! stopped in-process through `brume::signal::server::run`, spoken to by raw WebSocket
+//! clients (to check every status, close code and forged field) and by the client
+//! library; and once through the real `brume server` binary.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use brume::config::Config;
+use brume::ids::UserName;
+use brume::signal::ErrorCode;
+use brume::signal::accounts::Accounts;
+use brume::signal::client::{self, ClientConfig, ClientError, ConnState, SignalEvent};
+use brume::signal::protocol::{
+    ClientToServer, CloseReason, HttpError, IdentityKey, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    ServerToClient,
+};
+use brume::signal::server::{self, Limits, ServerConfig, ServerError};
+use brume::signal::token::{Clock, TOKEN_LEEWAY_SECS, TokenKey};
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// Longest wait for any one expected event; only reached when a test fails.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Awaits `future`, failing the test instead of hanging if it takes too long.
+async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .expect("completed in time")
+}
+
+/// A server running in this test's runtime; stopped when dropped.
+struct TestServer {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    addr: SocketAddr,
+    url: String,
+    clock: Clock,
+    key: TokenKey,
+    accounts: Accounts,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        Self::with_limits(Limits::default()).await
+    }
+
+    async fn with_limits(limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("server.db");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clock = Clock::tokio();
+        let config = ServerConfig {
+            db: db.clone(),
+            limits,
+            clock,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        let accounts = Accounts::open(&db).unwrap();
+        let key = accounts.token_key().unwrap();
+        Self {
+            _dir: dir,
+            db,
+            addr,
+            url: format!("ws://{addr}/"),
+            clock,
+            key,
+            accounts,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn add_user(&self, name: &str) -> (UserName, String) {
+        let user = UserName::new(name).unwrap();
+        let credential = self.accounts.add_user(&user).unwrap();
+        (user, credential)
+    }
+
+    /// A token for `user`, valid for `ttl` seconds from the server's now.
+    fn token_for(&self, user: &UserName, ttl: u64) -> String {
+        let now = self.clock.now_unix();
+        self.key.mint(user, now, now + ttl).unwrap()
+    }
+
+    fn client_config(&self, user: &UserName, credential: &str) -> ClientConfig {
+        ClientConfig {
+            server_url: self.url.clone(),
+            username: user.clone(),
+            credential: credential.to_owned(),
+            identity: random_identity(),
+            token_ttl: 600,
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+        }
+    }
+
+    async fn stop(mut self) {
+        drop(self.stop.take());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+fn random_identity() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).unwrap();
+    SigningKey::from_bytes(&seed)
+}
+
+/// A WebSocket upgrade with `token` in the header (or the query), or the refusal.
+async fn upgrade(
+    addr: SocketAddr,
+    token: Option<&str>,
+    in_query: bool,
+) -> Result<Ws, (u16, HttpError)> {
+    let url = match (token, in_query) {
+        (Some(token), true) => format!("ws://{addr}/?token={token}"),
+        _ => format!("ws://{addr}/"),
+    };
+    let mut request = url.into_client_request().unwrap();
+    if let (Some(token), false) = (token, in_query) {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(request, tcp).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(response)) => {
+            let status = response.status().as_u16();
+            let body: HttpError =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .expect("JSON error body");
+            Err((status, body))
+        }
+        Err(other) => panic!("handshake failed: {other}"),
+    }
+}
+
+async fn send(ws: &mut Ws, message: &ClientToServer) {
+    ws.send(Message::text(message.encode().unwrap()))
+        .await
+        .unwrap();
+}
+
+/// The next protocol message; panics on close or silence.
+async fn recv(ws: &mut Ws) -> ServerToClient {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a message in time");
+        match frame {
+            Some(Ok(Message::Text(text))) => return ServerToClient::decode(&text).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code and reason.
+async fn recv_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a close in time");
+        match frame {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Connects as `user` with `key`, says hello, and checks the welcome.
+async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws {
+    let token = server.token_for(user, 600);
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    send(
+        &mut ws,
+        &ClientToServer::Hello {
+            version: PROTOCOL_VERSION,
+            identity_key: IdentityKey::from(key.verifying_key()),
+        },
+    )
+    .await;
+    match recv(&mut ws).await {
+        ServerToClient::Welcome { user: who, .. } => assert_eq!(&who, user),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    ws
+}
+
+/// Connects as `user` with its usual identity key.
+async fn join(server: &TestServer, user: &UserName) -> Ws {
+    join_with(server, user, &key_of(user)).await
+}
+
+/// A fixed identity key per user name, so reconnecting users present the same key.
+fn key_of(user: &UserName) -> SigningKey {
+    SigningKey::from_bytes(blake3::hash(user.as_str().as_bytes()).as_bytes())
+}
+
+fn relay(to: &UserName, payload: serde_json::Value) -> ClientToServer {
+    ClientToServer::Relay {
+        to: to.clone(),
+        payload,
+    }
+}
+
+#[tokio::test]
+async fn upgrade_without_token_is_400() {
+    let server = TestServer::start().await;
+    let (status, body) = upgrade(server.addr, None, false).await.unwrap_err();
+    assert_eq!(status, 400);
+    assert_eq!(body.error, "400");
+    assert!(body.message.contains("missing token"), "{body:?}");
+}
+
+#[tokio::test]
+async fn invalid_tampered_or_foreign_tokens_are_406() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let good = server.token_for(&alice, 600);
+
+    // Payload changed to another user, signature kept.
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let (bob, _) = server.add_user("bob");
+    let bobs = server.token_for(&bob, 600);
+    parts[1] = bobs.split('.').nth(1).unwrap().to_owned();
+    let tampered = parts.join(".");
+
+    let foreign = TokenKey::from_secret(b"not the server's secret at all!!")
+        .mint(
+            &alice,
+            server.clock.now_unix(),
+            server.clock.now_unix() + 600,
+        )
+        .unwrap();
+    // Same secret, another algorithm.
+    let now = server.clock.now_unix();
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &serde_json::json!({"sub": "alice", "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(b"guess"),
+    )
+    .unwrap();
+    // The classic: "alg": "none" and no signature.
+    use base64::Engine as _;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(serde_json::json!({"alg": "none", "typ": "JWT"})),
+        b64(serde_json::json!({"sub": "alice", "iat": now, "exp": now + 600}))
+    );
+
+    for (what, token) in [
+        ("garbage", "not-a-token".to_owned()),
+        ("tampered", tampered),
+        ("foreign key", foreign),
+        ("HS512", hs512),
+        ("alg none", none),
+    ] {
+        let (status, body) = upgrade(server.addr, Some(&token), false).await.unwrap_err();
+        assert_eq!(
+            (status, body.error.as_str()),
+            (406, "406"),
+            "{what}: {body:?}"
+        );
+    }
+    // The untouched token works, in the header and in the query.
+    upgrade(server.addr, Some(&good), false).await.unwrap();
+    upgrade(server.addr, Some(&good), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_token_is_401() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let now = server.clock.now_unix();
+    let expired = server
+        .key
+        .mint(&alice, now - 3600, now - TOKEN_LEEWAY_SECS - 1)
+        .unwrap();
+    let (status, body) = upgrade(server.addr, Some(&expired), true)
+        .await
+        .unwrap_err();
+    assert_eq!((status, body.error.as_str()), (401, "401"), "{body:?}");
+    assert!(body.message.contains("token expired"), "{body:?}");
+    // Within the clock-skew tolerance it is still accepted.
+    let barely = server.key.mint(&alice, now - 3600, now - 1).unwrap();
+    upgrade(server.addr, Some(&barely), false).await.unwrap();
+}
+
+#[tokio::test]
+async fn relay_carries_the_sender_from_its_token_not_its_message() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let mut a = join(&server, &alice).await;
+    let mut b = join(&server, &bob).await;
+
+    // A forged `from` (and any other extra field) is ignored: bob sees alice.
+    let forged = r#"{"type":"relay","to":"bob","from":"mallory","payload":{"sdp":"offer"}}"#;
+    a.send(Message::text(forged)).await.unwrap();
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Relay {
+            from: alice.clone(),
+            payload: serde_json::json!({"sdp": "offer"}),
+        }
+    );
+    send(&mut b, &relay(&alice, serde_json::json!({"sdp": "answer"}))).await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerToClient::Relay {
+            from: bob.clone(),
+            payload: serde_json::json!({"sdp": "answer"}),
+        }
+    );
+}
+
+#[tokio::test]
+async fn unknown_recipient_is_ebaddest_404_and_offline_one_enodest_410() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (carol, _) = server.add_user("carol");
+    let mut a = join(&server, &alice).await;
+
+    let nobody = UserName::new("nobody").unwrap();
+    send(&mut a, &relay(&nobody, serde_json::json!(1))).await;
+    match recv(&mut a).await {
+        ServerToClient::Error { code, user, .. } => {
+            assert_eq!((code, code.status()), (ErrorCode::BadDest, 404));
+            assert_eq!(user, Some(nobody));
+        }
+        other => panic!("expected EBADDEST, got {other:?}"),
+    }
+    send(&mut a, &relay(&carol, serde_json::json!(1))).await;
+    match recv(&mut a).await {
+        ServerToClient::Error {
+            code,
+            user,
+            message,
+            ..
+        } => {
+            assert_eq!((code, code.status()), (ErrorCode::NoDest, 410));
+            assert_eq!(user, Some(carol));
+            assert!(message.starts_with("ENODEST (410)"), "{message}");
+        }
+        other => panic!("expected ENODEST, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn watchers_are_told_when_users_come_and_go() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let mut b = join(&server, &bob).await;
+    let ghost = UserName::new("ghost").unwrap();
+    send(
+        &mut b,
+        &ClientToServer::Watch {
+            users: vec![alice.clone(), ghost.clone()],
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Presence {
+            user: alice.clone(),
+            online: false
+        }
+    );
+    match recv(&mut b).await {
+        ServerToClient::Error { code, user, .. } => {
+            assert_eq!((code, user), (ErrorCode::BadDest, Some(ghost)));
+        }
+        other => panic!("expected EBADDEST for an unknown watch, got {other:?}"),
+    }
+    let mut a = join(&server, &alice).await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Presence {
+            user: alice.clone(),
+            online: true
+        }
+    );
+    a.close(None).await.unwrap();
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Presence {
+            user: alice.clone(),
+            online: false
+        }
+    );
+    // After unwatching, nothing more is said about alice.
+    send(
+        &mut b,
+        &ClientToServer::Unwatch {
+            users: vec![alice.clone()],
+        },
+    )
+    .await;
+    let _a = join(&server, &alice).await;
+    send(&mut b, &relay(&bob, serde_json::json!("marker"))).await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Relay {
+            from: bob.clone(),
+            payload: serde_json::json!("marker")
+        },
+        "no presence event before the marker"
+    );
+}
+
+#[tokio::test]
+async fn a_new_connection_replaces_the_old_one_with_a_reason() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let key = random_identity();
+    let mut b = join(&server, &bob).await;
+    send(
+        &mut b,
+        &ClientToServer::Watch {
+            users: vec![alice.clone()],
+        },
+    )
+    .await;
+    let _ = recv(&mut b).await;
+    let mut old = join_with(&server, &alice, &key).await;
+    assert!(matches!(
+        recv(&mut b).await,
+        ServerToClient::Presence { online: true, .. }
+    ));
+    let mut new = join_with(&server, &alice, &key).await;
+    let (code, reason) = recv_close(&mut old).await;
+    assert_eq!(
+        CloseReason::from_close(code, &reason),
+        CloseReason::Replaced
+    );
+    assert!(reason.contains("replaced"), "{reason}");
+    // Messages reach the new connection, and watchers saw no flap.
+    send(&mut b, &relay(&alice, serde_json::json!("hi"))).await;
+    assert_eq!(
+        recv(&mut new).await,
+        ServerToClient::Relay {
+            from: bob.clone(),
+            payload: serde_json::json!("hi")
+        }
+    );
+    send(&mut b, &relay(&bob, serde_json::json!("marker"))).await;
+    assert!(matches!(recv(&mut b).await, ServerToClient::Relay { .. }));
+}
+
+#[tokio::test]
+async fn malformed_messages_close_the_connection_with_a_reason() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    for (what, frame) in [
+        ("not JSON", Message::text("{nope")),
+        (
+            "unknown type",
+            Message::text(r#"{"type":"shout","to":"x"}"#),
+        ),
+        (
+            "bad user name",
+            Message::text(r#"{"type":"relay","to":"../etc","payload":1}"#),
+        ),
+        ("binary", Message::binary(vec![1u8, 2, 3])),
+        (
+            "second hello",
+            Message::text(
+                ClientToServer::Hello {
+                    version: PROTOCOL_VERSION,
+                    identity_key: IdentityKey::from(random_identity().verifying_key()),
+                }
+                .encode()
+                .unwrap(),
+            ),
+        ),
+    ] {
+        let mut ws = join(&server, &alice).await;
+        ws.send(frame).await.unwrap();
+        let (code, reason) = recv_close(&mut ws).await;
+        assert!(
+            matches!(
+                CloseReason::from_close(code, &reason),
+                CloseReason::Malformed { .. }
+            ),
+            "{what}: {code} {reason}"
+        );
+        assert!(reason.starts_with("malformed message"), "{what}: {reason}");
+    }
+    // Garbage instead of hello, and a hello of a future version.
+    let token = server.token_for(&alice, 600);
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    ws.send(Message::text("[]")).await.unwrap();
+    let (code, _) = recv_close(&mut ws).await;
+    assert_eq!(
+        code,
+        CloseReason::Malformed {
+            detail: String::new()
+        }
+        .code()
+    );
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    send(
+        &mut ws,
+        &ClientToServer::Hello {
+            version: PROTOCOL_VERSION + 1,
+            identity_key: IdentityKey::from(random_identity().verifying_key()),
+        },
+    )
+    .await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!(
+        code,
+        CloseReason::UnsupportedVersion { version: 0 }.code(),
+        "{reason}"
+    );
+    // The server is still serving.
+    join(&server, &alice).await;
+}
+
+#[tokio::test]
+async fn oversized_frames_close_the_connection_with_1009() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let mut b = join(&server, &bob).await;
+    let mut a = join(&server, &alice).await;
+    let big = format!(
+        r#"{{"type":"relay","to":"bob","payload":"{}"}}"#,
+        "x".repeat(MAX_MESSAGE_BYTES)
+    );
+    a.send(Message::text(big)).await.unwrap();
+    let (code, reason) = recv_close(&mut a).await;
+    assert_eq!(code, 1009, "{reason}");
+    assert_eq!(CloseReason::from_close(code, &reason), CloseReason::TooBig);
+    // Just under the limit passes.
+    let mut a = join(&server, &alice).await;
+    let envelope = r#"{"type":"relay","to":"bob","payload":""}"#.len();
+    let payload = "y".repeat(MAX_MESSAGE_BYTES - envelope - 16);
+    send(&mut a, &relay(&bob, serde_json::json!(payload))).await;
+    assert!(matches!(recv(&mut b).await, ServerToClient::Relay { .. }));
+}
+
+#[tokio::test]
+async fn token_expiry_during_a_session_closes_it_with_401() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let token = server.token_for(&alice, 5);
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    send(
+        &mut ws,
+        &ClientToServer::Hello {
+            version: PROTOCOL_VERSION,
+            identity_key: IdentityKey::from(random_identity().verifying_key()),
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerToClient::Welcome { .. }
+    ));
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(5 + TOKEN_LEEWAY_SECS + 1)).await;
+    match recv(&mut ws).await {
+        ServerToClient::Error { code, .. } => assert_eq!(code, ErrorCode::TokenExpired),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!(
+        CloseReason::from_close(code, &reason),
+        CloseReason::TokenExpired
+    );
+    assert!(reason.contains("401"), "{reason}");
+}
+
+#[tokio::test]
+async fn refresh_extends_a_session_beyond_its_first_token() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let token = server.token_for(&alice, 5);
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    send(
+        &mut ws,
+        &ClientToServer::Hello {
+            version: PROTOCOL_VERSION,
+            identity_key: IdentityKey::from(random_identity().verifying_key()),
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerToClient::Welcome { .. }
+    ));
+    // Someone else's token is refused, and changes nothing.
+    send(
+        &mut ws,
+        &ClientToServer::Refresh {
+            token: server.token_for(&bob, 600),
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerToClient::Error {
+            code: ErrorCode::InvalidToken,
+            ..
+        }
+    ));
+    send(
+        &mut ws,
+        &ClientToServer::Refresh {
+            token: server.token_for(&alice, 100),
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerToClient::Refreshed { expires_in: 100 }
+    ));
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(5 + TOKEN_LEEWAY_SECS + 10)).await;
+    // Still open: a relay to oneself comes back.
+    send(&mut ws, &relay(&alice, serde_json::json!("still here"))).await;
+    assert!(matches!(recv(&mut ws).await, ServerToClient::Relay { .. }));
+    tokio::time::advance(Duration::from_secs(100)).await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!(
+        CloseReason::from_close(code, &reason),
+        CloseReason::TokenExpired
+    );
+}
+
+#[tokio::test]
+async fn half_open_connections_are_dropped_as_idle() {
+    let limits = Limits {
+        ping_interval: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let mut b = join(&server, &bob).await;
+    // Alice connects, then never reads again: she answers no ping.
+    let _a = join(&server, &alice).await;
+    send(
+        &mut b,
+        &ClientToServer::Watch {
+            users: vec![alice.clone()],
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut b).await,
+        ServerToClient::Presence { online: true, .. }
+    ));
+    // Bob keeps reading (and so answers pings); time runs on by itself.
+    tokio::time::pause();
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Presence {
+            user: alice,
+            online: false
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_recipient_that_does_not_read_is_dropped_not_buffered() {
+    let limits = Limits {
+        queue_bytes: 64 * 1024,
+        queue_messages: 8,
+        frames_per_sec: 10_000,
+        burst: 10_000,
+        write_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let mut a = join(&server, &alice).await;
+    let _b = join(&server, &bob).await; // never read
+    let chunk = "z".repeat(MAX_MESSAGE_BYTES - 100);
+    let mut refused = None;
+    for _ in 0..2000 {
+        send(&mut a, &relay(&bob, serde_json::json!(chunk))).await;
+        // Poll for the server's verdict without blocking on it.
+        if let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(Duration::ZERO, a.next()).await
+        {
+            refused = Some(ServerToClient::decode(&text).unwrap());
+            break;
+        }
+    }
+    let refused = match refused {
+        Some(message) => message,
+        None => recv(&mut a).await,
+    };
+    match refused {
+        ServerToClient::Error { code, user, .. } => {
+            assert_eq!((code, user), (ErrorCode::NoDest, Some(bob.clone())));
+        }
+        other => panic!("expected ENODEST for a lagging recipient, got {other:?}"),
+    }
+    // The server carries on.
+    join(&server, &bob).await;
+}
+
+#[tokio::test]
+async fn full_server_answers_503() {
+    let limits = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let server = TestServer::with_limits(limits).await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let _a = join(&server, &alice).await;
+    let token = server.token_for(&bob, 600);
+    let (status, body) = upgrade(server.addr, Some(&token), false).await.unwrap_err();
+    assert_eq!((status, body.error.as_str()), (503, "ECONNREFUSED"));
+}
+
+#[tokio::test]
+async fn identity_keys_are_registered_served_and_pinned_until_reset() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let first = random_identity();
+    let ws = join_with(&server, &alice, &first).await;
+    drop(ws);
+
+    let mut b = join(&server, &bob).await;
+    send(
+        &mut b,
+        &ClientToServer::GetKey {
+            id: 7,
+            user: alice.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerToClient::Key {
+            id: 7,
+            user: alice.clone(),
+            identity_key: Some(IdentityKey::from(first.verifying_key())),
+        }
+    );
+    let nobody = UserName::new("nobody").unwrap();
+    send(
+        &mut b,
+        &ClientToServer::GetKey {
+            id: 8,
+            user: nobody.clone(),
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut b).await,
+        ServerToClient::Error {
+            code: ErrorCode::BadDest,
+            id: Some(8),
+            ..
+        }
+    ));
+
+    // Another key for alice is refused...
+    let second = random_identity();
+    let token = server.token_for(&alice, 600);
+    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    send(
+        &mut ws,
+        &ClientToServer::Hello {
+            version: PROTOCOL_VERSION,
+            identity_key: IdentityKey::from(second.verifying_key()),
+        },
+    )
+    .await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!(
+        CloseReason::from_close(code, &reason),
+        CloseReason::KeyRefused
+    );
+    assert!(reason.contains("reset-key"), "{reason}");
+    // ...until an administrator resets it (another handle, as `brume server reset-key`).
+    Accounts::open(&server.db)
+        .unwrap()
+        .reset_key(&alice)
+        .unwrap();
+    join_with(&server, &alice, &second).await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_going_away() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let mut a = join(&server, &alice).await;
+    let stopping = tokio::spawn(server.stop());
+    let (code, reason) = recv_close(&mut a).await;
+    assert_eq!(
+        (code, CloseReason::from_close(code, &reason)),
+        (1001, CloseReason::Shutdown)
+    );
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn client_library_relays_presence_keys_and_reconnects() {
+    let server = TestServer::start().await;
+    let (alice, alice_cred) = server.add_user("alice");
+    let (bob, bob_cred) = server.add_user("bob");
+    let alice_config = server.client_config(&alice, &alice_cred);
+    let alice_key = IdentityKey::from(alice_config.identity.verifying_key());
+    let (a, mut a_events) = client::connect(alice_config);
+    let (b, mut b_events) = client::connect(server.client_config(&bob, &bob_cred));
+    within(a.connected()).await.unwrap();
+    within(b.connected()).await.unwrap();
+
+    b.watch([alice.clone()]).await.unwrap();
+    assert_eq!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Presence {
+            user: alice.clone(),
+            online: true
+        }
+    );
+    a.send(&bob, serde_json::json!({"offer": 1})).await.unwrap();
+    assert_eq!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Message {
+            from: alice.clone(),
+            payload: serde_json::json!({"offer": 1})
+        }
+    );
+    assert_eq!(
+        within(b.identity_key(&alice)).await.unwrap(),
+        Some(alice_key)
+    );
+    let nobody = UserName::new("nobody").unwrap();
+    assert!(matches!(
+        within(b.identity_key(&nobody)).await,
+        Err(ClientError::Refused {
+            code: ErrorCode::BadDest,
+            ..
+        })
+    ));
+    a.send(&nobody, serde_json::json!(0)).await.unwrap();
+    assert!(matches!(
+        within(a_events.recv()).await.unwrap(),
+        SignalEvent::Undeliverable {
+            code: ErrorCode::BadDest,
+            ..
+        }
+    ));
+
+    // Alice goes away: bob is told; a message to her is ENODEST.
+    drop(a);
+    assert_eq!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Presence {
+            user: alice.clone(),
+            online: false
+        }
+    );
+    b.send(&alice, serde_json::json!(0)).await.unwrap();
+    assert!(matches!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Undeliverable {
+            code: ErrorCode::NoDest,
+            ..
+        }
+    ));
+
+    // The server restarts on the same address: bob reconnects by himself and his
+    // watch is restored.
+    let addr = server.addr;
+    let db = server.db.clone();
+    let mut status = b.status();
+    let _db_dir = stop_keep_dir(server).await;
+    within(status.wait_for(|s| s.state != ConnState::Connected))
+        .await
+        .unwrap();
+    let restarted = restart(addr, &db).await;
+    within(status.wait_for(|s| s.state == ConnState::Connected && s.connects >= 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Presence {
+            user: alice.clone(),
+            online: false
+        },
+        "watch restored after reconnect"
+    );
+    drop(restarted);
+}
+
+/// Stops `server` but keeps its database, returned as the guard of its directory.
+async fn stop_keep_dir(mut server: TestServer) -> tempfile::TempDir {
+    drop(server.stop.take());
+    let task = server.task.take().unwrap();
+    tokio::time::timeout(PATIENCE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    std::mem::replace(&mut server._dir, tempfile::tempdir().unwrap())
+}
+
+/// A server on `addr` using an existing database; stops when the sender drops.
+async fn restart(addr: SocketAddr, db: &std::path::Path) -> oneshot::Sender<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(server::run(
+        listener,
+        ServerConfig::new(db.to_owned()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    stop
+}
+
+#[tokio::test]
+async fn client_reports_econnrefused_503_when_the_server_is_unreachable() {
+    // A port nobody listens on: bind one, then close it.
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let url = format!("ws://{addr}/");
+    let user = UserName::new("alice").unwrap();
+    let err = client::fetch_token(&url, &user, "cred", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ConnRefused));
+    assert!(err.to_string().starts_with("ECONNREFUSED (503)"), "{err}");
+
+    let (handle, _events) = client::connect(ClientConfig {
+        server_url: url,
+        username: user.clone(),
+        credential: "cred".into(),
+        identity: random_identity(),
+        token_ttl: 60,
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+    });
+    let mut status = handle.status();
+    let status = within(status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        status.last_error.unwrap().code,
+        Some(ErrorCode::ConnRefused)
+    );
+    assert!(matches!(
+        handle.send(&user, serde_json::json!(0)).await,
+        Err(ClientError::NotConnected)
+    ));
+}
+
+#[tokio::test]
+async fn client_refreshes_its_token_before_it_expires() {
+    let server = TestServer::start().await;
+    let (alice, cred) = server.add_user("alice");
+    let config = ClientConfig {
+        token_ttl: 1,
+        ..server.client_config(&alice, &cred)
+    };
+    let (a, _events) = client::connect(config);
+    within(a.connected()).await.unwrap();
+    let mut status = a.status();
+    within(status.wait_for(|s| s.refreshes >= 2)).await.unwrap();
+    assert_eq!(status.borrow().connects, 1, "refreshed, not reconnected");
+    assert_eq!(status.borrow().last_error, None);
+}
+
+#[tokio::test]
+async fn client_with_a_wrong_credential_says_so() {
+    let server = TestServer::start().await;
+    let (alice, _) = server.add_user("alice");
+    let (a, _events) = client::connect(server.client_config(&alice, "wrong"));
+    let mut status = a.status();
+    let last = within(status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(last.message.contains("credential refused"), "{last:?}");
+}
+
+/// Kills the child process when dropped, even if the test panics.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn real_binary_serves_add_user_and_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let bin = env!("CARGO_BIN_EXE_brume");
+    let mut server = ChildGuard(
+        Command::new(bin)
+            .args(["server", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("brume server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+
+    // add-user while the server runs; its output is the user's brume.conf.
+    let out = Command::new(bin)
+        .args(["server", "add-user", "dora", "--db"])
+        .arg(&db)
+        .args(["--url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let conf_text = String::from_utf8(out.stdout).unwrap();
+    let config = Config::parse(&conf_text).unwrap();
+    assert_eq!(
+        (config.server_url.as_str(), config.username.as_str()),
+        (url.as_str(), "dora")
+    );
+    let conf = dir.path().join("brume.conf");
+    config.save(&conf).unwrap();
+    // Taken and reserved names are refused.
+    for bad in ["dora", ".members"] {
+        let out = Command::new(bin)
+            .args(["server", "add-user", bad, "--db"])
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "add-user {bad} accepted");
+    }
+
+    // `brume token` prints a token the server accepts at the upgrade.
+    let out = Command::new(bin)
+        .args(["token", "--ttl", "60", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let addr: SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut ws = upgrade(addr, Some(&token), false).await.unwrap();
+        send(
+            &mut ws,
+            &ClientToServer::Hello {
+                version: PROTOCOL_VERSION,
+                identity_key: IdentityKey::from(random_identity().verifying_key()),
+            },
+        )
+        .await;
+        assert!(matches!(
+            recv(&mut ws).await,
+            ServerToClient::Welcome { .. }
+        ));
+        // SIGTERM: the session is closed as "going away" and the server exits cleanly.
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(server.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let (code, _) = recv_close(&mut ws).await;
+        assert_eq!(code, 1001);
+    });
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
