@@ -236,6 +236,8 @@ pub struct SignalStatus {
     pub last_error: Option<LastError>,
     /// Successful connects so far.
     pub connects: u64,
+    /// Token refreshes the server accepted during sessions so far.
+    pub refreshes: u64,
 }
 
 /// Commands from handles to the connection task.
@@ -279,6 +281,7 @@ pub fn connect(config: ClientConfig) -> (SignalClient, mpsc::Receiver<SignalEven
         state: ConnState::Connecting,
         last_error: None,
         connects: 0,
+        refreshes: 0,
     });
     let span = info_span!("signal", user = %config.username, server = %config.server_url);
     // The connection task: owns the WebSocket; ends when every handle is dropped.
@@ -895,6 +898,7 @@ impl Connection {
             }
             ServerToClient::Refreshed { expires_in } => {
                 debug!(expires_in, "session extended");
+                self.status.send_modify(|s| s.refreshes += 1);
                 return;
             }
             ServerToClient::Welcome { .. } => return,
