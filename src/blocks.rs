@@ -70,7 +70,10 @@ impl Hasher {
         // The hashing thread: lives until `stop`; owns no state but the queue.
         let spawned = std::thread::Builder::new()
             .name("hasher".into())
-            .spawn(move || run(&worker, &catalog));
+            .spawn(move || {
+                background_priority();
+                run(&worker, &catalog)
+            });
         if let Err(e) = spawned {
             tracing::error!(cause = ?e, "cannot start the block hasher");
         }
@@ -110,6 +113,19 @@ impl Hasher {
             q.2 = true;
             self.inner.wake.notify_all();
         }
+    }
+}
+
+/// Lowers the calling thread's CPU and I/O priority: background work must not
+/// slow down the programs using the filesystem.
+pub fn background_priority() {
+    // SAFETY: setpriority and ioprio_set on the calling thread (tid 0 = self);
+    // failure only leaves the default priority.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        // IOPRIO_CLASS_BE (2) at the lowest level (7), for this thread (WHO_PROCESS = 1).
+        libc::syscall(libc::SYS_ioprio_set, 1, 0, (2 << 13) | 7);
     }
 }
 

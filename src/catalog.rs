@@ -361,7 +361,10 @@ impl Catalog {
         // The actor: sole writer of the database, for the life of the mount.
         let handle = std::thread::Builder::new()
             .name("catalog".into())
-            .spawn(move || actor(conn, rx))
+            .spawn(move || {
+                crate::blocks::background_priority();
+                actor(conn, rx)
+            })
             .map_err(|e| CatalogError::Open {
                 path: path.to_owned(),
                 source: SchemaError::Sql(rusqlite::Error::InvalidPath(e.to_string().into())),

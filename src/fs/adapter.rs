@@ -198,7 +198,7 @@ impl BrumeFs {
         let mut ctime = r.ctime;
         let mut blocks = size.div_ceil(512);
         if r.kind == NodeKind::File
-            && node.opens > 0
+            && node.opens.load(Ordering::Relaxed) > 0
             && let Some(oi) = self.open_map().get(&r.ino)
             && let Ok(m) = oi.file.metadata()
         {
@@ -360,7 +360,7 @@ impl BrumeFs {
         register: impl FnOnce(&File) -> std::io::Result<BackingId>,
         reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
     ) -> FsResult<()> {
-        let mut tree = self.tree_write();
+        let tree = self.tree_read();
         let node = tree.get(ino)?;
         match node.row.kind {
             NodeKind::File => {}
@@ -419,8 +419,10 @@ impl BrumeFs {
         let Some(h) = self.handle_map().remove(&fh) else {
             return Err(FsError::BadHandle);
         };
-        let mut tree = self.tree_write();
-        if h.writable {
+        // Only a handle that may have changed the file needs the write lock, and
+        // only if the content did change.
+        if h.writable && self.content_may_have_changed(h.ino) {
+            let mut tree = self.tree_write();
             self.reconcile(&mut tree, h.ino, true)?;
         }
         {
@@ -432,10 +434,29 @@ impl BrumeFs {
                 }
             }
         }
-        let gone = tree.closed(h.ino)?;
-        drop(tree);
-        self.drop_node(gone);
+        let unused = self.tree_read().closed(h.ino)?;
+        if unused {
+            // Re-checked under the write lock: another handle may have gone first.
+            if let Ok(gone) = self.tree_write().release_if_unused(h.ino) {
+                self.drop_node(gone);
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `ino`'s content changed since its last change-log entry: a write
+    /// through the daemon, or a backing file that no longer matches what was seen.
+    fn content_may_have_changed(&self, ino: Ino) -> bool {
+        let open = self.open_map();
+        let Some(oi) = open.get(&ino) else {
+            return false;
+        };
+        oi.dirty
+            || oi
+                .file
+                .metadata()
+                .map(|m| (m.size(), m.mtime(), m.mtime_nsec()) != oi.seen)
+                .unwrap_or(true)
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<(Ino, Arc<File>, bool)> {

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::catalog::{
     Catalog, ChangeOp, ChangeRow, GroupRow, NodeKind, NodeRow, Op, Snapshot, Stamp,
@@ -28,7 +29,7 @@ const NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
 
 /// One node in memory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
     /// Persistent attributes.
     pub row: NodeRow,
@@ -38,8 +39,9 @@ pub struct Node {
     pub parent: Ino,
     /// Extended attributes.
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Open file handles; an unlinked node lives on until this is zero.
-    pub opens: u32,
+    /// Open file handles; an unlinked node lives on until this is zero. Atomic so
+    /// that opening and closing need only the tree's read lock.
+    pub opens: AtomicU32,
 }
 
 /// A group in memory.
@@ -174,7 +176,7 @@ impl Tree {
                     children,
                     parent: ROOT,
                     xattrs: BTreeMap::new(),
-                    opens: 0,
+                    opens: AtomicU32::new(0),
                 },
             );
         }
@@ -256,7 +258,7 @@ impl Tree {
                     children: Some(BTreeMap::new()),
                     parent: ROOT,
                     xattrs: BTreeMap::new(),
-                    opens: 0,
+                    opens: AtomicU32::new(0),
                 },
             );
         }
@@ -608,7 +610,7 @@ impl Tree {
                 children: (kind == NodeKind::Dir).then(BTreeMap::new),
                 parent,
                 xattrs: BTreeMap::new(),
-                opens: 0,
+                opens: AtomicU32::new(0),
             },
         );
         let p = self.get_mut(parent)?;
@@ -714,7 +716,7 @@ impl Tree {
     /// Deletes `ino` if it has no links and no open handles; returns it if so.
     pub fn release_if_unused(&mut self, ino: Ino) -> FsResult<Option<Node>> {
         let n = self.get(ino)?;
-        if n.row.nlink > 0 || n.opens > 0 {
+        if n.row.nlink > 0 || n.opens.load(Ordering::SeqCst) > 0 {
             self.persist(ino)?;
             return Ok(None);
         }
@@ -987,20 +989,19 @@ impl Tree {
         Ok(())
     }
 
-    /// Counts an open handle on `ino`.
-    pub fn opened(&mut self, ino: Ino) -> FsResult<()> {
-        self.get_mut(ino)?.opens += 1;
+    /// Counts an open handle on `ino` (under the read lock).
+    pub fn opened(&self, ino: Ino) -> FsResult<()> {
+        self.get(ino)?.opens.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Drops an open handle; returns the node if it was unlinked and is now unused.
-    pub fn closed(&mut self, ino: Ino) -> FsResult<Option<Node>> {
-        let n = self.get_mut(ino)?;
-        n.opens = n.opens.saturating_sub(1);
-        if n.row.nlink == 0 && n.opens == 0 {
-            return self.release_if_unused(ino);
-        }
-        Ok(None)
+    /// Drops an open handle (under the read lock). Returns true if the node is
+    /// unlinked and now unused: the caller then takes the write lock and calls
+    /// [`Tree::release_if_unused`].
+    pub fn closed(&self, ino: Ino) -> FsResult<bool> {
+        let n = self.get(ino)?;
+        let left = n.opens.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        Ok(left == 0 && n.row.nlink == 0)
     }
 
     /// Sets an extended attribute; `flags` are `XATTR_CREATE`/`XATTR_REPLACE`.
