@@ -889,6 +889,11 @@ async fn client_library_relays_presence_keys_and_reconnects() {
             ..
         })
     ));
+    let huge = serde_json::json!("h".repeat(MAX_MESSAGE_BYTES));
+    assert!(matches!(
+        a.send(&bob, huge).await,
+        Err(ClientError::TooBig { .. })
+    ));
     a.send(&nobody, serde_json::json!(0)).await.unwrap();
     assert!(matches!(
         within(a_events.recv()).await.unwrap(),
@@ -964,6 +969,33 @@ async fn restart(addr: SocketAddr, db: &std::path::Path) -> oneshot::Sender<()> 
         },
     ));
     stop
+}
+
+#[tokio::test]
+async fn client_watches_more_users_than_fit_in_one_message() {
+    let server = TestServer::start().await;
+    let (bob, cred) = server.add_user("bob");
+    // 600 names of 60 bytes: 36 KB of names, more than one message may carry.
+    let many: Vec<UserName> = (0..600)
+        .map(|i| server.add_user(&format!("{i:03}{}", "w".repeat(57))).0)
+        .collect();
+    let (b, mut events) = client::connect(server.client_config(&bob, &cred));
+    within(b.connected()).await.unwrap();
+    b.watch(many.clone()).await.unwrap();
+    let mut told = std::collections::BTreeSet::new();
+    while told.len() < many.len() {
+        match within(events.recv()).await.unwrap() {
+            SignalEvent::Presence {
+                user,
+                online: false,
+            } => {
+                told.insert(user);
+            }
+            other => panic!("expected presence, got {other:?}"),
+        }
+    }
+    assert_eq!(told, many.into_iter().collect());
+    assert_eq!(b.status().borrow().connects, 1, "no reconnect on the way");
 }
 
 #[tokio::test]

@@ -48,6 +48,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const COMMAND_QUEUE: usize = 64;
 /// Events queued for the consumer; when full, the client stops reading the socket.
 const EVENT_QUEUE: usize = 256;
+/// Users per `watch`/`unwatch` message, so each stays far below the size limit
+/// (a name is at most 64 bytes).
+const WATCH_CHUNK: usize = 256;
 
 /// Errors of the signaling client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,6 +105,14 @@ pub enum ClientError {
     /// No connection to the server at the moment.
     #[error("not connected to the signaling server")]
     NotConnected,
+    /// A message would exceed the protocol's size limit.
+    #[error("message to {to} is too big: {reason}")]
+    TooBig {
+        /// The recipient.
+        to: UserName,
+        /// Sizes.
+        reason: String,
+    },
     /// The client task has stopped.
     #[error("signaling client stopped")]
     Stopped,
@@ -242,9 +253,10 @@ pub struct SignalStatus {
 
 /// Commands from handles to the connection task.
 enum Command {
+    /// An encoded `relay` message.
     Send {
         to: UserName,
-        payload: serde_json::Value,
+        text: String,
     },
     Watch(Vec<UserName>),
     Unwatch(Vec<UserName>),
@@ -309,15 +321,24 @@ impl SignalClient {
             .map_err(|_| ClientError::Stopped)
     }
 
-    /// Sends `payload` to `to` through the server. Fails at once when not connected;
-    /// otherwise delivery failures arrive later as [`SignalEvent::Undeliverable`].
+    /// Sends `payload` to `to` through the server. Fails at once when not connected or
+    /// when the message would exceed [`MAX_MESSAGE_BYTES`]; otherwise delivery failures
+    /// arrive later as [`SignalEvent::Undeliverable`].
     pub async fn send(&self, to: &UserName, payload: serde_json::Value) -> Result<(), ClientError> {
         if self.status.borrow().state != ConnState::Connected {
             return Err(ClientError::NotConnected);
         }
-        self.command(Command::Send {
+        let message = ClientToServer::Relay {
             to: to.clone(),
             payload,
+        };
+        let text = message.encode().map_err(|e| ClientError::TooBig {
+            to: to.clone(),
+            reason: e.to_string(),
+        })?;
+        self.command(Command::Send {
+            to: to.clone(),
+            text,
         })
         .await
     }
@@ -747,9 +768,10 @@ impl Connection {
     }
 
     async fn session(&mut self, target: &Target, mut ws: Ws, expires_in: u64) -> SessionEnd {
-        if !self.watched.is_empty() {
+        let watched: Vec<UserName> = self.watched.iter().cloned().collect();
+        for users in watched.chunks(WATCH_CHUNK) {
             let watch = ClientToServer::Watch {
-                users: self.watched.iter().cloned().collect(),
+                users: users.to_vec(),
             };
             if let Err(err) = send(&mut ws, &watch).await {
                 return SessionEnd::Failed(err);
@@ -825,43 +847,39 @@ impl Connection {
     }
 
     async fn online(&mut self, ws: &mut Ws, command: Command) -> Result<(), ClientError> {
-        let message = match command {
-            Command::Send { to, payload } => ClientToServer::Relay { to, payload },
+        match command {
+            Command::Send { to, text } => {
+                debug!(%to, "relay");
+                ws.send(Message::text(text))
+                    .await
+                    .map_err(|e| ClientError::protocol(e.to_string()))
+            }
             Command::Watch(users) => {
                 let new: Vec<UserName> = users
                     .into_iter()
                     .filter(|u| self.watched.insert(u.clone()))
                     .collect();
-                if new.is_empty() {
-                    return Ok(());
+                for users in new.chunks(WATCH_CHUNK) {
+                    let users = users.to_vec();
+                    send(ws, &ClientToServer::Watch { users }).await?;
                 }
-                ClientToServer::Watch { users: new }
+                Ok(())
             }
             Command::Unwatch(users) => {
                 let gone: Vec<UserName> = users
                     .into_iter()
                     .filter(|u| self.watched.remove(u))
                     .collect();
-                if gone.is_empty() {
-                    return Ok(());
+                for users in gone.chunks(WATCH_CHUNK) {
+                    let users = users.to_vec();
+                    send(ws, &ClientToServer::Unwatch { users }).await?;
                 }
-                ClientToServer::Unwatch { users: gone }
+                Ok(())
             }
             Command::GetKey { user, reply } => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.pending.insert(id, reply);
-                ClientToServer::GetKey { id, user }
-            }
-        };
-        match message.encode() {
-            Ok(text) => ws
-                .send(Message::text(text))
-                .await
-                .map_err(|e| ClientError::protocol(e.to_string())),
-            Err(err) => {
-                // Too big to send: the caller's mistake, not the connection's.
-                warn!(cause = %err, "message not sent");
-                Ok(())
+                send(ws, &ClientToServer::GetKey { id, user }).await
             }
         }
     }

@@ -422,11 +422,14 @@ pub enum CloseReason {
     Lagging,
     /// Nothing was received for too long (no answer to keepalive pings).
     Idle,
+    /// The server failed (its account database, most likely); try again later.
+    ServerError,
 }
 
 /// Close codes of [`CloseReason`]; 4000-4999 are for applications (RFC 6455 §7.4.2).
 mod close_code {
     pub(super) const GOING_AWAY: u16 = 1001;
+    pub(super) const SERVER_ERROR: u16 = 1011;
     pub(super) const TOO_BIG: u16 = 1009;
     pub(super) const REPLACED: u16 = 4000;
     pub(super) const TOKEN_EXPIRED: u16 = 4001;
@@ -456,6 +459,7 @@ impl CloseReason {
             CloseReason::Limit { .. } => LIMIT,
             CloseReason::Lagging => LAGGING,
             CloseReason::Idle => IDLE,
+            CloseReason::ServerError => SERVER_ERROR,
         }
     }
 
@@ -487,6 +491,7 @@ impl CloseReason {
             LAGGING => CloseReason::Lagging,
             IDLE => CloseReason::Idle,
             GOING_AWAY => CloseReason::Shutdown,
+            SERVER_ERROR => CloseReason::ServerError,
             _ => CloseReason::Malformed {
                 detail: text.to_owned(),
             },
@@ -511,6 +516,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Limit { detail } => write!(f, "limit exceeded: {detail}"),
             CloseReason::Lagging => f.write_str("not reading messages fast enough"),
             CloseReason::Idle => f.write_str("idle: no answer to keepalive"),
+            CloseReason::ServerError => f.write_str("internal server error"),
         }
     }
 }
@@ -620,6 +626,7 @@ mod tests {
             CloseReason::Lagging,
             CloseReason::Idle,
             CloseReason::Shutdown,
+            CloseReason::ServerError,
         ] {
             assert_eq!(
                 CloseReason::from_close(reason.code(), &reason.text()),

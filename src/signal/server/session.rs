@@ -168,7 +168,7 @@ async fn hello(shared: &Shared, ws: &mut Ws, user: &UserName) -> Result<(), End>
         }
         Err(err) => {
             warn!(cause = ?err, "account store failed");
-            Err(End::Close(CloseReason::Shutdown))
+            Err(End::Close(CloseReason::ServerError))
         }
     }
 }
@@ -433,7 +433,7 @@ impl Session {
             .await
             .map_err(|err| {
                 warn!(cause = ?err, "account store failed");
-                End::Close(CloseReason::Shutdown)
+                End::Close(CloseReason::ServerError)
             })
     }
 
@@ -489,7 +489,7 @@ impl Session {
                     }
                     Err(err) => {
                         warn!(cause = ?err, "account store failed");
-                        Err(End::Close(CloseReason::Shutdown))
+                        Err(End::Close(CloseReason::ServerError))
                     }
                 }
             }
@@ -551,5 +551,32 @@ impl Session {
         };
         debug!(%to, %code, "relay failed");
         self.error(code, message, Some(to), None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_sustained_rate() {
+        let start = Instant::now();
+        let (rate, burst) = (4.0, 3.0);
+        let mut bucket = Bucket::new(start, burst);
+        for _ in 0..3 {
+            assert_eq!(bucket.ready_at(start, rate, burst), None);
+            bucket.take();
+        }
+        let next = bucket.ready_at(start, rate, burst).expect("throttled");
+        assert_eq!(next - start, Duration::from_millis(250));
+        assert_eq!(bucket.ready_at(next, rate, burst), None);
+        bucket.take();
+        // A long pause refills only up to the burst.
+        let later = next + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(bucket.ready_at(later, rate, burst), None);
+            bucket.take();
+        }
+        assert!(bucket.ready_at(later, rate, burst).is_some());
     }
 }
