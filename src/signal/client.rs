@@ -287,8 +287,11 @@ impl std::fmt::Debug for SignalClient {
 /// of what arrives; if the receiver is not drained, the client stops reading from the
 /// server (which eventually drops it as lagging).
 pub fn connect(config: ClientConfig) -> (SignalClient, mpsc::Receiver<SignalEvent>) {
+    // Handles → connection task: sends, watches, key lookups.
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    // Connection task → consumer: messages, presence, undeliverable notices.
     let (events, event_rx) = mpsc::channel(EVENT_QUEUE);
+    // Connection task → anyone asking (`brume status`): state and last error.
     let (status_tx, status) = watch::channel(SignalStatus {
         state: ConnState::Connecting,
         last_error: None,
@@ -364,6 +367,7 @@ impl SignalClient {
     /// The identity key `user` registered with the server (`None`: never connected).
     /// An unknown user is `Refused { code: BadDest }`.
     pub async fn identity_key(&self, user: &UserName) -> Result<Option<IdentityKey>, ClientError> {
+        // The connection task answers when the server's `key` (or error) arrives.
         let (reply, answer) = oneshot::channel();
         self.command(Command::GetKey {
             user: user.clone(),

@@ -160,6 +160,8 @@ pub async fn run(
     let accounts = Accounts::open(&config.db)?;
     let token_key = accounts.token_key()?;
     let accounts = AccountStore::spawn(accounts)?;
+    // Shutdown signal for every task: the accept loop flips it, HTTP connections and
+    // sessions watch it.
     let (stop, stopped) = watch::channel(false);
     // Every connection task holds a clone of `done`; when all are dropped, `all_done`
     // yields `None` and shutdown is complete (mini-redis's pattern).
@@ -434,7 +436,10 @@ fn upgrade(
         );
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = info_span!("session", user = %claims.sub, %peer);
+    let id = shared
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = info_span!("session", user = %claims.sub, conn = id, %peer);
     // The session's task: lives as long as the WebSocket, holds the session permit and
     // a `done` handle so shutdown waits for it.
     tokio::spawn(
@@ -448,7 +453,7 @@ fn upgrade(
                         Some(ws_config()),
                     )
                     .await;
-                    session::run(shared, ws, claims, permit).await;
+                    session::run(shared, ws, id, claims, permit).await;
                 }
                 Err(err) => debug!(cause = ?err, "upgrade failed"),
             }

@@ -39,22 +39,23 @@ enum End {
     Gone,
 }
 
-/// Runs the session until it ends; `permit` is its slot in the connection limit.
+/// Runs session `id` until it ends; `permit` is its slot in the connection limit.
 pub(super) async fn run(
     shared: Arc<Shared>,
     mut ws: Ws,
+    id: u64,
     claims: Claims,
     permit: OwnedSemaphorePermit,
 ) {
     let _permit = permit;
     let user = claims.sub.clone();
-    let id = shared
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let end = match hello(&shared, &mut ws, &user).await {
         Ok(()) => {
+            // What other sessions relay to this one (presence, messages); bounded in
+            // count here and in bytes by the handle's budget.
             let (tx, rx) = mpsc::channel(shared.limits.queue_messages);
+            // How a newer session of this user, or a full queue, tells this one to close.
             let (kick_tx, kick) = watch::channel(None);
             let handle = Arc::new(ConnHandle::new(
                 id,
