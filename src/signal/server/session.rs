@@ -214,6 +214,11 @@ fn announce(watchers: &[Arc<ConnHandle>], user: &UserName, online: bool) {
     }
 }
 
+/// A fraction in [0, 1) that differs between consecutive ids (Fibonacci hashing).
+fn spread(id: u64) -> f64 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// A token bucket limiting the frames a client may send.
 struct Bucket {
     tokens: f64,
@@ -296,8 +301,12 @@ impl Session {
             f64::from(limits.burst.max(1)),
         );
         let mut stop = self.shared.shutdown.clone();
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        // Sessions that connected together (after a restart, say) ping at spread-out
+        // times instead of in one wave.
+        let first_ping = limits
+            .ping_interval
+            .mul_f64(0.5 + spread(self.handle.id) / 2.0);
+        let mut ping = tokio::time::interval_at(Instant::now() + first_ping, limits.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let expiry = sleep_until(self.deadline);
         tokio::pin!(expiry);
@@ -558,6 +567,15 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_sessions_ping_at_spread_out_times() {
+        let mut firsts: Vec<f64> = (0..100).map(spread).collect();
+        assert!(firsts.iter().all(|f| (0.0..1.0).contains(f)));
+        firsts.sort_by(f64::total_cmp);
+        let widest_gap = firsts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+        assert!(widest_gap < 0.05, "{widest_gap}");
+    }
 
     #[test]
     fn bucket_allows_a_burst_then_the_sustained_rate() {
