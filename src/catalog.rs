@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 pub use schema::SchemaError;
 
@@ -302,6 +302,30 @@ pub enum Op {
     },
     /// Answered once every earlier op is committed.
     Barrier(mpsc::SyncSender<Result<(), String>>),
+    /// Pins `user`'s identity key if none is pinned yet, and answers how the key
+    /// compares with the pinned one. Committed durably before the answer.
+    PinKey {
+        /// The peer.
+        user: String,
+        /// Its ed25519 public key.
+        key: [u8; 32],
+        /// Where the answer goes.
+        reply: mpsc::SyncSender<Result<PinOutcome, String>>,
+    },
+}
+
+/// How a presented identity key compares with the pinned one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// First contact: the key is now pinned.
+    Pinned,
+    /// The key matches the pinned one.
+    Matches,
+    /// A different key is pinned: refuse the peer.
+    Changed {
+        /// The pinned key.
+        pinned: [u8; 32],
+    },
 }
 
 /// Everything the catalog holds, read at mount time.
@@ -398,6 +422,23 @@ impl Catalog {
         Ok(())
     }
 
+    /// Checks `user`'s identity key against the pinned one, pinning it on first
+    /// contact. A changed key is never replaced here: an administrator removes
+    /// the pin explicitly.
+    pub fn pin_key(&self, user: &str, key: [u8; 32]) -> Result<PinOutcome, CatalogError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Op::PinKey {
+            user: user.to_owned(),
+            key,
+            reply: tx,
+        })?;
+        self.actor.unpark();
+        match rx.recv() {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) | Err(_) => Err(CatalogError::Stopped),
+        }
+    }
+
     /// Waits until every op sent before this call is committed durably.
     pub fn barrier(&self) -> Result<(), CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -417,7 +458,7 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         // (senders do not wake us; only a barrier does, via unpark) and then take
         // everything queued, so a burst of small operations costs one transaction
         // and one wake-up instead of one each.
-        let urgent = matches!(first, Op::Barrier(_));
+        let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. });
         batch.push(first);
         if !urgent {
             std::thread::park_timeout(GROUP_COMMIT_WINDOW);
@@ -432,7 +473,9 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         // Commits are cheap (synchronous=NORMAL: the WAL is not fsynced) unless the
         // batch answers a barrier: then that commit fsyncs the WAL, which makes it
         // and every earlier commit durable.
-        let durable = batch.iter().any(|op| matches!(op, Op::Barrier(_)));
+        let durable = batch
+            .iter()
+            .any(|op| matches!(op, Op::Barrier(_) | Op::PinKey { .. }));
         let mode = if durable { "FULL" } else { "NORMAL" };
         if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
             tracing::error!(cause = ?e, "cannot set catalog sync mode");
@@ -442,8 +485,16 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         if let Err(e) = &result {
             tracing::error!(cause = ?e, "catalog commit failed");
         }
-        for b in barriers {
-            let _ = b.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        for answer in barriers {
+            let err = result.as_ref().err().map(|e| e.to_string());
+            match answer {
+                Answer::Barrier(b) => {
+                    let _ = b.send(err.map_or(Ok(()), Err));
+                }
+                Answer::Pin(b, outcome) => {
+                    let _ = b.send(err.map_or(Ok(outcome), Err));
+                }
+            }
         }
     }
     tracing::debug!("catalog actor stopped");
@@ -471,14 +522,48 @@ fn coalesce(batch: &mut Vec<Op>) {
     });
 }
 
+/// Answers owed once the batch's transaction commits.
+enum Answer {
+    Barrier(mpsc::SyncSender<Result<(), String>>),
+    Pin(mpsc::SyncSender<Result<PinOutcome, String>>, PinOutcome),
+}
+
 fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Op>,
-    barriers: &mut Vec<mpsc::SyncSender<Result<(), String>>>,
+    barriers: &mut Vec<Answer>,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     for op in batch.drain(..) {
         match op {
+            Op::PinKey { user, key, reply } => {
+                let pinned: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT key FROM peer_keys WHERE user = ?1")?
+                    .query_row([&user], |r| r.get(0))
+                    .optional()?;
+                let outcome = match pinned {
+                    None => {
+                        tx.prepare_cached(
+                            "INSERT INTO peer_keys (user, key, first_seen) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![
+                            user,
+                            &key[..],
+                            Stamp::now().secs
+                        ])?;
+                        PinOutcome::Pinned
+                    }
+                    Some(p) if p == key => PinOutcome::Matches,
+                    Some(p) => {
+                        let mut pinned = [0u8; 32];
+                        if p.len() == 32 {
+                            pinned.copy_from_slice(&p);
+                        }
+                        PinOutcome::Changed { pinned }
+                    }
+                };
+                barriers.push(Answer::Pin(reply, outcome));
+            }
             Op::PutNode(n) => {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO nodes (ino, group_id, kind, perm, uid, gid, nlink, rdev, \
@@ -618,7 +703,7 @@ fn apply(
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                     .execute(params![key, value])?;
             }
-            Op::Barrier(b) => barriers.push(b),
+            Op::Barrier(b) => barriers.push(Answer::Barrier(b)),
         }
     }
     tx.commit()
@@ -745,6 +830,27 @@ pub struct GroupSummary {
     pub last_seq: u64,
 }
 
+/// Pinned identity keys as (user, key), read without modifying the catalog.
+pub fn pinned_keys(path: &Path) -> Result<Vec<(String, [u8; 32])>, CatalogError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+            CatalogError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })?;
+    let mut q = conn.prepare("SELECT user, key FROM peer_keys ORDER BY user")?;
+    let rows = q.query_map([], |r| {
+        let key: Vec<u8> = r.get(1)?;
+        let mut k = [0u8; 32];
+        if key.len() == 32 {
+            k.copy_from_slice(&key);
+        }
+        Ok((r.get(0)?, k))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Reads a [`Summary`] from the catalog at `path` without modifying it.
 pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
     let conn =
@@ -790,4 +896,34 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
         out.catalog_bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_pinned_on_first_contact_and_changes_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let (cat, _, thread) = Catalog::open(&path).unwrap();
+        assert_eq!(cat.pin_key("bob", [1; 32]).unwrap(), PinOutcome::Pinned);
+        assert_eq!(cat.pin_key("bob", [1; 32]).unwrap(), PinOutcome::Matches);
+        assert_eq!(
+            cat.pin_key("bob", [2; 32]).unwrap(),
+            PinOutcome::Changed { pinned: [1; 32] }
+        );
+        drop(cat);
+        drop(thread);
+        // Durable across reopen.
+        assert_eq!(
+            pinned_keys(&path).unwrap(),
+            vec![("bob".to_string(), [1; 32])]
+        );
+        let (cat, _, _t) = Catalog::open(&path).unwrap();
+        assert_eq!(
+            cat.pin_key("bob", [2; 32]).unwrap(),
+            PinOutcome::Changed { pinned: [1; 32] }
+        );
+    }
 }

@@ -84,7 +84,8 @@ impl Default for CacheConfig {
 pub struct FsConfig {
     /// Use kernel FUSE passthrough for file data when the daemon has the privilege.
     pub passthrough: bool,
-    /// FUSE worker threads.
+    /// FUSE worker threads; 0 picks one per CPU (at most 4). More threads than
+    /// CPUs only add context switches.
     pub threads: usize,
 }
 
@@ -92,7 +93,7 @@ impl Default for FsConfig {
     fn default() -> Self {
         Self {
             passthrough: true,
-            threads: 4,
+            threads: 0,
         }
     }
 }

@@ -71,6 +71,12 @@ CREATE TABLE changes (
     at_ns      INTEGER NOT NULL,
     PRIMARY KEY (group_id, seq)
 ) WITHOUT ROWID;
+-- Other users' ed25519 identity keys, pinned on first contact.
+CREATE TABLE peer_keys (
+    user       TEXT PRIMARY KEY,
+    key        BLOB NOT NULL,
+    first_seen INTEGER NOT NULL
+);
 -- BLAKE3 of each block of each regular file, filled off the FUSE hot path.
 CREATE TABLE blocks (
     ino       INTEGER NOT NULL,

@@ -199,7 +199,12 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         fuse.mount_options.push(MountOption::Suid);
         fuse.acl = SessionACL::All;
     }
-    fuse.n_threads = Some(opts.config.fs.threads.max(1));
+    fuse.n_threads = Some(match opts.config.fs.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get().min(4))
+            .unwrap_or(2),
+        n => n,
+    });
     fuse.clone_fd = true;
     let mut session =
         fuser::Session::new(fs, &opts.mountpoint, &fuse).map_err(|source| MountError::Mount {
