@@ -298,6 +298,13 @@ fn main() {
     );
     epoch();
 
+    // Other work on the machine skews every figure: record how busy it was.
+    let loadavg = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "machine: {} cores; load average at start: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg().trim()
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("server.db");
     let setup = Instant::now();
@@ -433,5 +440,8 @@ fn main() {
         libc::kill(pid as libc::pid_t, libc::SIGTERM);
     }
     let status = server.0.wait().expect("server exit");
-    println!("server exited: {status}");
+    println!(
+        "server exited: {status}; load average at end: {}",
+        loadavg().trim()
+    );
 }
