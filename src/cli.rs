@@ -147,10 +147,14 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let mut mounted = mount(MountOptions {
-        mountpoint,
+        mountpoint: mountpoint.clone(),
         config,
         data_dir,
     })?;
+    sd_notify(&format!(
+        "READY=1\nSTATUS=mounted at {}",
+        mountpoint.display()
+    ));
     loop {
         if mounted.wait_timeout(Duration::from_millis(100)) {
             tracing::info!("unmounted");
@@ -158,9 +162,31 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         }
         if STOP.load(Ordering::SeqCst) {
             tracing::info!("signal received; unmounting");
+            sd_notify("STOPPING=1");
             mounted.unmount()?;
             return Ok(());
         }
+    }
+}
+
+/// Tells systemd about readiness (`Type=notify`) when started by it.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(cause = ?e, "cannot notify systemd");
     }
 }
 
