@@ -72,7 +72,12 @@ pub struct StatusArgs {
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The demo talks to a person on the terminal: only problems are logged there.
+    init_logging(if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    });
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -82,9 +87,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // fuser warns about a second unmount after `fusermount3 -u`, which is normal.
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("fuser")) {
         filter = filter.add_directive("fuser::session=error".parse().expect("static directive"));
@@ -106,7 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => crate::status::run(args),
         Command::Server(args) => crate::signal::cli::run_server(args),
         Command::Token(args) => crate::signal::cli::run_token(args),
-        Command::Demo => bail!("brume demo: not yet implemented"),
+        Command::Demo => crate::demo::run(&crate::demo::default_root()),
     }
 }
 

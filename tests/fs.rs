@@ -688,3 +688,47 @@ fn owner_groups_work_with_no_signaling_server() {
     fs::write(g.join("offline"), b"fine").unwrap();
     assert_eq!(read(&g.join("offline")), b"fine");
 }
+
+#[test]
+fn demo_runs_shows_the_group_and_stops_on_sigint_leaving_no_mount() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("demo");
+    let mut child = std::process::Command::new(crate::harness::brume_bin())
+        .arg("demo")
+        .env("BRUME_DEMO_DIR", &root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let guard = crate::harness::KillOnDrop(child.id());
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = line == "demo ready";
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("demo ready"),
+        "{seen:?}"
+    );
+    let alice = root.join("alice/Brume");
+    assert!(crate::harness::is_mounted(&alice));
+    assert_eq!(
+        read(&alice.join("alice/photos/2026/beach.txt")),
+        b"sand, sea, sun\n"
+    );
+    assert!(root.join("bob/Brume/alice/photos").is_dir());
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    drop(guard);
+    assert!(status.success(), "demo exited with {status}");
+    assert!(!crate::harness::is_mounted(&alice));
+    assert!(!crate::harness::is_mounted(&root.join("bob/Brume")));
+}

@@ -243,3 +243,20 @@ pub fn cpath(p: &Path) -> std::ffi::CString {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
 }
+
+/// Kills a process (and detaches the demo's mounts) if a test panics before
+/// stopping it.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of a pid we started; harmless if it already exited.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        let text = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in text.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.contains("/demo/") {
+                let _ = Command::new("fusermount3").arg("-uz").arg(m).status();
+            }
+        }
+    }
+}
