@@ -1,0 +1,954 @@
+//! One authenticated WebRTC connection to one peer: setup through the signaling server
+//! (offer/answer/trickle ICE), three pre-negotiated data channels (control, interactive,
+//! bulk; no DCEP round trip), the [`handshake`](super::handshake) over the control
+//! channel, then framed messages in both directions with send-buffer backpressure.
+//!
+//! A [`Link`] is owned by its peer's supervisor (`super::supervisor`); senders borrow
+//! it through an `Arc`. Dropping the last `Arc` closes the connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout_at};
+use tracing::{Instrument, debug, info_span, warn};
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceCandidateInit, RTCIceServer, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCSessionDescription, SettingEngineBuilder,
+};
+
+use super::handshake::{self, Party, Role};
+use super::wire::{self, Assembler, Frame, Inbound, Outbound, ResponseStatus};
+use super::{Lane, Membership, PeerEvent, Responder, Signaling};
+use crate::ids::{GroupName, UserName};
+
+/// The `kind` of every signaling payload of the peer link.
+pub(crate) const SIGNAL_KIND: &str = "brume-peer/1";
+
+/// SCTP receive window: large enough to keep a fast path full.
+const SCTP_RECEIVE_BUFFER: u32 = 8 << 20;
+/// Bytes one data channel may have handed to SCTP but not yet acknowledged; `send`
+/// waits beyond this. This is what bounds the sender's memory.
+const SEND_BUFFER_LIMIT: usize = 8 << 20;
+/// Handshake frames queued between the control channel's reader and the handshake.
+const HANDSHAKE_QUEUE: usize = 4;
+
+/// A connection-setup message, relayed by the signaling server as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub(crate) enum SignalMessage {
+    /// From the side that does not dial: "please dial me".
+    Call,
+    /// The dialer's offer for session `sid`.
+    Offer {
+        /// Session id, fresh per attempt.
+        sid: u64,
+        /// The SDP.
+        sdp: String,
+    },
+    /// The answer for session `sid`.
+    Answer {
+        /// Session id.
+        sid: u64,
+        /// The SDP.
+        sdp: String,
+    },
+    /// A trickled ICE candidate for session `sid`.
+    Candidate {
+        /// Session id.
+        sid: u64,
+        /// The candidate.
+        candidate: RTCIceCandidateInit,
+    },
+}
+
+impl SignalMessage {
+    /// The JSON payload the signaling client relays.
+    pub(crate) fn to_payload(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": SIGNAL_KIND, "msg": self })
+    }
+
+    /// Reads a relayed payload; `None` if it is not ours or malformed.
+    pub(crate) fn from_payload(payload: &serde_json::Value) -> Option<Self> {
+        if payload.get("kind")?.as_str()? != SIGNAL_KIND {
+            return None;
+        }
+        serde_json::from_value(payload.get("msg")?.clone()).ok()
+    }
+}
+
+/// What a peer's supervisor receives: setup messages and presence from the router,
+/// wishes from [`Peers`](super::Peers) handles.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// A setup message from the peer.
+    Signal(SignalMessage),
+    /// The peer came online or went away.
+    Presence { online: bool },
+    /// A setup message to the peer could not be delivered.
+    Undeliverable {
+        code: crate::signal::ErrorCode,
+        message: String,
+    },
+    /// Someone wants a link to the peer.
+    Want,
+    /// Nobody wants it any more.
+    Forget,
+}
+
+/// Errors of one link.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum LinkError {
+    /// WebRTC refused an operation.
+    #[error("webrtc {step}: {reason}")]
+    WebRtc {
+        /// What was being done.
+        step: &'static str,
+        /// What it said.
+        reason: String,
+    },
+    /// The signaling server could not carry a setup message.
+    #[error("signaling: {reason}")]
+    Signal {
+        /// Why.
+        reason: String,
+    },
+    /// Setup or handshake took too long.
+    #[error("no connection within {after:?} ({stage})")]
+    Timeout {
+        /// The limit.
+        after: Duration,
+        /// How far it got.
+        stage: &'static str,
+    },
+    /// The connection failed or closed.
+    #[error("connection {state}")]
+    Closed {
+        /// Its last state.
+        state: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] handshake::HandshakeError),
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {theirs}, we speak {ours}")]
+    Version {
+        /// Theirs.
+        theirs: u16,
+        /// Ours.
+        ours: u16,
+    },
+    /// The peer claims another name than the one we are connecting to.
+    #[error("peer calls itself {claimed:?}")]
+    WrongUser {
+        /// Its claim.
+        claimed: String,
+    },
+    /// The key check refused the peer's identity key.
+    #[error("{reason}")]
+    KeyRefused {
+        /// Why (changed key, unknown to the server, …).
+        reason: String,
+        /// The pinned key, if a different one is pinned.
+        pinned: Option<[u8; 32]>,
+        /// The key the peer presented.
+        presented: [u8; 32],
+    },
+    /// The peer refused us.
+    #[error("refused by the peer: {reason}")]
+    RefusedByPeer {
+        /// Its reason.
+        reason: String,
+    },
+    /// A newer offer from the peer, or a local `disconnect`, replaced this attempt.
+    #[error("superseded")]
+    Superseded,
+    /// The server could not deliver a setup message (`ENODEST`, `EBADDEST`).
+    #[error("{}: {message}", code.name())]
+    Undeliverable {
+        /// The code.
+        code: crate::signal::ErrorCode,
+        /// The server's words.
+        message: String,
+    },
+}
+
+/// Everything a link needs to be set up.
+#[derive(Clone)]
+pub(crate) struct LinkParams {
+    pub(crate) me: UserName,
+    pub(crate) peer: UserName,
+    pub(crate) identity: SigningKey,
+    pub(crate) ice_servers: Vec<RTCIceServer>,
+    pub(crate) udp_addrs: Vec<String>,
+    pub(crate) setup_timeout: Duration,
+    pub(crate) signal: Arc<dyn Signaling>,
+    pub(crate) events: mpsc::Sender<PeerEvent>,
+    pub(crate) membership: Arc<dyn Membership>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// Byte counters of one peer, across its links.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+}
+
+/// The key check the supervisor supplies: pins on first contact, refuses changes.
+pub(crate) type KeyCheck<'a> =
+    &'a (dyn Fn([u8; 32]) -> super::BoxFuture<'static, Result<(), LinkError>> + Send + Sync);
+
+/// Forwards the connection's events to the link: trickled candidates to the peer
+/// through the signaling server, state changes to a watch.
+struct Handler {
+    /// Weak: the connection's driver may outlive the link briefly, and must not keep
+    /// the signaling client (and its server session) alive.
+    signal: std::sync::Weak<dyn Signaling>,
+    peer: UserName,
+    sid: u64,
+    state: watch::Sender<RTCPeerConnectionState>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        match event.candidate.to_json() {
+            Ok(candidate) => {
+                let msg = SignalMessage::Candidate {
+                    sid: self.sid,
+                    candidate,
+                };
+                let Some(signal) = self.signal.upgrade() else {
+                    return;
+                };
+                if let Err(err) = signal.send(&self.peer, msg.to_payload()).await {
+                    debug!(peer = %self.peer, cause = %err, "candidate not sent");
+                }
+            }
+            Err(err) => debug!(peer = %self.peer, cause = %err, "unusable local candidate"),
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.state.send_replace(state);
+    }
+}
+
+/// One lane's sending half: its channel and the lock that keeps one message's frames
+/// together (frames of two messages must not interleave on a channel).
+struct LaneTx {
+    channel: Arc<dyn DataChannel>,
+    /// Held for the whole of one message's frames.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// State shared by the link handle, its reader tasks and responders.
+pub(crate) struct Shared {
+    peer: UserName,
+    lanes: [LaneTx; 3],
+    /// Requests awaiting their response, by id. A plain mutex: held for map operations only.
+    pending: Mutex<HashMap<u64, oneshot::Sender<(ResponseStatus, Bytes)>>>,
+    next_request: AtomicU64,
+    counters: Arc<Counters>,
+    /// Why the link died; `None` while it lives. Written by whichever task notices first.
+    dead: watch::Sender<Option<String>>,
+    /// Set once both sides are authenticated; readers deliver nothing before.
+    authed: watch::Sender<bool>,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn die(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.dead.send_if_modified(|d| {
+            if d.is_none() {
+                *d = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Sends one application message on `lane`, waiting while the channel's send
+    /// buffer is full.
+    pub(crate) async fn send(
+        &self,
+        lane: Lane,
+        kind: &Outbound<'_>,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        let frames = wire::encode(kind, payload)?;
+        let tx = &self.lanes[lane.index()];
+        let _whole_message = tx.lock.lock().await;
+        for frame in frames {
+            let n = frame.len() as u64;
+            tx.channel.send(frame).await.map_err(|e| {
+                let err = LinkError::Closed {
+                    state: format!("send failed: {e}"),
+                };
+                self.die(err.to_string());
+                err
+            })?;
+            self.counters.sent.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Sends a response to request `id`.
+    pub(crate) async fn respond(
+        &self,
+        id: u64,
+        status: ResponseStatus,
+        payload: &[u8],
+    ) -> Result<(), LinkError> {
+        self.send(
+            Lane::Interactive,
+            &Outbound::Response { id, status },
+            payload,
+        )
+        .await
+    }
+}
+
+/// An established, authenticated link.
+pub(crate) struct Link {
+    pub(crate) sid: u64,
+    /// The peer's authenticated identity key.
+    pub(crate) peer_key: [u8; 32],
+    pub(crate) shared: Arc<Shared>,
+    pc: Arc<dyn PeerConnection>,
+    dead: watch::Receiver<Option<String>>,
+    /// The reader tasks, one per channel; aborted when the link is dropped.
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Link {
+    /// Sends one application message.
+    pub(crate) async fn send(&self, lane: Lane, payload: &[u8]) -> Result<(), LinkError> {
+        self.shared.send(lane, &Outbound::Message, payload).await
+    }
+
+    /// Sends a request and waits for its response.
+    pub(crate) async fn request(
+        &self,
+        group: &GroupName,
+        payload: &[u8],
+        wait: Duration,
+    ) -> Result<Option<(ResponseStatus, Bytes)>, LinkError> {
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.shared.pending).insert(id, tx);
+        let sent = self
+            .shared
+            .send(Lane::Interactive, &Outbound::Request { id, group }, payload)
+            .await;
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(wait, rx).await,
+            Err(err) => {
+                lock(&self.shared.pending).remove(&id);
+                return Err(err);
+            }
+        };
+        lock(&self.shared.pending).remove(&id);
+        match answer {
+            Ok(Ok(answer)) => Ok(Some(answer)),
+            Ok(Err(_)) => Err(LinkError::Closed {
+                state: "closed before the response".into(),
+            }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Resolves when the link has died, with the reason.
+    pub(crate) async fn died(&self) -> String {
+        let mut dead = self.dead.clone();
+        match dead.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "link gone".into(),
+        }
+    }
+
+    /// Whether the link has died.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.borrow().is_some()
+    }
+
+    /// Closes the connection.
+    pub(crate) async fn close(&self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        self.shared.die("closed locally");
+        let _ = self.pc.close().await;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+        self.shared.die("closed locally");
+        // The connection's driver task lives until `close`; run it even when the
+        // owner forgot, as long as a runtime is there to run it on.
+        let pc = self.pc.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Short-lived: closes the connection and ends.
+            rt.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Map operations cannot leave the map inconsistent if they panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn rtc(step: &'static str) -> impl FnOnce(webrtc::error::Error) -> LinkError {
+    move |e| LinkError::WebRtc {
+        step,
+        reason: e.to_string(),
+    }
+}
+
+/// Builds a peer connection tuned for Brume: host candidates plus the configured
+/// STUN/TURN servers, no mDNS, fast ICE checks, large SCTP windows, bounded send buffers.
+async fn build_pc(
+    params: &LinkParams,
+    sid: u64,
+    state: watch::Sender<RTCPeerConnectionState>,
+) -> Result<Arc<dyn PeerConnection>, LinkError> {
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
+        .with_host_acceptance_min_wait(Some(Duration::ZERO))
+        .with_ice_timeouts(
+            Some(Duration::from_secs(3)),
+            Some(Duration::from_secs(6)),
+            Some(Duration::from_millis(500)),
+        )
+        .with_sctp_max_receive_buffer_size(SCTP_RECEIVE_BUFFER)
+        .build();
+    let config = RTCConfigurationBuilder::new()
+        .with_ice_servers(params.ice_servers.clone())
+        .build();
+    let handler = Handler {
+        signal: Arc::downgrade(&params.signal),
+        peer: params.peer.clone(),
+        sid,
+        state,
+    };
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(config)
+        .with_setting_engine(settings)
+        .with_handler(Arc::new(handler))
+        .with_udp_addrs(params.udp_addrs.clone())
+        .with_data_channel_send_buffer_limit(SEND_BUFFER_LIMIT)
+        .build()
+        .await
+        .map_err(rtc("build"))?;
+    Ok(Arc::new(pc))
+}
+
+/// Sets up a link. The dialer passes `offer: None` and sends an offer; the other side
+/// passes the offer it received. `inbox` yields the peer's further setup messages;
+/// `check_key` decides whether the peer's identity key is acceptable.
+pub(crate) async fn establish(
+    params: &LinkParams,
+    sid: u64,
+    offer: Option<String>,
+    inbox: &mut mpsc::Receiver<Input>,
+    deferred: &mut Option<Input>,
+    check_key: KeyCheck<'_>,
+) -> Result<Link, LinkError> {
+    let role = if offer.is_none() {
+        Role::Offerer
+    } else {
+        Role::Answerer
+    };
+    let deadline = Instant::now() + params.setup_timeout;
+    let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
+    let pc = build_pc(params, sid, state_tx).await?;
+    // Close the connection on every early return.
+    let guard = CloseOnDrop(Some(pc.clone()));
+
+    let mut channels = Vec::with_capacity(3);
+    for lane in Lane::ALL {
+        let init = RTCDataChannelInit {
+            ordered: true,
+            negotiated: Some(lane.index() as u16),
+            ..Default::default()
+        };
+        channels.push(
+            pc.create_data_channel(lane.label(), Some(init))
+                .await
+                .map_err(rtc("create data channel"))?,
+        );
+    }
+    let (dead_tx, dead) = watch::channel(None);
+    let (authed, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        peer: params.peer.clone(),
+        lanes: [0, 1, 2].map(|i| LaneTx {
+            channel: channels[i].clone(),
+            lock: tokio::sync::Mutex::new(()),
+        }),
+        pending: Mutex::new(HashMap::new()),
+        next_request: AtomicU64::new(1),
+        counters: params.counters.clone(),
+        dead: dead_tx,
+        authed,
+        closing: AtomicBool::new(false),
+    });
+    let (hs_tx, mut hs_rx) = mpsc::channel(HANDSHAKE_QUEUE);
+    let mut opened = Vec::with_capacity(3);
+    let mut readers = Vec::with_capacity(3);
+    for lane in Lane::ALL {
+        let (open_tx, open_rx) = oneshot::channel();
+        opened.push(open_rx);
+        let span = info_span!("peer-reader", peer = %params.peer, lane = lane.label(), sid);
+        // One reader per channel, for the life of the link: drains the channel's events
+        // (the driver stalls the whole connection if any channel's queue fills) and
+        // delivers complete messages. Aborted when the link is dropped.
+        readers.push(tokio::spawn(
+            Reader {
+                lane,
+                channel: channels[lane.index()].clone(),
+                shared: shared.clone(),
+                events: params.events.clone(),
+                membership: params.membership.clone(),
+                handshake: (lane == Lane::Control).then(|| hs_tx.clone()),
+                opened: Some(open_tx),
+            }
+            .run()
+            .instrument(span),
+        ));
+    }
+    drop(hs_tx);
+    let mut link = Link {
+        sid,
+        peer_key: [0; 32],
+        shared: shared.clone(),
+        pc: pc.clone(),
+        dead,
+        readers,
+    };
+    let signal = |msg: SignalMessage| {
+        let signal = params.signal.clone();
+        let peer = params.peer.clone();
+        async move {
+            signal
+                .send(&peer, msg.to_payload())
+                .await
+                .map_err(|e| LinkError::Signal {
+                    reason: e.to_string(),
+                })
+        }
+    };
+
+    // Offer / answer.
+    let mut remote_set = false;
+    match offer {
+        None => {
+            let offer = pc.create_offer(None).await.map_err(rtc("create offer"))?;
+            let sdp = offer.sdp.clone();
+            pc.set_local_description(offer)
+                .await
+                .map_err(rtc("set local offer"))?;
+            signal(SignalMessage::Offer { sid, sdp }).await?;
+        }
+        Some(sdp) => {
+            let offer = RTCSessionDescription::offer(sdp).map_err(rtc("parse offer"))?;
+            pc.set_remote_description(offer)
+                .await
+                .map_err(rtc("set remote offer"))?;
+            remote_set = true;
+            let answer = pc.create_answer(None).await.map_err(rtc("create answer"))?;
+            let sdp = answer.sdp.clone();
+            pc.set_local_description(answer)
+                .await
+                .map_err(rtc("set local answer"))?;
+            signal(SignalMessage::Answer { sid, sdp }).await?;
+        }
+    }
+
+    // Until the three channels are open: apply the peer's answer and candidates.
+    let mut all_open = Box::pin(async move {
+        for rx in opened {
+            if rx.await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let timed_out = |stage| LinkError::Timeout {
+        after: params.setup_timeout,
+        stage,
+    };
+    loop {
+        tokio::select! {
+            ok = &mut all_open => {
+                if ok { break; }
+                return Err(LinkError::Closed { state: "channel closed during setup".into() });
+            }
+            msg = inbox.recv() => match msg {
+                None => return Err(LinkError::Closed { state: "stopped".into() }),
+                Some(Input::Signal(SignalMessage::Answer { sid: s, sdp })) if s == sid && role == Role::Offerer && !remote_set => {
+                    let answer = RTCSessionDescription::answer(sdp).map_err(rtc("parse answer"))?;
+                    pc.set_remote_description(answer).await.map_err(rtc("set remote answer"))?;
+                    remote_set = true;
+                }
+                Some(Input::Signal(SignalMessage::Candidate { sid: s, candidate })) if s == sid => {
+                    if let Err(e) = pc.add_ice_candidate(candidate).await {
+                        debug!(cause = %e, "remote candidate refused");
+                    }
+                }
+                Some(m @ (Input::Signal(SignalMessage::Offer { .. } | SignalMessage::Call) | Input::Forget)) => {
+                    // The peer started over (restart), or we gave up on it: the
+                    // supervisor decides what next.
+                    *deferred = Some(m);
+                    return Err(LinkError::Superseded);
+                }
+                Some(Input::Undeliverable { code, message }) => {
+                    return Err(LinkError::Undeliverable { code, message });
+                }
+                Some(other) => debug!(?other, "stale setup message ignored"),
+            },
+            changed = state.changed() => {
+                let s = *state.borrow();
+                if changed.is_err() || matches!(s, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) {
+                    return Err(LinkError::Closed { state: s.to_string() });
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(timed_out("ICE/DTLS/SCTP")),
+        }
+    }
+
+    // The handshake, bound to both DTLS fingerprints as this side sees them.
+    let local_sdp = pc
+        .local_description()
+        .await
+        .map(|d| d.sdp)
+        .unwrap_or_default();
+    let remote_sdp = pc
+        .remote_description()
+        .await
+        .map(|d| d.sdp)
+        .unwrap_or_default();
+    let mine = Party {
+        user: params.me.to_string(),
+        key: params.identity.verifying_key().to_bytes(),
+        nonce: handshake::nonce(),
+        fingerprint: handshake::sdp_fingerprints(&local_sdp, "local")?,
+    };
+    let remote_fp = handshake::sdp_fingerprints(&remote_sdp, "remote")?;
+    shared
+        .send_raw(Lane::Control, wire::hello(&mine.user, mine.key, mine.nonce))
+        .await?;
+    let HandshakeFrame::Hello {
+        version,
+        user,
+        key,
+        nonce,
+    } = next_handshake(&mut hs_rx, deadline, params.setup_timeout).await?
+    else {
+        return Err(wire::WireError::Unexpected {
+            frame: "auth",
+            reason: "expected hello",
+        }
+        .into());
+    };
+    let refuse = |err: LinkError| {
+        let shared = shared.clone();
+        async move {
+            let _ = shared
+                .send_raw(Lane::Control, wire::refuse(&err.to_string()))
+                .await;
+            err
+        }
+    };
+    if version != wire::PROTOCOL_VERSION {
+        return Err(refuse(LinkError::Version {
+            theirs: version,
+            ours: wire::PROTOCOL_VERSION,
+        })
+        .await);
+    }
+    if user != params.peer.as_str() {
+        return Err(refuse(LinkError::WrongUser { claimed: user }).await);
+    }
+    if let Err(err) = check_key(key).await {
+        return Err(refuse(err).await);
+    }
+    let theirs = Party {
+        user,
+        key,
+        nonce,
+        fingerprint: remote_fp,
+    };
+    let (transcript, their_role) = match role {
+        Role::Offerer => (handshake::transcript(&mine, &theirs), Role::Answerer),
+        Role::Answerer => (handshake::transcript(&theirs, &mine), Role::Offerer),
+    };
+    let signature = handshake::sign(&params.identity, role, &transcript);
+    shared
+        .send_raw(Lane::Control, wire::auth(signature))
+        .await?;
+    let HandshakeFrame::Auth(signature) =
+        next_handshake(&mut hs_rx, deadline, params.setup_timeout).await?
+    else {
+        return Err(wire::WireError::Unexpected {
+            frame: "hello",
+            reason: "expected auth",
+        }
+        .into());
+    };
+    if let Err(err) = handshake::verify(
+        &theirs.user,
+        &theirs.key,
+        their_role,
+        &transcript,
+        &signature,
+    ) {
+        return Err(refuse(err.into()).await);
+    }
+    shared.authed.send_replace(true);
+    // Watch the connection for the rest of its life: a failed or closed connection
+    // kills the link. Ends when the link dies or the connection's state goes away.
+    let watcher_shared = shared.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            if state.changed().await.is_err() {
+                watcher_shared.die("connection gone");
+                return;
+            }
+            let s = *state.borrow();
+            if matches!(
+                s,
+                RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+            ) {
+                watcher_shared.die(format!("connection {s}"));
+                return;
+            }
+        }
+    });
+    link.peer_key = theirs.key;
+    link.readers.push(watcher);
+    std::mem::forget(guard);
+    Ok(link)
+}
+
+/// The next handshake frame, or why there is none.
+async fn next_handshake(
+    rx: &mut mpsc::Receiver<HandshakeFrame>,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<HandshakeFrame, LinkError> {
+    match timeout_at(deadline, rx.recv()).await {
+        Err(_) => Err(LinkError::Timeout {
+            after: limit,
+            stage: "handshake",
+        }),
+        Ok(None) => Err(LinkError::Closed {
+            state: "closed during the handshake".into(),
+        }),
+        Ok(Some(HandshakeFrame::Refuse(reason))) => Err(LinkError::RefusedByPeer { reason }),
+        Ok(Some(f)) => Ok(f),
+    }
+}
+
+/// Closes a connection when setup fails part way.
+struct CloseOnDrop(Option<Arc<dyn PeerConnection>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(pc), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            // Short-lived: closes the failed connection's driver and ends.
+            rt.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
+    }
+}
+
+impl Shared {
+    /// The peer at the other end.
+    pub(crate) fn peer(&self) -> &UserName {
+        &self.peer
+    }
+
+    async fn send_raw(&self, lane: Lane, frame: BytesMut) -> Result<(), LinkError> {
+        let tx = &self.lanes[lane.index()];
+        let _whole_message = tx.lock.lock().await;
+        let n = frame.len() as u64;
+        tx.channel.send(frame).await.map_err(rtc("send"))?;
+        self.counters.sent.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A handshake frame, owned, passed from the control reader to the handshake.
+#[derive(Debug)]
+enum HandshakeFrame {
+    Hello {
+        version: u16,
+        user: String,
+        key: [u8; 32],
+        nonce: [u8; 32],
+    },
+    Auth([u8; 64]),
+    Refuse(String),
+}
+
+/// Reads one data channel for the life of the link.
+struct Reader {
+    lane: Lane,
+    channel: Arc<dyn DataChannel>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<PeerEvent>,
+    membership: Arc<dyn Membership>,
+    /// To the handshake (control channel only), until it is over.
+    handshake: Option<mpsc::Sender<HandshakeFrame>>,
+    opened: Option<oneshot::Sender<()>>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut assembler = Assembler::default();
+        let reason = loop {
+            let Some(event) = self.channel.poll().await else {
+                break "channel closed".to_string();
+            };
+            match event {
+                DataChannelEvent::OnOpen => {
+                    if let Some(tx) = self.opened.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                DataChannelEvent::OnClose => break "channel closed".to_string(),
+                DataChannelEvent::OnMessage(msg) => {
+                    self.shared
+                        .counters
+                        .received
+                        .fetch_add(msg.data.len() as u64, Ordering::Relaxed);
+                    if let Err(err) = self.message(&msg.data, &mut assembler).await {
+                        warn!(cause = %err, "dropping the link");
+                        break err.to_string();
+                    }
+                }
+                _ => {}
+            }
+        };
+        self.shared.die(reason);
+    }
+
+    async fn message(&mut self, data: &[u8], assembler: &mut Assembler) -> Result<(), LinkError> {
+        let frame = wire::decode(data)?;
+        if !*self.shared.authed.borrow() {
+            let owned = match frame {
+                Frame::Hello {
+                    version,
+                    user,
+                    key,
+                    nonce,
+                } => Some(HandshakeFrame::Hello {
+                    version,
+                    user: user.to_owned(),
+                    key,
+                    nonce,
+                }),
+                Frame::Auth { signature } => Some(HandshakeFrame::Auth(signature)),
+                Frame::Refuse { reason } => Some(HandshakeFrame::Refuse(reason.to_owned())),
+                _ => None,
+            };
+            if let (Some(owned), Some(tx)) = (owned, &self.handshake) {
+                return tx.send(owned).await.map_err(|_| LinkError::Closed {
+                    state: "handshake over".into(),
+                });
+            }
+            // Application data may arrive as soon as the peer has verified us, before
+            // we have verified it: hold this channel until we have.
+            let mut authed = self.shared.authed.subscribe();
+            let mut dead = self.shared.dead.subscribe();
+            tokio::select! {
+                r = authed.wait_for(|a| *a) => { r.map_err(|_| LinkError::Closed { state: "link gone".into() })?; }
+                _ = dead.wait_for(Option::is_some) => return Err(LinkError::Closed { state: "not authenticated".into() }),
+            }
+        }
+        if self.handshake.is_some() {
+            self.handshake = None;
+        }
+        if let Frame::Refuse { reason } = frame {
+            return Err(LinkError::RefusedByPeer {
+                reason: reason.to_owned(),
+            });
+        }
+        let Some(inbound) = assembler.push(frame)? else {
+            return Ok(());
+        };
+        let peer = self.shared.peer.clone();
+        match inbound {
+            Inbound::Message(payload) => {
+                let event = PeerEvent::Message {
+                    peer,
+                    lane: self.lane,
+                    payload,
+                };
+                // Waiting here is the receive side's backpressure: SCTP's window fills.
+                self.events
+                    .send(event)
+                    .await
+                    .map_err(|_| LinkError::Closed {
+                        state: "nobody listens".into(),
+                    })?;
+            }
+            Inbound::Request { id, group, payload } => {
+                if !self.membership.is_member(&group, &peer) {
+                    debug!(%group, "request from a non-member refused (ENOTMEMBER)");
+                    return self
+                        .shared
+                        .respond(id, ResponseStatus::NotMember, group.as_str().as_bytes())
+                        .await;
+                }
+                let event = PeerEvent::Request {
+                    peer,
+                    group,
+                    payload,
+                    reply: Responder {
+                        id,
+                        link: Arc::downgrade(&self.shared),
+                    },
+                };
+                self.events
+                    .send(event)
+                    .await
+                    .map_err(|_| LinkError::Closed {
+                        state: "nobody listens".into(),
+                    })?;
+            }
+            Inbound::Response {
+                id,
+                status,
+                payload,
+            } => {
+                if let Some(tx) = lock(&self.shared.pending).remove(&id) {
+                    let _ = tx.send((status, payload));
+                }
+            }
+        }
+        Ok(())
+    }
+}
