@@ -5,5 +5,6 @@
 mod harness;
 
 mod fs;
+mod peer;
 mod posix;
 mod signal;
