@@ -5,6 +5,7 @@
 mod harness;
 
 mod fs;
+mod ops;
 mod peer;
 mod posix;
 mod signal;
