@@ -1,6 +1,8 @@
 //! Content hashing: every regular file is cut into fixed-size blocks and each block
 //! is hashed with BLAKE3. Hashing runs on a background thread fed after a file is
-//! closed, never on the FUSE hot path.
+//! closed, never on the FUSE hot path. [`cache`] holds members' blocks.
+
+pub mod cache;
 
 use std::collections::HashSet;
 use std::fs::File;
