@@ -13,6 +13,7 @@
 //! - [`blocks`]: per-block BLAKE3 hashing, off the FUSE hot path.
 //! - [`fs`]: the FUSE adapter: inodes, handles, the backing store, passthrough.
 //! - [`status`]: what `brume status` reports.
+//! - [`sync`]: group synchronization between owners and members (wire format so far).
 //! - [`signal`]: the signaling server and its client.
 //! - [`peer`]: the authenticated WebRTC link to each peer that carries all file data.
 
@@ -28,3 +29,4 @@ pub mod ids;
 pub mod peer;
 pub mod signal;
 pub mod status;
+pub mod sync;

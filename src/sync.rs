@@ -1,0 +1,6 @@
+//! Group synchronization: owners push their groups' changes to members, members
+//! apply them, fetch blocks, and keep their own edits as conflict copies.
+//!
+//! [`proto`] is the wire format both sides speak over the peer link.
+
+pub mod proto;

@@ -1,0 +1,467 @@
+//! The sync protocol: messages between a member and the owner of a group, carried
+//! as opaque payloads by the peer link. Encoded with postcard; a message's first
+//! byte is its variant index, which is its tag: variants are only ever appended,
+//! never reordered or removed (a test pins every tag). Sizes are checked before
+//! anything is decoded.
+
+use serde::{Deserialize, Serialize};
+
+/// Version spoken by this build; exchanged in [`MemberToOwner::Hello`].
+pub const VERSION: u16 = 1;
+/// Largest encoded message: one block plus headers.
+pub const MAX_MESSAGE: usize = crate::blocks::BLOCK_SIZE as usize + 64 * 1024;
+/// Most nodes in one snapshot chunk (snapshots are split to stay under the limit).
+pub const SNAPSHOT_CHUNK: usize = 512;
+/// Longest name or symlink target accepted from a peer.
+const MAX_NAME: usize = 4096;
+
+/// Errors decoding a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtoError {
+    /// Larger than [`MAX_MESSAGE`]; rejected before decoding.
+    #[error("message of {len} bytes exceeds the limit of {MAX_MESSAGE}")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not a valid encoding of any message.
+    #[error("malformed message: {reason}")]
+    Malformed {
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Decoded, but a field is out of range (e.g. a name with `/`).
+    #[error("invalid message: {reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// A file's block: its BLAKE3 hash and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    /// BLAKE3 of the block.
+    pub hash: [u8; 32],
+    /// Length in bytes (the last block may be short).
+    pub len: u32,
+}
+
+/// The state of one node of the owner's group, as members need it. `id` is the
+/// owner's inode number: stable across renames, so a rename is an update of
+/// `parent`/`name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Owner's inode number.
+    pub id: u64,
+    /// Owner's inode number of the containing directory; the group root's id
+    /// for top-level entries.
+    pub parent: u64,
+    /// Entry name (one path component).
+    pub name: Vec<u8>,
+    /// Kind, as `catalog::NodeKind` numbers it.
+    pub kind: u8,
+    /// Permission bits.
+    pub perm: u16,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
+    /// The node's version in the owner's change log.
+    pub version: u64,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+    /// Content blocks, for regular files.
+    pub blocks: Vec<BlockRef>,
+}
+
+impl NodeState {
+    /// Checks what a hostile owner could put in a node: names that escape the
+    /// group or collide with Brume's own files, absurd lengths, block lists that
+    /// disagree with the size.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        let bad = |reason| Err(ProtoError::Invalid { reason });
+        let n = &self.name;
+        if n.is_empty() || n.len() > 255 {
+            return bad("name length");
+        }
+        if n == b"." || n == b".." || n.contains(&b'/') || n.contains(&0) {
+            return bad("name is not one path component");
+        }
+        if self
+            .target
+            .as_ref()
+            .is_some_and(|t| t.len() > MAX_NAME || t.contains(&0))
+        {
+            return bad("symlink target");
+        }
+        if !(1..=7).contains(&self.kind) {
+            return bad("node kind");
+        }
+        let total: u64 = self.blocks.iter().map(|b| u64::from(b.len)).sum();
+        if self.kind == 1 && total != self.size {
+            return bad("blocks do not add up to the size");
+        }
+        if self
+            .blocks
+            .iter()
+            .any(|b| u64::from(b.len) > crate::blocks::BLOCK_SIZE)
+        {
+            return bad("block longer than the block size");
+        }
+        Ok(())
+    }
+}
+
+/// One change pushed to a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Create or update a node (including moves: new parent or name).
+    Upsert(NodeState),
+    /// Remove a node (and, for a directory, what it still holds).
+    Remove {
+        /// Owner's inode number.
+        id: u64,
+    },
+}
+
+/// Messages from a member to the owner of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberToOwner {
+    /// Tag 0: first message on a link: the protocol version spoken.
+    Hello {
+        /// [`VERSION`].
+        version: u16,
+    },
+    /// Tag 1: send me `group` from log position `since` (0: from scratch), then
+    /// keep pushing.
+    Subscribe {
+        /// Group name (the owner is the peer).
+        group: String,
+        /// Last log position applied by the member.
+        since: u64,
+    },
+    /// Tag 2: stop pushing `group` (the member left).
+    Unsubscribe {
+        /// Group name.
+        group: String,
+    },
+    /// Tag 3: send one block of a file.
+    GetBlock {
+        /// Group name.
+        group: String,
+        /// Owner's inode number of the file.
+        id: u64,
+        /// Block index.
+        index: u32,
+        /// The hash the member expects.
+        hash: [u8; 32],
+        /// A program is waiting for it: serve before background fills.
+        urgent: bool,
+    },
+    /// Tag 4: everything up to `seq` is applied (the owner's cursor for us).
+    Ack {
+        /// Group name.
+        group: String,
+        /// Log position.
+        seq: u64,
+    },
+}
+
+/// Messages from the owner of a group to a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OwnerToMember {
+    /// Tag 0: the owner's protocol version.
+    Hello {
+        /// [`VERSION`].
+        version: u16,
+    },
+    /// Tag 1: one chunk of a full snapshot of the group at log position `seq`,
+    /// parents before children. `last` marks the final chunk; nodes the member
+    /// has that no chunk named are gone.
+    Snapshot {
+        /// Group name.
+        group: String,
+        /// Log position the snapshot reflects.
+        seq: u64,
+        /// Nodes.
+        nodes: Vec<NodeState>,
+        /// Whether this is the last chunk.
+        last: bool,
+    },
+    /// Tag 2: changes at log positions up to `seq`, in order.
+    Changes {
+        /// Group name.
+        group: String,
+        /// The log position after applying these.
+        seq: u64,
+        /// The changes.
+        changes: Vec<Change>,
+    },
+    /// Tag 3: a block's bytes.
+    Block {
+        /// Group name.
+        group: String,
+        /// Its hash (the member verifies it).
+        hash: [u8; 32],
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Tag 4: the block is no longer part of the file (it changed since).
+    NoBlock {
+        /// Group name.
+        group: String,
+        /// The hash asked for.
+        hash: [u8; 32],
+    },
+    /// Tag 5: the request was refused; `code` is one of SPEC's codes
+    /// (`ENOTMEMBER`, …).
+    Refused {
+        /// Group name.
+        group: String,
+        /// Error code name.
+        code: String,
+    },
+}
+
+fn check(bytes: &[u8]) -> Result<(), ProtoError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(ProtoError::TooLarge { len: bytes.len() });
+    }
+    Ok(())
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtoError> {
+    check(bytes)?;
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| ProtoError::Malformed {
+        reason: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(ProtoError::Malformed {
+            reason: format!("{} trailing bytes", rest.len()),
+        });
+    }
+    Ok(value)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain data into a growable Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+impl MemberToOwner {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Checks the size, then decodes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+        decode(bytes)
+    }
+}
+
+impl OwnerToMember {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Checks the size, then decodes and validates every node it carries.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let msg: Self = decode(bytes)?;
+        match &msg {
+            Self::Snapshot { nodes, .. } => nodes.iter().try_for_each(NodeState::validate)?,
+            Self::Changes { changes, .. } => changes.iter().try_for_each(|c| match c {
+                Change::Upsert(n) => n.validate(),
+                Change::Remove { .. } => Ok(()),
+            })?,
+            _ => {}
+        }
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(name: &[u8]) -> NodeState {
+        NodeState {
+            id: 7,
+            parent: 3,
+            name: name.to_vec(),
+            kind: 1,
+            perm: 0o644,
+            size: 5,
+            mtime: (1, 2),
+            version: 9,
+            target: None,
+            blocks: vec![BlockRef {
+                hash: [1; 32],
+                len: 5,
+            }],
+        }
+    }
+
+    #[test]
+    fn tags_never_change() {
+        let g = || "g".to_string();
+        let m = [
+            MemberToOwner::Hello { version: 1 }.encode()[0],
+            MemberToOwner::Subscribe {
+                group: g(),
+                since: 0,
+            }
+            .encode()[0],
+            MemberToOwner::Unsubscribe { group: g() }.encode()[0],
+            MemberToOwner::GetBlock {
+                group: g(),
+                id: 1,
+                index: 0,
+                hash: [0; 32],
+                urgent: true,
+            }
+            .encode()[0],
+            MemberToOwner::Ack { group: g(), seq: 1 }.encode()[0],
+        ];
+        assert_eq!(m, [0, 1, 2, 3, 4]);
+        let o = [
+            OwnerToMember::Hello { version: 1 }.encode()[0],
+            OwnerToMember::Snapshot {
+                group: g(),
+                seq: 1,
+                nodes: vec![],
+                last: true,
+            }
+            .encode()[0],
+            OwnerToMember::Changes {
+                group: g(),
+                seq: 1,
+                changes: vec![],
+            }
+            .encode()[0],
+            OwnerToMember::Block {
+                group: g(),
+                hash: [0; 32],
+                data: vec![],
+            }
+            .encode()[0],
+            OwnerToMember::NoBlock {
+                group: g(),
+                hash: [0; 32],
+            }
+            .encode()[0],
+            OwnerToMember::Refused {
+                group: g(),
+                code: "ENOTMEMBER".into(),
+            }
+            .encode()[0],
+        ];
+        assert_eq!(o, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn hostile_names_are_rejected_at_decode() {
+        for bad in [&b".."[..], b".", b"a/b", b"", b"x\0y", &[b'a'; 256]] {
+            let msg = OwnerToMember::Changes {
+                group: "g".into(),
+                seq: 1,
+                changes: vec![Change::Upsert(node(bad))],
+            };
+            assert!(
+                matches!(
+                    OwnerToMember::decode(&msg.encode()),
+                    Err(ProtoError::Invalid { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let mut n = node(b"ok");
+        n.size = 6;
+        let msg = OwnerToMember::Snapshot {
+            group: "g".into(),
+            seq: 1,
+            nodes: vec![n],
+            last: true,
+        };
+        assert!(OwnerToMember::decode(&msg.encode()).is_err());
+    }
+
+    #[test]
+    fn oversized_messages_are_rejected_before_decoding() {
+        let big = vec![0u8; MAX_MESSAGE + 1];
+        assert_eq!(
+            MemberToOwner::decode(&big),
+            Err(ProtoError::TooLarge {
+                len: MAX_MESSAGE + 1
+            })
+        );
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeState> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            "[a-z]{1,20}",
+            1u8..=7,
+            any::<u16>(),
+            proptest::collection::vec(any::<u32>().prop_map(|l| l % 1000), 0..4),
+        )
+            .prop_map(|(id, parent, name, kind, perm, lens)| NodeState {
+                id,
+                parent,
+                name: name.into_bytes(),
+                kind,
+                perm,
+                size: lens.iter().map(|l| u64::from(*l)).sum(),
+                mtime: (5, 6),
+                version: id / 2,
+                target: (kind == 3).then(|| b"t".to_vec()),
+                blocks: lens
+                    .into_iter()
+                    .map(|len| BlockRef { hash: [7; 32], len })
+                    .collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn owner_messages_round_trip(nodes in proptest::collection::vec(arb_node(), 0..8), seq: u64, last: bool) {
+            let msg = OwnerToMember::Snapshot { group: "g".into(), seq, nodes, last };
+            prop_assert_eq!(OwnerToMember::decode(&msg.encode()).unwrap(), msg);
+        }
+
+        #[test]
+        fn member_messages_round_trip(group in "[a-z]{1,10}", since: u64, id: u64, index: u32, urgent: bool) {
+            for msg in [
+                MemberToOwner::Subscribe { group: group.clone(), since },
+                MemberToOwner::GetBlock { group: group.clone(), id, index, hash: [3; 32], urgent },
+                MemberToOwner::Ack { group: group.clone(), seq: since },
+            ] {
+                prop_assert_eq!(MemberToOwner::decode(&msg.encode()).unwrap(), msg);
+            }
+        }
+
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = MemberToOwner::decode(&bytes);
+            let _ = OwnerToMember::decode(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_truncated_or_flipped_messages(
+            nodes in proptest::collection::vec(arb_node(), 1..4),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let bytes = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes, last: false }.encode();
+            let _ = OwnerToMember::decode(&bytes[..cut.index(bytes.len())]);
+            let mut flipped = bytes.clone();
+            let i = flip.index(flipped.len());
+            flipped[i] ^= 0xff;
+            let _ = OwnerToMember::decode(&flipped);
+        }
+    }
+}
