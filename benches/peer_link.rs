@@ -1,0 +1,238 @@
+//! Peer link benchmark on loopback: connection setup time (first offer to authenticated
+//! link, first contact included) and bulk throughput of one pair with its memory
+//! use, next to raw TCP loopback measured in the same run.
+//!
+//! `cargo bench --bench peer_link` (env `PEER_BENCH_MIB`, default 512: MiB per
+//! throughput run; `PEER_BENCH_SETUPS`, default 10).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use brume::catalog::Catalog;
+use brume::ids::{GroupName, UserName};
+use brume::peer::{Lane, PeerEvent, Peers, PeersConfig};
+use brume::signal::accounts::Accounts;
+use brume::signal::client::{self, ClientConfig};
+use brume::signal::server::{self, ServerConfig};
+use ed25519_dalek::SigningKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn identity() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("randomness");
+    SigningKey::from_bytes(&seed)
+}
+
+/// Peak resident memory of this process, in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Side {
+    peers: Peers,
+    events: mpsc::Receiver<PeerEvent>,
+    _dir: tempfile::TempDir,
+}
+
+async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
+    let user = UserName::new(name).expect("name");
+    let credential = accounts.add_user(&user).expect("add user");
+    let key = identity();
+    let (signal, events) = client::connect(ClientConfig {
+        server_url: url.to_owned(),
+        username: user.clone(),
+        credential,
+        identity: key.clone(),
+        token_ttl: 600,
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+    });
+    signal.connected().await.expect("signaling up");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (catalog, _, thread) = Catalog::open(&dir.path().join("catalog.db")).expect("catalog");
+    // The catalog thread lives until the process ends.
+    std::mem::forget(thread);
+    let (peers, events) = Peers::start(
+        PeersConfig {
+            me: user,
+            identity: key,
+            ice_servers: vec![],
+            udp_addrs: vec!["127.0.0.1:0".into()],
+            setup_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(20),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+        },
+        Arc::new(signal),
+        events,
+        catalog,
+        Arc::new(|_: &GroupName, _: &UserName| true),
+    );
+    Side {
+        peers,
+        events,
+        _dir: dir,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn tcp_loopback(bytes: usize) -> f64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // The receiving end: reads everything and reports when done.
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < bytes {
+            let r = s.read(&mut buf).await.expect("read");
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        n
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let chunk = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).await.expect("write");
+        sent += chunk.len();
+    }
+    let got = reader.await.expect("reader");
+    assert_eq!(got, bytes);
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let mib = env("PEER_BENCH_MIB", 512);
+    let setups = env("PEER_BENCH_SETUPS", 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("server.db");
+    let accounts = Accounts::open(&db).expect("accounts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("ws://{}/", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // The signaling server, for the whole run.
+    let server = tokio::spawn(server::run(listener, ServerConfig::new(db), async {
+        let _ = stopped.await;
+    }));
+    println!(
+        "machine: {} cores; payload {mib} MiB; {setups} setups",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // Setup time: a fresh pair each time (first contact: key lookup and pin included).
+    let mut times = Vec::new();
+    for i in 0..setups {
+        let a = client(&url, &accounts, &format!("a{i}")).await;
+        let b = client(&url, &accounts, &format!("b{i}")).await;
+        let bname = UserName::new(&format!("b{i}")).expect("name");
+        let start = Instant::now();
+        a.peers.connect(&bname).await.expect("connect");
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        a.peers.shutdown().await;
+        b.peers.shutdown().await;
+    }
+    let (min, max) = (
+        times.iter().cloned().fold(f64::MAX, f64::min),
+        times.iter().cloned().fold(0.0, f64::max),
+    );
+    println!(
+        "setup (offer to authenticated link): median {:.1} ms, min {min:.1} ms, max {max:.1} ms",
+        median(&mut times)
+    );
+
+    // Bulk throughput of one pair.
+    let a = client(&url, &accounts, "sender").await;
+    let mut b = client(&url, &accounts, "receiver").await;
+    let to = UserName::new("receiver").expect("name");
+    a.peers.connect(&to).await.expect("connect");
+    let rss_before = rss_mib();
+    let total = mib << 20;
+    let msg = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let sender = {
+        let peers = a.peers.clone();
+        let to = to.clone();
+        // Pushes the payload as fast as backpressure allows.
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < total {
+                peers.send(&to, Lane::Bulk, &msg).await.expect("send");
+                sent += msg.len();
+            }
+        })
+    };
+    let mut got = 0usize;
+    let mut max_rss = rss_before;
+    while got < total {
+        match b.events.recv().await {
+            Some(PeerEvent::Message { payload, .. }) => {
+                got += payload.len();
+                if got % (64 << 20) < (1 << 20) {
+                    max_rss = max_rss.max(rss_mib());
+                }
+            }
+            Some(_) => {}
+            None => panic!("events closed"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    sender.await.expect("sender");
+    println!(
+        "bulk: {mib} MiB in {secs:.2} s = {:.1} MB/s; RSS {rss_before:.0} MiB before, max {max_rss:.0} MiB during, peak {:.0} MiB",
+        total as f64 / secs / 1e6,
+        peak_rss_mib()
+    );
+    a.peers.shutdown().await;
+    b.peers.shutdown().await;
+
+    let tcp = tcp_loopback(1 << 30).await;
+    println!("raw TCP loopback: 1024 MiB at {tcp:.0} MB/s");
+    drop(stop);
+    let _ = server.await;
+}
