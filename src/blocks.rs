@@ -4,13 +4,11 @@
 
 pub mod cache;
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::catalog::{Catalog, Op};
 use crate::ids::{BlockHash, Ino};
 
 /// Size of one block: the unit of hashing, transfer and caching.
@@ -43,30 +41,49 @@ pub fn hash_block(data: &[u8]) -> BlockHash {
     BlockHash(*blake3::hash(data).as_bytes())
 }
 
+/// Called with each finished hash: the file, the content sequence it was asked
+/// for, and its blocks.
+pub type OnHashed = Box<dyn Fn(Ino, u64, Vec<(BlockHash, u32)>) + Send + Sync>;
+
 /// A background worker that (re)hashes files after they change. Requests for the
-/// same file coalesce while it waits.
-#[derive(Debug, Clone)]
+/// same file coalesce while they wait; the newest content sequence wins.
+#[derive(Clone)]
 pub struct Hasher {
     inner: Arc<HasherInner>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+/// Files waiting to be hashed, in order, with their paths and sequences.
+#[derive(Default)]
+struct Queue {
+    order: Vec<Ino>,
+    jobs: std::collections::HashMap<Ino, (PathBuf, u64)>,
+    stop: bool,
+}
+
 struct HasherInner {
-    /// Files waiting to be hashed, and whether the worker should stop. The worker
-    /// sleeps on `wake` while the set is empty.
-    queue: Mutex<(Vec<(Ino, PathBuf)>, HashSet<Ino>, bool)>,
+    /// The queue. The worker sleeps on `wake` while it is empty.
+    queue: Mutex<Queue>,
     wake: Condvar,
     /// Signalled whenever the queue drains, for [`Hasher::wait_idle`].
     idle: Condvar,
+    /// Set while the worker hashes a file it has taken off the queue.
+    busy: std::sync::atomic::AtomicBool,
 }
 
 impl Hasher {
-    /// Starts the worker thread; it writes results through `catalog`.
-    pub fn start(catalog: Catalog) -> Self {
+    /// Starts the worker thread; each result goes to `on_hashed`.
+    pub fn start(on_hashed: OnHashed) -> Self {
         let inner = Arc::new(HasherInner {
-            queue: Mutex::new((Vec::new(), HashSet::new(), false)),
+            queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             idle: Condvar::new(),
+            busy: std::sync::atomic::AtomicBool::new(false),
         });
         let worker = inner.clone();
         // The hashing thread: lives until `stop`; owns no state but the queue.
@@ -74,7 +91,7 @@ impl Hasher {
             .name("hasher".into())
             .spawn(move || {
                 background_priority();
-                run(&worker, &catalog)
+                run(&worker, &on_hashed)
             });
         if let Err(e) = spawned {
             tracing::error!(cause = ?e, "cannot start the block hasher");
@@ -82,15 +99,16 @@ impl Hasher {
         Self { inner }
     }
 
-    /// Asks for `ino`'s blocks to be hashed from the file at `path`.
-    pub fn enqueue(&self, ino: Ino, path: PathBuf) {
+    /// Asks for `ino`'s blocks to be hashed from the file at `path`, for content
+    /// sequence `seq`.
+    pub fn enqueue(&self, ino: Ino, path: PathBuf, seq: u64) {
         let Ok(mut q) = self.inner.queue.lock() else {
             return;
         };
-        if q.1.insert(ino) {
-            q.0.push((ino, path));
+        if q.jobs.insert(ino, (path, seq)).is_none() {
+            q.order.push(ino);
             // Only an idle worker needs waking; a busy one drains the queue.
-            if q.1.len() == 1 {
+            if q.order.len() == 1 {
                 self.inner.wake.notify_one();
             }
         }
@@ -101,7 +119,9 @@ impl Hasher {
         let Ok(mut q) = self.inner.queue.lock() else {
             return;
         };
-        while !q.1.is_empty() && !q.2 {
+        while (!q.order.is_empty() || self.inner.busy.load(std::sync::atomic::Ordering::SeqCst))
+            && !q.stop
+        {
             q = match self.inner.idle.wait(q) {
                 Ok(q) => q,
                 Err(_) => return,
@@ -112,7 +132,7 @@ impl Hasher {
     /// Stops the worker after the files already queued.
     pub fn stop(&self) {
         if let Ok(mut q) = self.inner.queue.lock() {
-            q.2 = true;
+            q.stop = true;
             self.inner.wake.notify_all();
         }
     }
@@ -135,15 +155,16 @@ pub fn background_priority() {
 /// closed files costs one wake-up rather than one per file.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
 
-fn run(inner: &HasherInner, catalog: &Catalog) {
+fn run(inner: &HasherInner, on_hashed: &OnHashed) {
+    use std::sync::atomic::Ordering;
     loop {
         // Sleep until there is work (or we are told to stop with nothing left).
         {
             let Ok(mut q) = inner.queue.lock() else {
                 return;
             };
-            while q.0.is_empty() {
-                if q.2 {
+            while q.order.is_empty() {
+                if q.stop {
                     inner.idle.notify_all();
                     return;
                 }
@@ -157,37 +178,33 @@ fn run(inner: &HasherInner, catalog: &Catalog) {
         std::thread::sleep(DEBOUNCE);
         loop {
             let job = match inner.queue.lock() {
-                Ok(mut q) => q.0.pop(),
+                Ok(mut q) => {
+                    if q.order.is_empty() {
+                        None
+                    } else {
+                        let ino = q.order.remove(0);
+                        inner.busy.store(true, Ordering::SeqCst);
+                        q.jobs.remove(&ino).map(|(path, seq)| (ino, path, seq))
+                    }
+                }
                 Err(_) => return,
             };
-            let Some((ino, path)) = job else {
+            let Some((ino, path, seq)) = job else {
                 break;
             };
-            hash_one(catalog, ino, &path);
-            if let Ok(mut q) = inner.queue.lock() {
-                q.1.remove(&ino);
-                if q.1.is_empty() {
-                    inner.idle.notify_all();
-                }
+            match File::open(&path).and_then(|f| hash_file(&f)) {
+                Ok(blocks) => on_hashed(ino, seq, blocks),
+                // The file was removed meanwhile: nothing to index.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
+            }
+            inner.busy.store(false, Ordering::SeqCst);
+            if let Ok(q) = inner.queue.lock()
+                && q.order.is_empty()
+            {
+                inner.idle.notify_all();
             }
         }
-    }
-}
-
-fn hash_one(catalog: &Catalog, ino: Ino, path: &std::path::Path) {
-    match File::open(path).and_then(|f| hash_file(&f)) {
-        Ok(blocks) => {
-            let count = blocks.len() as u64;
-            let _ = catalog.send(Op::PutBlocks {
-                ino,
-                from: 0,
-                blocks,
-                count,
-            });
-        }
-        // The file was removed meanwhile: nothing to index.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
     }
 }
 

@@ -158,6 +158,20 @@ pub struct NodeRow {
     pub version: Version,
     /// Symlink target.
     pub target: Option<Vec<u8>>,
+    /// For nodes of joined groups: what the owner's side of it is.
+    pub remote: Option<Remote>,
+}
+
+/// A member's node that mirrors one of the owner's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remote {
+    /// The owner's inode number.
+    pub id: u64,
+    /// The owner's version this node holds.
+    pub version: u64,
+    /// The member changed it locally (its content or name no longer mirror the
+    /// owner's): the next owner change makes a conflict copy of it.
+    pub local_edit: bool,
 }
 
 /// One row of `groups`.
@@ -302,6 +316,9 @@ pub enum Op {
     },
     /// Answered once every earlier op is committed.
     Barrier(mpsc::SyncSender<Result<(), String>>),
+    /// Commits what came before and stops the actor, even if handles remain
+    /// (their later sends fail with [`CatalogError::Stopped`]).
+    Close,
     /// Pins `user`'s identity key if none is pinned yet, and answers how the key
     /// compares with the pinned one. Committed durably before the answer.
     PinKey {
@@ -343,6 +360,8 @@ pub struct Snapshot {
     pub members: Vec<(GroupId, String)>,
     /// The next inode number to hand out.
     pub next_ino: u64,
+    /// Block lists of files as (ino, index, hash, length), in index order.
+    pub blocks: Vec<(Ino, u64, BlockHash, u32)>,
 }
 
 /// A cloneable handle to the catalog actor.
@@ -356,12 +375,14 @@ pub struct Catalog {
     path: PathBuf,
 }
 
-/// Joins the catalog actor when dropped after every [`Catalog`] handle is gone.
+/// Closes the catalog (committing what was sent) and joins its actor when dropped,
+/// whether or not other [`Catalog`] handles remain.
 #[derive(Debug)]
-pub struct CatalogThread(Option<JoinHandle<()>>);
+pub struct CatalogThread(Option<JoinHandle<()>>, Catalog);
 
 impl Drop for CatalogThread {
     fn drop(&mut self) {
+        self.1.close();
         if let Some(h) = self.0.take() {
             let _ = h.join();
         }
@@ -393,14 +414,15 @@ impl Catalog {
                 path: path.to_owned(),
                 source: SchemaError::Sql(rusqlite::Error::InvalidPath(e.to_string().into())),
             })?;
+        let catalog = Self {
+            tx,
+            actor: handle.thread().clone(),
+            path: path.to_owned(),
+        };
         Ok((
-            Self {
-                tx,
-                actor: handle.thread().clone(),
-                path: path.to_owned(),
-            },
+            catalog.clone(),
             snapshot,
-            CatalogThread(Some(handle)),
+            CatalogThread(Some(handle), catalog),
         ))
     }
 
@@ -439,6 +461,13 @@ impl Catalog {
         }
     }
 
+    /// Commits everything sent so far durably and stops the actor.
+    pub fn close(&self) {
+        if self.send(Op::Close).is_ok() {
+            self.actor.unpark();
+        }
+    }
+
     /// Waits until every op sent before this call is committed durably.
     pub fn barrier(&self) -> Result<(), CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -458,7 +487,7 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         // (senders do not wake us; only a barrier does, via unpark) and then take
         // everything queued, so a burst of small operations costs one transaction
         // and one wake-up instead of one each.
-        let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. });
+        let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. } | Op::Close);
         batch.push(first);
         if !urgent {
             std::thread::park_timeout(GROUP_COMMIT_WINDOW);
@@ -470,12 +499,13 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             }
         }
         coalesce(&mut batch);
+        let closing = batch.iter().any(|op| matches!(op, Op::Close));
         // Commits are cheap (synchronous=NORMAL: the WAL is not fsynced) unless the
         // batch answers a barrier: then that commit fsyncs the WAL, which makes it
         // and every earlier commit durable.
         let durable = batch
             .iter()
-            .any(|op| matches!(op, Op::Barrier(_) | Op::PinKey { .. }));
+            .any(|op| matches!(op, Op::Barrier(_) | Op::PinKey { .. } | Op::Close));
         let mode = if durable { "FULL" } else { "NORMAL" };
         if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
             tracing::error!(cause = ?e, "cannot set catalog sync mode");
@@ -495,6 +525,9 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                     let _ = b.send(err.map_or(Ok(outcome), Err));
                 }
             }
+        }
+        if closing {
+            break;
         }
     }
     tracing::debug!("catalog actor stopped");
@@ -567,8 +600,10 @@ fn apply(
             Op::PutNode(n) => {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO nodes (ino, group_id, kind, perm, uid, gid, nlink, rdev, \
-                     size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, version, target) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                     size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, version, target, \
+                     remote_id, remote_version, local_edit) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                     ?18, ?19, ?20)",
                 )?
                 .execute(params![
                     n.ino.0 as i64,
@@ -588,6 +623,9 @@ fn apply(
                     n.ctime.nanos,
                     n.version.0 as i64,
                     n.target,
+                    n.remote.map(|r| r.id as i64),
+                    n.remote.map(|r| r.version as i64),
+                    n.remote.map(|r| r.local_edit),
                 ])?;
             }
             Op::DeleteNode(ino) => {
@@ -704,6 +742,7 @@ fn apply(
                     .execute(params![key, value])?;
             }
             Op::Barrier(b) => barriers.push(Answer::Barrier(b)),
+            Op::Close => {}
         }
     }
     tx.commit()
@@ -713,7 +752,8 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
     let mut s = Snapshot::default();
     let mut q = conn.prepare(
         "SELECT ino, group_id, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \
-         mtime_s, mtime_ns, ctime_s, ctime_ns, version, target FROM nodes",
+         mtime_s, mtime_ns, ctime_s, ctime_ns, version, target, remote_id, remote_version, \
+         local_edit FROM nodes",
     )?;
     let rows = q.query_map([], |r| {
         let kind: u8 = r.get(2)?;
@@ -741,6 +781,14 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
             },
             version: Version(r.get::<_, i64>(15)? as u64),
             target: r.get(16)?,
+            remote: match r.get::<_, Option<i64>>(17)? {
+                Some(id) => Some(Remote {
+                    id: id as u64,
+                    version: r.get::<_, Option<i64>>(18)?.unwrap_or(0) as u64,
+                    local_edit: r.get::<_, Option<bool>>(19)?.unwrap_or(false),
+                }),
+                None => None,
+            },
         })
     })?;
     for n in rows {
@@ -785,6 +833,22 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
         if let Some(m) = max {
             g.next_seq = Seq(g.next_seq.0.max(m as u64 + 1));
         }
+    }
+    let mut q = conn.prepare("SELECT ino, idx, hash, len FROM blocks ORDER BY ino, idx")?;
+    for b in q.query_map([], |r| {
+        let hash: Vec<u8> = r.get(2)?;
+        let mut h = [0u8; 32];
+        if hash.len() == 32 {
+            h.copy_from_slice(&hash);
+        }
+        Ok((
+            Ino(r.get::<_, i64>(0)? as u64),
+            r.get::<_, i64>(1)? as u64,
+            BlockHash(h),
+            r.get::<_, u32>(3)?,
+        ))
+    })? {
+        s.blocks.push(b?);
     }
     let mut q = conn.prepare("SELECT group_id, user FROM members")?;
     for m in q.query_map([], |r| Ok((GroupId(r.get::<_, i64>(0)? as u64), r.get(1)?)))? {

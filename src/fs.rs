@@ -8,4 +8,4 @@ mod mount;
 pub mod store;
 pub mod tree;
 
-pub use mount::{MountOptions, MountState, Mounted, mount, mount_state};
+pub use mount::{MountOptions, MountState, Mounted, mount, mount_state, mount_with_link};

@@ -1,6 +1,8 @@
 //! Group synchronization: owners push their groups' changes to members, members
 //! apply them, fetch blocks, and keep their own edits as conflict copies.
 //!
-//! [`proto`] is the wire format both sides speak over the peer link.
+//! [`proto`] is the wire format both sides speak over the peer link; [`engine`]
+//! runs both sides in a client.
 
+pub mod engine;
 pub mod proto;

@@ -9,3 +9,4 @@ mod ops;
 mod peer;
 mod posix;
 mod signal;
+mod sync;

@@ -18,6 +18,8 @@ CREATE TABLE groups (
     name      TEXT NOT NULL,
     root      INTEGER NOT NULL,
     owned     INTEGER NOT NULL,
+    -- Owned groups: the first log position. Joined groups: the owner's log
+    -- position applied so far.
     next_seq  INTEGER NOT NULL,
     UNIQUE (owner, name)
 );
@@ -42,7 +44,12 @@ CREATE TABLE nodes (
     mtime_s   INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     ctime_s   INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     version   INTEGER NOT NULL,
-    target    BLOB
+    target    BLOB,
+    -- In joined groups: the owner's inode number, the owner's version held, and
+    -- whether the member changed the node locally.
+    remote_id      INTEGER,
+    remote_version INTEGER,
+    local_edit     INTEGER
 );
 CREATE TABLE dirents (
     parent    INTEGER NOT NULL,

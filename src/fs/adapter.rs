@@ -22,11 +22,13 @@ use fuser::{
 };
 
 use crate::blocks::Hasher;
+use crate::blocks::cache::BlockCache;
 use crate::catalog::{Catalog, NodeKind, Stamp};
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::store::Store;
-use crate::fs::tree::{self, Node, ROOT, SetAttr, Tree, WSSERVER};
-use crate::ids::Ino;
+use crate::fs::tree::{self, Blocks, Node, ROOT, SetAttr, Tree, WSSERVER};
+use crate::ids::{GroupId, Ino};
+use crate::sync::engine::Engine;
 
 /// How long the kernel may cache entries and attributes. Brume is the only writer
 /// of its namespace and the kernel invalidates what it changes itself.
@@ -63,6 +65,28 @@ struct Handle {
     writable: bool,
 }
 
+/// A handle on a mirrored file whose content comes from the block cache.
+#[derive(Debug, Clone)]
+struct CachedHandle {
+    ino: Ino,
+    group: GroupId,
+    blocks: Blocks,
+    size: u64,
+}
+
+/// What finishing an open needs, detached from `BrumeFs` so that a task can do it
+/// after fetching blocks.
+#[derive(Clone)]
+struct Opener {
+    tree: Arc<RwLock<Tree>>,
+    open: Arc<Mutex<HashMap<Ino, OpenInode>>>,
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    next_fh: Arc<AtomicU64>,
+    store: Store,
+    cache: Arc<BlockCache>,
+    passthrough: bool,
+}
+
 /// One open directory handle: a snapshot of the entries taken at opendir, so that
 /// offsets stay stable while the directory changes.
 #[derive(Debug)]
@@ -75,15 +99,23 @@ struct DirHandle {
 pub(crate) struct BrumeFs {
     /// The namespace. Readers (lookup, getattr, readdir) share it; every mutation
     /// takes it exclusively, which also orders the catalog ops it queues.
-    tree: RwLock<Tree>,
-    /// Open regular files by inode; lock order: `tree` before `open`.
-    open: Mutex<HashMap<Ino, OpenInode>>,
-    /// File handles by fh.
-    handles: Mutex<HashMap<u64, Handle>>,
+    tree: Arc<RwLock<Tree>>,
+    /// Open regular files by inode; lock order: `tree` before `open`. Shared with
+    /// tasks that finish an open after fetching blocks.
+    open: Arc<Mutex<HashMap<Ino, OpenInode>>>,
+    /// File handles by fh (shared likewise).
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    /// Handles of mirrored files read from the block cache, by fh.
+    cached: Mutex<HashMap<u64, CachedHandle>>,
     /// Directory handles by fh.
     dirs: Mutex<HashMap<u64, DirHandle>>,
-    next_fh: AtomicU64,
+    next_fh: Arc<AtomicU64>,
     store: Store,
+    /// Members' block cache.
+    cache: Arc<BlockCache>,
+    /// The sync engine and the runtime its tasks run on, once sync is started
+    /// (set by the mount after the session exists, hence shared).
+    sync: Arc<std::sync::OnceLock<(Engine, tokio::runtime::Handle)>>,
     catalog: Catalog,
     hasher: Hasher,
     data_dir: PathBuf,
@@ -120,7 +152,7 @@ fn name_bytes(name: &OsStr) -> &[u8] {
 
 impl BrumeFs {
     pub(crate) fn new(
-        tree: Tree,
+        tree: Arc<RwLock<Tree>>,
         store: Store,
         catalog: Catalog,
         hasher: Hasher,
@@ -128,14 +160,19 @@ impl BrumeFs {
         want_passthrough: bool,
         wsserver: Vec<u8>,
         owner: (u32, u32),
+        cache: Arc<BlockCache>,
+        sync: Arc<std::sync::OnceLock<(Engine, tokio::runtime::Handle)>>,
     ) -> Self {
         Self {
-            tree: RwLock::new(tree),
-            open: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
+            tree,
+            open: Arc::new(Mutex::new(HashMap::new())),
+            handles: Arc::new(Mutex::new(HashMap::new())),
+            cached: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            next_fh: Arc::new(AtomicU64::new(1)),
             store,
+            cache,
+            sync,
             catalog,
             hasher,
             data_dir,
@@ -287,8 +324,8 @@ impl BrumeFs {
         } else {
             (mtime, ctime)
         };
-        tree.content_changed(ino, m.size(), mtime, ctime, ranges)?;
-        self.hasher.enqueue(ino, self.store.path(ino));
+        let seq = tree.content_changed(ino, m.size(), mtime, ctime, ranges)?;
+        self.hasher.enqueue(ino, self.store.path(ino), seq);
         self.refresh_members_of(tree, ino)?;
         Ok(())
     }
@@ -349,70 +386,144 @@ impl BrumeFs {
         Ok((self.attr_of(tree.get(ino)?), file))
     }
 
-    /// Opens `ino` for a new handle; returns the handle and, with passthrough, the
-    /// inode's backing id to reply with. `register` makes the backing id from the
-    /// backing file through the reply object.
-    fn open_file(
-        &self,
-        ino: Ino,
-        created: Option<File>,
-        writable: bool,
-        register: impl FnOnce(&File) -> std::io::Result<BackingId>,
-        reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
-    ) -> FsResult<()> {
+    fn cached_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, CachedHandle>> {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// If `ino` is a mirrored file whose content is in the block cache: what a
+    /// handle on it needs.
+    fn mirrored(&self, ino: Ino) -> Option<CachedHandle> {
         let tree = self.tree_read();
-        let node = tree.get(ino)?;
-        match node.row.kind {
-            NodeKind::File => {}
-            NodeKind::Dir => return Err(FsError::IsDir),
-            _ => return Err(FsError::Invalid { why: "not a file" }),
-        }
-        let mut open = self.open_map();
-        if !open.contains_key(&ino) {
-            let file = match created {
-                Some(f) => f,
-                None => self.store.open_rw(ino)?,
-            };
-            let m = file.metadata()?;
-            let backing = if self.passthrough.load(Ordering::Relaxed) {
-                match register(&file) {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::warn!(%ino, cause = ?e, "passthrough refused; serving through the daemon");
-                        None
-                    }
+        let blocks = tree.cached_content(ino)?;
+        let n = tree.get(ino).ok()?;
+        Some(CachedHandle {
+            ino,
+            group: n.row.group?,
+            blocks,
+            size: n.row.size,
+        })
+    }
+
+    /// Fetches the missing blocks of a mirrored file in a task, then opens it for
+    /// writing (copying it into the backing store) and replies from there.
+    fn open_after_fetch(&self, h: CachedHandle, reply: ReplyOpen) {
+        let Some((engine, runtime)) = self.sync.get() else {
+            tracing::warn!(ino = %h.ino, "content not cached and no sync running");
+            return reply.error(Errno::EIO);
+        };
+        let engine = engine.clone();
+        let opener = self.opener();
+        // Owns the reply until the blocks are here (or the owner is unreachable).
+        runtime.spawn(async move {
+            for (i, (hash, _)) in h.blocks.iter().enumerate() {
+                if let Err(e) = engine.fetch(h.group, h.ino, i as u32, *hash, true).await {
+                    tracing::warn!(ino = %h.ino, block = i, cause = %e, "cannot open for writing");
+                    return reply.error(Errno::EIO);
                 }
-            } else {
-                None
-            };
-            open.insert(
-                ino,
-                OpenInode {
-                    file: Arc::new(file),
-                    backing,
-                    handles: 0,
-                    seen: (m.size(), m.mtime(), m.mtime_nsec()),
-                    dirty: false,
-                    ranges: Some(Vec::new()),
+            }
+            let reply = std::cell::RefCell::new(Some(reply));
+            let r = opener.open_file(
+                h.ino,
+                None,
+                true,
+                |f| match reply.borrow().as_ref() {
+                    Some(r) => r.open_backing(f),
+                    None => Err(std::io::Error::other("reply already sent")),
+                },
+                |fh, backing| {
+                    if let Some(r) = reply.borrow_mut().take() {
+                        match backing {
+                            Some(b) => r.opened_passthrough(fh, OPEN_FLAGS, b),
+                            None => r.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+                        }
+                    }
                 },
             );
+            if let Err(e) = r
+                && let Some(r) = reply.borrow_mut().take()
+            {
+                r.error(e.errno());
+            }
+        });
+    }
+
+    /// Reads a mirrored file from the block cache; blocks not there are fetched
+    /// from the owner in a task, which then replies (EIO if the owner cannot
+    /// send them within the read timeout).
+    fn read_cached(&self, h: CachedHandle, offset: u64, size: u32, reply: ReplyData) {
+        let end = (offset + u64::from(size)).min(h.size);
+        if offset >= end {
+            return reply.data(&[]);
         }
-        let Some(oi) = open.get_mut(&ino) else {
-            return Err(FsError::NotFound);
+        let first = (offset / crate::blocks::BLOCK_SIZE) as usize;
+        let last = ((end - 1) / crate::blocks::BLOCK_SIZE) as usize;
+        let mut parts: Vec<Option<Arc<[u8]>>> = Vec::with_capacity(last - first + 1);
+        for (hash, _) in h.blocks.get(first..=last).unwrap_or_default() {
+            match self.cache.read(hash) {
+                Ok(d) => parts.push(d),
+                Err(e) => {
+                    tracing::error!(ino = %h.ino, cause = %e, "block cache read failed");
+                    return reply.error(Errno::EIO);
+                }
+            }
+        }
+        if parts.len() != last - first + 1 {
+            return reply.error(Errno::EIO);
+        }
+        let assemble = move |parts: Vec<Arc<[u8]>>| {
+            let mut out = Vec::with_capacity((end - offset) as usize);
+            for (k, data) in parts.iter().enumerate() {
+                let block_start = (first + k) as u64 * crate::blocks::BLOCK_SIZE;
+                let from = offset.saturating_sub(block_start) as usize;
+                let to = ((end - block_start) as usize).min(data.len());
+                if from < to {
+                    out.extend_from_slice(&data[from..to]);
+                }
+            }
+            out
         };
-        oi.handles += 1;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handle_map().insert(
-            fh,
-            Handle {
-                ino,
-                file: oi.file.clone(),
-                writable,
-            },
-        );
-        tree.opened(ino)?;
-        reply_with(FileHandle(fh), oi.backing.as_ref());
-        Ok(())
+        if parts.iter().all(Option::is_some) {
+            return reply.data(&assemble(parts.into_iter().flatten().collect()));
+        }
+        let Some((engine, runtime)) = self.sync.get() else {
+            tracing::warn!(ino = %h.ino, "block not cached and no sync running");
+            return reply.error(Errno::EIO);
+        };
+        let engine = engine.clone();
+        // Owns the reply until the missing blocks arrive or the wait times out.
+        runtime.spawn(async move {
+            let mut full = Vec::with_capacity(parts.len());
+            for (k, part) in parts.into_iter().enumerate() {
+                let data = match part {
+                    Some(d) => d,
+                    None => {
+                        let i = first + k;
+                        let hash = h.blocks[i].0;
+                        match engine.fetch(h.group, h.ino, i as u32, hash, true).await {
+                            Ok(d) => d,
+                            Err(e) => {
+                                tracing::error!(ino = %h.ino, block = i, cause = %e, "read failed");
+                                return reply.error(Errno::EIO);
+                            }
+                        }
+                    }
+                };
+                full.push(data);
+            }
+            reply.data(&assemble(full));
+        });
+    }
+
+    fn opener(&self) -> Opener {
+        Opener {
+            tree: self.tree.clone(),
+            open: self.open.clone(),
+            handles: self.handles.clone(),
+            next_fh: self.next_fh.clone(),
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            passthrough: self.passthrough.load(Ordering::Relaxed),
+        }
     }
 
     fn release_file(&self, fh: u64) -> FsResult<()> {
@@ -519,7 +630,8 @@ impl BrumeFs {
         }
         tree.setattr(ino, &set)?;
         if set.size.is_some() {
-            self.hasher.enqueue(ino, self.store.path(ino));
+            let seq = tree.get(ino)?.content_seq;
+            self.hasher.enqueue(ino, self.store.path(ino), seq);
             self.refresh_members_of(&mut tree, ino)?;
         }
         Ok(self.attr_of(tree.get(ino)?))
@@ -542,6 +654,105 @@ impl BrumeFs {
         if let Err(e) = self.catalog.barrier() {
             tracing::error!(cause = ?e, "final catalog flush failed");
         }
+    }
+}
+
+impl Opener {
+    /// Opens `ino` for a new handle and replies through `reply_with`, with the
+    /// inode's passthrough backing id if there is one. `register` makes the
+    /// backing id from the backing file through the reply object. A mirrored file
+    /// opened for writing is first copied from the block cache into the backing
+    /// store (its blocks must be cached).
+    fn open_file(
+        &self,
+        ino: Ino,
+        created: Option<File>,
+        writable: bool,
+        register: impl FnOnce(&File) -> std::io::Result<BackingId>,
+        reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
+    ) -> FsResult<()> {
+        if writable {
+            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            self.copy_up(&mut tree, ino)?;
+        }
+        let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
+        let node = tree.get(ino)?;
+        match node.row.kind {
+            NodeKind::File => {}
+            NodeKind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid { why: "not a file" }),
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if !open.contains_key(&ino) {
+            let file = match created {
+                Some(f) => f,
+                None => self.store.open_rw(ino)?,
+            };
+            let m = file.metadata()?;
+            let backing = if self.passthrough {
+                match register(&file) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(%ino, cause = ?e, "passthrough refused; serving through the daemon");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            open.insert(
+                ino,
+                OpenInode {
+                    file: Arc::new(file),
+                    backing,
+                    handles: 0,
+                    seen: (m.size(), m.mtime(), m.mtime_nsec()),
+                    dirty: false,
+                    ranges: Some(Vec::new()),
+                },
+            );
+        }
+        let Some(oi) = open.get_mut(&ino) else {
+            return Err(FsError::NotFound);
+        };
+        oi.handles += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                fh,
+                Handle {
+                    ino,
+                    file: oi.file.clone(),
+                    writable,
+                },
+            );
+        tree.opened(ino)?;
+        reply_with(FileHandle(fh), oi.backing.as_ref());
+        Ok(())
+    }
+
+    /// Moves a mirrored file's content from the block cache into the backing
+    /// store before the member changes it: from then on it is the member's.
+    fn copy_up(&self, tree: &mut Tree, ino: Ino) -> FsResult<()> {
+        let Some(blocks) = tree.cached_content(ino) else {
+            return Ok(());
+        };
+        if !blocks.iter().all(|(h, _)| self.cache.contains(h)) {
+            return Err(FsError::Unavailable);
+        }
+        let mut file = self.store.create(ino)?;
+        for (h, _) in blocks.iter() {
+            let data = self
+                .cache
+                .read(h)
+                .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?
+                .ok_or(FsError::Unavailable)?;
+            std::io::Write::write_all(&mut file, &data)?;
+        }
+        tree.begin_local_edit(ino)?;
+        Ok(())
     }
 }
 
@@ -808,8 +1019,26 @@ impl fuser::Filesystem for BrumeFs {
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
+        let mirrored = self.mirrored(ino);
+        if let Some(h) = mirrored {
+            if !writable {
+                return match self.tree_read().opened(ino) {
+                    Ok(()) => {
+                        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                        self.cached_map().insert(fh, h);
+                        reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE)
+                    }
+                    Err(e) => reply.error(e.errno()),
+                };
+            }
+            if !h.blocks.iter().all(|(b, _)| self.cache.contains(b)) {
+                // Writing needs the whole content here first: fetch what is missing
+                // in a task, then finish the open there.
+                return self.open_after_fetch(h, reply);
+            }
+        }
         let reply = std::cell::RefCell::new(Some(reply));
-        let r = self.open_file(
+        let r = self.opener().open_file(
             ino,
             None,
             writable,
@@ -856,7 +1085,7 @@ impl fuser::Filesystem for BrumeFs {
         };
         let writable = OpenFlags(flags).acc_mode() != OpenAccMode::O_RDONLY;
         let reply = std::cell::RefCell::new(Some(reply));
-        let r = self.open_file(
+        let r = self.opener().open_file(
             Ino(attr.ino.0),
             file,
             writable,
@@ -904,6 +1133,9 @@ impl fuser::Filesystem for BrumeFs {
             let start = (offset as usize).min(self.wsserver.len());
             let end = (start + size as usize).min(self.wsserver.len());
             return reply.data(&self.wsserver[start..end]);
+        }
+        if let Some(h) = self.cached_map().get(&fh.0).cloned() {
+            return self.read_cached(h, offset, size, reply);
         }
         let file = match self.handle(fh) {
             Ok((_, f, _)) => f,
@@ -999,6 +1231,18 @@ impl fuser::Filesystem for BrumeFs {
     ) {
         if fh.0 == 0 {
             return reply.ok();
+        }
+        let cached = self.cached_map().remove(&fh.0);
+        if let Some(h) = cached {
+            let r = (|| {
+                if self.tree_read().closed(h.ino)?
+                    && let Ok(gone) = self.tree_write().release_if_unused(h.ino)
+                {
+                    self.drop_node(gone);
+                }
+                Ok(())
+            })();
+            return reply_empty(reply, r);
         }
         reply_empty(reply, self.release_file(fh.0));
     }

@@ -53,6 +53,9 @@ pub enum FsError {
     /// The file is too large.
     #[error("file too large")]
     TooBig,
+    /// Content that must come from the owner is not available (yet).
+    #[error("content not available from the owner")]
+    Unavailable,
     /// The kernel's handle does not exist.
     #[error("bad file handle")]
     BadHandle,
@@ -82,6 +85,7 @@ impl FsError {
             Self::NotSupported => Errno::ENOTSUP,
             Self::TooBig => Errno::EFBIG,
             Self::BadHandle => Errno::EBADF,
+            Self::Unavailable => Errno::EIO,
             Self::Io(e) => e.raw_os_error().map(Errno::from_i32).unwrap_or(Errno::EIO),
             Self::Catalog(_) => Errno::EIO,
         }

@@ -3,16 +3,18 @@
 //! handled by the caller, or `fusermount3 -u`).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, RwLock, mpsc};
 
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
 use crate::blocks::Hasher;
+use crate::blocks::cache::BlockCache;
 use crate::catalog::{Catalog, CatalogThread};
 use crate::config::Config;
 use crate::fs::adapter::BrumeFs;
 use crate::fs::store::Store;
 use crate::fs::tree::Tree;
+use crate::sync::engine::{Engine, EngineConfig, Link};
 
 /// What `brume mount` needs.
 #[derive(Debug, Clone)]
@@ -62,10 +64,19 @@ pub struct Mounted {
     session: Option<std::thread::JoinHandle<()>>,
     hasher: Hasher,
     _catalog: Option<CatalogThread>,
+    catalog: Catalog,
     state_file: PathBuf,
+    engine: Option<Engine>,
+    /// The sync engine's runtime; shut down after the session ends.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Mounted {
+    /// The sync engine, if the mount has a link to peers.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
     /// The mountpoint.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
@@ -114,7 +125,15 @@ impl Mounted {
         if let Some(s) = self.session.take() {
             let _ = s.join();
         }
+        self.engine = None;
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
         self.hasher.stop();
+        self.hasher.wait_idle();
+        // The tree (and its catalog handle) may outlive the mount in tasks that
+        // still hold the engine: close the catalog explicitly.
+        self.catalog.close();
         let _ = std::fs::remove_file(&self.state_file);
     }
 }
@@ -141,8 +160,19 @@ pub struct MountState {
 /// Name of the mount state file in the data dir.
 pub(crate) const STATE_FILE: &str = "mount.json";
 
+/// Verified block contents kept in memory for member reads.
+const HOT_BLOCKS_BYTES: u64 = 64 << 20;
+
 /// Mounts Brume at `opts.mountpoint` and returns once the kernel has it.
 pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
+    mount_with_link(opts, None)
+}
+
+/// Mounts Brume and, given a link to peers, runs group sync over it.
+pub fn mount_with_link(
+    opts: MountOptions,
+    link: Option<Arc<dyn Link>>,
+) -> Result<Mounted, MountError> {
     let data = &opts.data_dir;
     let io = |source| MountError::Data {
         path: data.clone(),
@@ -171,21 +201,45 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         }
     }
     catalog.barrier()?;
-    let hasher = Hasher::start(catalog.clone());
+    let tree = Arc::new(RwLock::new(tree));
+    let hasher = Hasher::start(Box::new({
+        let tree = tree.clone();
+        move |ino, seq, blocks| {
+            let mut tree = tree.write().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = tree.set_blocks(ino, seq, blocks) {
+                tracing::debug!(%ino, cause = ?e, "hashed file is gone");
+            }
+        }
+    }));
     let wsserver = serde_json::to_vec_pretty(&serde_json::json!({
         "url": opts.config.server_url,
         "username": opts.config.username.as_str(),
     }))
     .unwrap_or_default();
+    let cache = Arc::new(
+        BlockCache::open(
+            &data.join("cache"),
+            opts.config.cache.max_bytes,
+            HOT_BLOCKS_BYTES,
+        )
+        .map_err(|e| MountError::Data {
+            path: data.join("cache"),
+            source: std::io::Error::other(e.to_string()),
+        })?,
+    );
+    let sync_slot = Arc::new(std::sync::OnceLock::new());
+    let catalog_handle = catalog.clone();
     let fs = BrumeFs::new(
-        tree,
-        store,
+        tree.clone(),
+        store.clone(),
         catalog,
         hasher.clone(),
         data.clone(),
         opts.config.fs.passthrough,
         wsserver,
         owner,
+        cache.clone(),
+        sync_slot.clone(),
     );
     let mut fuse = FuseConfig::default();
     fuse.mount_options = vec![
@@ -212,6 +266,32 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
             source,
         })?;
     let unmounter = session.unmount_callable();
+    // Sync runs on its own small runtime, started only when there is a link.
+    let (runtime, engine) = match link {
+        Some(link) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("brume-sync")
+                .enable_all()
+                .build()
+                .map_err(io)?;
+            let engine = {
+                let _guard = runtime.enter();
+                Engine::start(
+                    opts.config.username.clone(),
+                    tree.clone(),
+                    store,
+                    cache,
+                    link,
+                    Some(session.notifier()),
+                    EngineConfig::default(),
+                )
+            };
+            let _ = sync_slot.set((engine.clone(), runtime.handle().clone()));
+            (Some(runtime), Some(engine))
+        }
+        None => (None, None),
+    };
     let (tx, done) = mpsc::channel();
     // The session loop: serves the kernel until the filesystem is unmounted.
     let session = std::thread::Builder::new()
@@ -238,7 +318,10 @@ pub fn mount(opts: MountOptions) -> Result<Mounted, MountError> {
         session: Some(session),
         hasher,
         _catalog: Some(catalog_thread),
+        catalog: catalog_handle,
         state_file,
+        engine,
+        runtime,
     })
 }
 

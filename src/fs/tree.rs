@@ -11,7 +11,10 @@ use crate::catalog::{
     Catalog, ChangeOp, ChangeRow, GroupRow, NodeKind, NodeRow, Op, Snapshot, Stamp,
 };
 use crate::fs::error::{FsError, FsResult};
-use crate::ids::{GroupId, GroupName, Ino, Seq, UserName, Version};
+
+mod remote;
+use crate::ids::{BlockHash, GroupId, GroupName, Ino, Seq, UserName, Version};
+pub use remote::{Inval, Situation};
 
 /// The mount's root directory.
 pub const ROOT: Ino = Ino(1);
@@ -42,6 +45,46 @@ pub struct Node {
     /// Open file handles; an unlinked node lives on until this is zero. Atomic so
     /// that opening and closing need only the tree's read lock.
     pub opens: AtomicU32,
+    /// The content's blocks, if known for the current content: on an owner, what
+    /// the hasher found; on a member, what the owner sent.
+    pub blocks: Option<Blocks>,
+    /// Bumped on every content change; the hasher's result applies only if it
+    /// was computed for the current value.
+    pub content_seq: u64,
+}
+
+/// A file's block list: (hash, length) per block, in order.
+pub type Blocks = std::sync::Arc<[(BlockHash, u32)]>;
+
+/// What happened in the tree, for the sync engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeEvent {
+    /// A node of an owned group changed (its log got an entry).
+    Changed {
+        /// The group.
+        group: GroupId,
+        /// The node.
+        ino: Ino,
+    },
+    /// A file's block list is now known for its current content.
+    Hashed {
+        /// The group.
+        group: GroupId,
+        /// The file.
+        ino: Ino,
+    },
+    /// The member joined a group (mkdir under another user's folder).
+    Joined {
+        /// The group.
+        group: GroupId,
+    },
+    /// The member left a group (rmdir of its root).
+    Left {
+        /// The group's owner.
+        owner: String,
+        /// The group's name.
+        name: String,
+    },
 }
 
 /// A group in memory.
@@ -94,7 +137,15 @@ pub struct Tree {
     next_group: u64,
     me: UserName,
     catalog: Catalog,
+    /// Tells the sync engine what changed. Bounded: a receiver that falls behind
+    /// sees `Lagged` and resynchronizes everything instead.
+    events: tokio::sync::broadcast::Sender<TreeEvent>,
+    /// In joined groups: the local node mirroring each of the owner's nodes.
+    remote_ids: HashMap<(GroupId, u64), Ino>,
 }
+
+/// How many tree events may wait for a slow receiver before it must resync.
+const EVENT_BACKLOG: usize = 8192;
 
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
@@ -177,6 +228,8 @@ impl Tree {
                     parent: ROOT,
                     xattrs: BTreeMap::new(),
                     opens: AtomicU32::new(0),
+                    blocks: None,
+                    content_seq: 0,
                 },
             );
         }
@@ -220,6 +273,15 @@ impl Tree {
             }
         }
         let next_group = groups.keys().map(|g| g.0).max().unwrap_or(0) + 1;
+        let mut lists: HashMap<Ino, Vec<(BlockHash, u32)>> = HashMap::new();
+        for (ino, _, hash, len) in snapshot.blocks {
+            lists.entry(ino).or_default().push((hash, len));
+        }
+        for (ino, list) in lists {
+            if let Some(n) = nodes.get_mut(&ino) {
+                n.blocks = Some(list.into());
+            }
+        }
         let mut tree = Self {
             nodes,
             groups,
@@ -228,6 +290,8 @@ impl Tree {
             next_group,
             me,
             catalog,
+            events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
+            remote_ids: HashMap::new(),
         };
         for (parent, name) in dangling {
             tree.catalog.send(Op::DeleteDirent { parent, name })?;
@@ -249,6 +313,7 @@ impl Tree {
                 ctime: now,
                 version: Version(0),
                 target: None,
+                remote: None,
             };
             tree.catalog.send(Op::PutNode(row.clone()))?;
             tree.nodes.insert(
@@ -259,6 +324,8 @@ impl Tree {
                     parent: ROOT,
                     xattrs: BTreeMap::new(),
                     opens: AtomicU32::new(0),
+                    blocks: None,
+                    content_seq: 0,
                 },
             );
         }
@@ -335,6 +402,12 @@ impl Tree {
             tree.catalog.send(Op::PutNode(row))?;
         }
         tree.recount_dir_links();
+        let mirrored: Vec<((GroupId, u64), Ino)> = tree
+            .nodes
+            .values()
+            .filter_map(|n| Some(((n.row.group?, n.row.remote?.id), n.row.ino)))
+            .collect();
+        tree.remote_ids.extend(mirrored);
         Ok((tree, dropped_files))
     }
 
@@ -462,8 +535,9 @@ impl Tree {
         Ok(Version(seq.0))
     }
 
-    /// Records a change to node `ino`: bumps its version through the log of its
-    /// group and persists the node.
+    /// Records a change to node `ino`. In an owned group it appends to the log
+    /// and bumps the node's version; in a joined group it marks a mirrored node
+    /// as edited locally (nothing a member does reaches the owner).
     fn changed(
         &mut self,
         ino: Ino,
@@ -474,10 +548,56 @@ impl Tree {
     ) -> FsResult<()> {
         let group = self.get(ino)?.row.group;
         if let Some(g) = group {
-            let v = self.log(g, op, ino, parent, new_parent, ranges)?;
-            self.get_mut(ino)?.row.version = v;
+            if self.groups.get(&g).is_some_and(|g| g.row.owned) {
+                let v = self.log(g, op, ino, parent, new_parent, ranges)?;
+                self.get_mut(ino)?.row.version = v;
+                let _ = self.events.send(TreeEvent::Changed { group: g, ino });
+            } else if let Some(r) = self.get_mut(ino)?.row.remote.as_mut() {
+                r.local_edit = true;
+            }
         }
         self.persist(ino)
+    }
+
+    /// Marks `ino`'s content as changed: its block list is stale until rehashed.
+    /// Returns the new content sequence, for [`Tree::set_blocks`].
+    pub fn content_touched(&mut self, ino: Ino) -> FsResult<u64> {
+        let n = self.get_mut(ino)?;
+        n.content_seq += 1;
+        n.blocks = None;
+        Ok(n.content_seq)
+    }
+
+    /// Records a file's block list, computed for content sequence `seq`; ignored
+    /// if the content changed again since.
+    pub fn set_blocks(
+        &mut self,
+        ino: Ino,
+        seq: u64,
+        blocks: Vec<(BlockHash, u32)>,
+    ) -> FsResult<()> {
+        let n = self.get_mut(ino)?;
+        if n.content_seq != seq || n.row.kind != NodeKind::File {
+            return Ok(());
+        }
+        let count = blocks.len() as u64;
+        n.blocks = Some(blocks.clone().into());
+        let group = n.row.group;
+        self.catalog.send(Op::PutBlocks {
+            ino,
+            from: 0,
+            blocks,
+            count,
+        })?;
+        if let Some(group) = group {
+            let _ = self.events.send(TreeEvent::Hashed { group, ino });
+        }
+        Ok(())
+    }
+
+    /// A receiver of tree events, for the sync engine.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TreeEvent> {
+        self.events.subscribe()
     }
 
     /// Queues the node's current row for the catalog.
@@ -520,6 +640,7 @@ impl Tree {
         let place = self.place(parent)?;
         let text = std::str::from_utf8(name).unwrap_or("");
         let mut new_group = None;
+        let mut pending_join = None;
         let group = match place {
             Place::Root => {
                 if kind != NodeKind::Dir {
@@ -577,6 +698,7 @@ impl Tree {
             ctime: now,
             version: Version(0),
             target,
+            remote: None,
         };
         if let Some(id) = new_group {
             let owner = self
@@ -586,15 +708,18 @@ impl Tree {
                 .then(|| self.name_in(ROOT, parent))
                 .flatten()
                 .unwrap_or_default();
+            let owned = owner == self.me.as_str();
             let grow = GroupRow {
                 id,
-                owned: owner == self.me.as_str(),
+                owned,
                 owner,
                 name: text.to_owned(),
                 root: ino,
-                next_seq: Seq(1),
+                // Owned: the first log position; joined: none applied yet.
+                next_seq: if owned { Seq(1) } else { Seq(0) },
             };
             self.catalog.send(Op::PutGroup(grow.clone()))?;
+            let joined = !grow.owned;
             self.groups.insert(
                 id,
                 Group {
@@ -602,7 +727,12 @@ impl Tree {
                     members: Vec::new(),
                 },
             );
+            if joined {
+                // Sent once the root exists (below), so the engine can find it.
+                pending_join = Some(id);
+            }
         }
+        let blocks = (kind == NodeKind::File).then(|| Blocks::from(Vec::new()));
         self.nodes.insert(
             ino,
             Node {
@@ -611,6 +741,8 @@ impl Tree {
                 parent,
                 xattrs: BTreeMap::new(),
                 opens: AtomicU32::new(0),
+                blocks,
+                content_seq: 0,
             },
         );
         let p = self.get_mut(parent)?;
@@ -633,6 +765,9 @@ impl Tree {
             None,
             None,
         )?;
+        if let Some(group) = pending_join {
+            let _ = self.events.send(TreeEvent::Joined { group });
+        }
         Ok(ino)
     }
 
@@ -699,9 +834,16 @@ impl Tree {
             name: name.to_vec(),
         })?;
         self.touch_dir(parent, now)?;
-        if let Some(g) = group_root_of {
-            self.groups.remove(&g);
+        if let Some(g) = group_root_of
+            && let Some(group) = self.groups.remove(&g)
+        {
             self.catalog.send(Op::DeleteGroup(g))?;
+            if !group.row.owned {
+                let _ = self.events.send(TreeEvent::Left {
+                    owner: group.row.owner,
+                    name: group.row.name,
+                });
+            }
         }
         let n = self.get_mut(ino)?;
         n.row.nlink = if is_dir {
@@ -721,7 +863,14 @@ impl Tree {
             return Ok(None);
         }
         self.catalog.send(Op::DeleteNode(ino))?;
-        Ok(self.nodes.remove(&ino))
+        let node = self.nodes.remove(&ino);
+        if let Some(n) = &node
+            && let (Some(g), Some(r)) = (n.row.group, n.row.remote)
+            && self.remote_ids.get(&(g, r.id)) == Some(&ino)
+        {
+            self.remote_ids.remove(&(g, r.id));
+        }
+        Ok(node)
     }
 
     /// Whether `ancestor` is `ino` or one of its ancestors.
@@ -949,6 +1098,7 @@ impl Tree {
         n.row.ctime = set.ctime.unwrap_or(now);
         let size = n.row.size;
         if content {
+            self.content_touched(ino)?;
             self.changed(
                 ino,
                 ChangeOp::Write,
@@ -962,7 +1112,8 @@ impl Tree {
     }
 
     /// Records that a file's content changed: new size and times (as the backing
-    /// file reports them), and the byte ranges written if known.
+    /// file reports them), and the byte ranges written if known. Returns the new
+    /// content sequence, for hashing.
     pub fn content_changed(
         &mut self,
         ino: Ino,
@@ -970,12 +1121,14 @@ impl Tree {
         mtime: Stamp,
         ctime: Stamp,
         ranges: Option<Vec<(u64, u64)>>,
-    ) -> FsResult<()> {
+    ) -> FsResult<u64> {
         let n = self.get_mut(ino)?;
         n.row.size = size;
         n.row.mtime = mtime;
         n.row.ctime = n.row.ctime.max(ctime);
-        self.changed(ino, ChangeOp::Write, None, None, ranges)
+        let seq = self.content_touched(ino)?;
+        self.changed(ino, ChangeOp::Write, None, None, ranges)?;
+        Ok(seq)
     }
 
     /// Updates size and times after a write that goes through the daemon, without

@@ -1,7 +1,8 @@
 //! The sync protocol: messages between a member and the owner of a group, carried
-//! as opaque payloads by the peer link. Encoded with postcard; a message's first
-//! byte is its variant index, which is its tag: variants are only ever appended,
-//! never reordered or removed (a test pins every tag). Sizes are checked before
+//! as opaque payloads by the peer link. A message is one direction byte (`M` from
+//! a member, `O` from an owner) and a postcard encoding whose first byte is the
+//! variant index, which is its tag: variants are only ever appended, never
+//! reordered or removed (a test pins every tag). Sizes are checked before
 //! anything is decoded.
 
 use serde::{Deserialize, Serialize};
@@ -231,8 +232,23 @@ fn check(bytes: &[u8]) -> Result<(), ProtoError> {
     Ok(())
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtoError> {
+/// Direction byte of member-to-owner messages.
+const FROM_MEMBER: u8 = b'M';
+/// Direction byte of owner-to-member messages.
+const FROM_OWNER: u8 = b'O';
+
+fn decode<T: for<'de> Deserialize<'de>>(direction: u8, bytes: &[u8]) -> Result<T, ProtoError> {
     check(bytes)?;
+    let Some((&first, bytes)) = bytes.split_first() else {
+        return Err(ProtoError::Malformed {
+            reason: "empty message".into(),
+        });
+    };
+    if first != direction {
+        return Err(ProtoError::Malformed {
+            reason: format!("direction byte {first:#x}"),
+        });
+    }
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| ProtoError::Malformed {
         reason: e.to_string(),
     })?;
@@ -244,32 +260,34 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProtoError> {
     Ok(value)
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+fn encode<T: Serialize>(direction: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![direction];
     // Encoding plain data into a growable Vec cannot fail.
-    postcard::to_allocvec(value).unwrap_or_default()
+    out.extend(postcard::to_allocvec(value).unwrap_or_default());
+    out
 }
 
 impl MemberToOwner {
     /// Encodes the message.
     pub fn encode(&self) -> Vec<u8> {
-        encode(self)
+        encode(FROM_MEMBER, self)
     }
 
     /// Checks the size, then decodes.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
-        decode(bytes)
+        decode(FROM_MEMBER, bytes)
     }
 }
 
 impl OwnerToMember {
     /// Encodes the message.
     pub fn encode(&self) -> Vec<u8> {
-        encode(self)
+        encode(FROM_OWNER, self)
     }
 
     /// Checks the size, then decodes and validates every node it carries.
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
-        let msg: Self = decode(bytes)?;
+        let msg: Self = decode(FROM_OWNER, bytes)?;
         match &msg {
             Self::Snapshot { nodes, .. } => nodes.iter().try_for_each(NodeState::validate)?,
             Self::Changes { changes, .. } => changes.iter().try_for_each(|c| match c {
@@ -309,13 +327,13 @@ mod tests {
     fn tags_never_change() {
         let g = || "g".to_string();
         let m = [
-            MemberToOwner::Hello { version: 1 }.encode()[0],
+            MemberToOwner::Hello { version: 1 }.encode()[1],
             MemberToOwner::Subscribe {
                 group: g(),
                 since: 0,
             }
-            .encode()[0],
-            MemberToOwner::Unsubscribe { group: g() }.encode()[0],
+            .encode()[1],
+            MemberToOwner::Unsubscribe { group: g() }.encode()[1],
             MemberToOwner::GetBlock {
                 group: g(),
                 id: 1,
@@ -323,41 +341,45 @@ mod tests {
                 hash: [0; 32],
                 urgent: true,
             }
-            .encode()[0],
-            MemberToOwner::Ack { group: g(), seq: 1 }.encode()[0],
+            .encode()[1],
+            MemberToOwner::Ack { group: g(), seq: 1 }.encode()[1],
         ];
         assert_eq!(m, [0, 1, 2, 3, 4]);
+        assert_eq!(MemberToOwner::Hello { version: 1 }.encode()[0], b'M');
+        assert_eq!(OwnerToMember::Hello { version: 1 }.encode()[0], b'O');
+        // One direction's message never decodes as the other's.
+        assert!(OwnerToMember::decode(&MemberToOwner::Hello { version: 1 }.encode()).is_err());
         let o = [
-            OwnerToMember::Hello { version: 1 }.encode()[0],
+            OwnerToMember::Hello { version: 1 }.encode()[1],
             OwnerToMember::Snapshot {
                 group: g(),
                 seq: 1,
                 nodes: vec![],
                 last: true,
             }
-            .encode()[0],
+            .encode()[1],
             OwnerToMember::Changes {
                 group: g(),
                 seq: 1,
                 changes: vec![],
             }
-            .encode()[0],
+            .encode()[1],
             OwnerToMember::Block {
                 group: g(),
                 hash: [0; 32],
                 data: vec![],
             }
-            .encode()[0],
+            .encode()[1],
             OwnerToMember::NoBlock {
                 group: g(),
                 hash: [0; 32],
             }
-            .encode()[0],
+            .encode()[1],
             OwnerToMember::Refused {
                 group: g(),
                 code: "ENOTMEMBER".into(),
             }
-            .encode()[0],
+            .encode()[1],
         ];
         assert_eq!(o, [0, 1, 2, 3, 4, 5]);
     }

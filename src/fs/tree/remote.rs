@@ -1,0 +1,680 @@
+//! Both sides of a group in the tree. On the owner: the state of a node as members
+//! need it, and a whole group as a snapshot. On a member: applying the owner's
+//! nodes, mirrored by the owner's inode number (so renames apply as renames), with
+//! SPEC §3's conflict table: whatever the member changed locally is kept as a
+//! conflict copy, never destroyed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::AtomicU32;
+
+use super::{Blocks, Node, Tree};
+use crate::catalog::{NodeKind, NodeRow, Op, Remote, Stamp};
+use crate::fs::error::{FsError, FsResult};
+use crate::ids::{BlockHash, GroupId, Ino, Seq, Version};
+use crate::sync::proto::{BlockRef, NodeState};
+
+/// Which row of the conflict table applies: a full synchronization (subscribe,
+/// reconnect) or a live update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Situation {
+    /// `sync`: conflict copies are named `…-conflict-sync`.
+    Sync,
+    /// `update`: `…-conflict-update-add` / `…-conflict-update-change`.
+    Update,
+}
+
+/// What the kernel must forget after an apply (sent once the tree lock is gone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inval {
+    /// A directory entry appeared, disappeared or moved.
+    Entry {
+        /// The directory.
+        parent: Ino,
+        /// The name.
+        name: Vec<u8>,
+    },
+    /// A node's attributes or content changed.
+    Inode(Ino),
+}
+
+fn kind_of(k: u8) -> Option<NodeKind> {
+    Some(match k {
+        1 => NodeKind::File,
+        2 => NodeKind::Dir,
+        3 => NodeKind::Symlink,
+        4 => NodeKind::Fifo,
+        5 => NodeKind::Socket,
+        6 => NodeKind::CharDevice,
+        7 => NodeKind::BlockDevice,
+        _ => return None,
+    })
+}
+
+fn to_refs(blocks: &Blocks) -> Vec<BlockRef> {
+    blocks
+        .iter()
+        .map(|(h, len)| BlockRef {
+            hash: h.0,
+            len: *len,
+        })
+        .collect()
+}
+
+fn from_refs(refs: &[BlockRef]) -> Blocks {
+    refs.iter()
+        .map(|b| (BlockHash(b.hash), b.len))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+impl Tree {
+    /// The root directory of group `g`.
+    pub fn group_root(&self, g: GroupId) -> FsResult<Ino> {
+        self.groups
+            .get(&g)
+            .map(|g| g.row.root)
+            .ok_or(FsError::NotFound)
+    }
+
+    /// The group `owner/name`, if this client has it.
+    pub fn find_group(&self, owner: &str, name: &str) -> Option<GroupId> {
+        self.groups
+            .values()
+            .find(|g| g.row.owner == owner && g.row.name == name)
+            .map(|g| g.row.id)
+    }
+
+    /// The last log position: on an owner, the newest entry; on a member, what
+    /// it has applied.
+    pub fn log_position(&self, g: GroupId) -> u64 {
+        self.groups.get(&g).map_or(0, |g| {
+            if g.row.owned {
+                g.row.next_seq.0.saturating_sub(1)
+            } else {
+                g.row.next_seq.0
+            }
+        })
+    }
+
+    /// Owner side: the state of `ino` for members, or `None` while it cannot be
+    /// sent yet (a file whose blocks are still being hashed). Parents are given
+    /// as the owner's inode numbers, with the group root as 0.
+    pub fn node_state(&self, ino: Ino) -> Option<NodeState> {
+        let n = self.nodes.get(&ino)?;
+        let g = self.groups.get(&n.row.group?)?;
+        if g.row.root == ino || n.row.nlink == 0 {
+            return None;
+        }
+        let parent = if n.parent == g.row.root {
+            0
+        } else {
+            n.parent.0
+        };
+        let name = self
+            .nodes
+            .get(&n.parent)?
+            .children
+            .as_ref()?
+            .iter()
+            .find(|(_, i)| **i == ino)?
+            .0;
+        let blocks = match n.row.kind {
+            NodeKind::File => to_refs(n.blocks.as_ref()?),
+            _ => Vec::new(),
+        };
+        Some(NodeState {
+            id: ino.0,
+            parent,
+            name: name.clone(),
+            kind: n.row.kind as u8,
+            perm: n.row.perm,
+            size: if n.row.kind == NodeKind::File {
+                n.row.size
+            } else {
+                0
+            },
+            mtime: (n.row.mtime.secs, n.row.mtime.nanos),
+            version: n.row.version.0,
+            target: n.row.target.clone(),
+            blocks,
+        })
+    }
+
+    /// Owner side: every node of group `g`, parents before children, and the
+    /// files whose blocks are not known yet (sent once hashed).
+    pub fn group_snapshot(&self, g: GroupId) -> FsResult<(Vec<NodeState>, Vec<Ino>)> {
+        let root = self.group_root(g)?;
+        let mut out = Vec::new();
+        let mut pending = Vec::new();
+        let mut queue = std::collections::VecDeque::from([root]);
+        while let Some(dir) = queue.pop_front() {
+            let Some(children) = self.nodes.get(&dir).and_then(|n| n.children.as_ref()) else {
+                continue;
+            };
+            for ino in children.values() {
+                match self.node_state(*ino) {
+                    Some(s) => out.push(s),
+                    None => pending.push(*ino),
+                }
+                if self.nodes.get(ino).is_some_and(|n| n.children.is_some()) {
+                    queue.push_back(*ino);
+                }
+            }
+        }
+        Ok((out, pending))
+    }
+
+    /// Whether `user` is listed in owned group `g`'s `.members`.
+    pub fn is_member(&self, g: GroupId, user: &str) -> bool {
+        self.groups
+            .get(&g)
+            .is_some_and(|g| g.row.owned && g.members.iter().any(|m| m == user))
+    }
+
+    /// Member side: the local node mirroring the owner's node `id`, if any.
+    pub fn mirror(&self, g: GroupId, id: u64) -> Option<Ino> {
+        let ino = *self.remote_ids.get(&(g, id))?;
+        self.nodes
+            .get(&ino)
+            .is_some_and(|n| n.row.nlink > 0)
+            .then_some(ino)
+    }
+
+    /// Member side: records the owner's log position applied in `g`.
+    pub fn set_applied(&mut self, g: GroupId, seq: u64) -> FsResult<()> {
+        let Some(group) = self.groups.get_mut(&g) else {
+            return Ok(());
+        };
+        group.row.next_seq = Seq(seq);
+        self.catalog.send(Op::PutGroup(group.row.clone()))?;
+        Ok(())
+    }
+
+    /// A free name for a conflict copy of `name` in `dir`: `name-SUFFIX`, then
+    /// `name-SUFFIX-2`, `-3`, …
+    fn conflict_name(&self, dir: Ino, name: &[u8], suffix: &str) -> Vec<u8> {
+        let mut base = name.to_vec();
+        base.extend_from_slice(b"-");
+        base.extend_from_slice(suffix.as_bytes());
+        let mut candidate = base.clone();
+        let mut n = 2;
+        while self.child(dir, &candidate).is_some() {
+            candidate = base.clone();
+            candidate.extend_from_slice(format!("-{n}").as_bytes());
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Moves `ino` from `dir/name` to `dir/new_name` without logging (sync only).
+    fn move_entry(
+        &mut self,
+        ino: Ino,
+        dir: Ino,
+        name: &[u8],
+        new_dir: Ino,
+        new_name: &[u8],
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        let is_dir = self.get(ino)?.row.kind == NodeKind::Dir;
+        if let Some(c) = self.get_mut(dir)?.children.as_mut() {
+            c.remove(name);
+        }
+        self.catalog.send(Op::DeleteDirent {
+            parent: dir,
+            name: name.to_vec(),
+        })?;
+        self.set_child(new_dir, new_name, ino)?;
+        if is_dir && dir != new_dir {
+            let d = self.get_mut(dir)?;
+            d.row.nlink = d.row.nlink.saturating_sub(1);
+            self.get_mut(new_dir)?.row.nlink += 1;
+            self.get_mut(ino)?.parent = new_dir;
+        }
+        if !is_dir {
+            self.get_mut(ino)?.parent = new_dir;
+        }
+        out.push(Inval::Entry {
+            parent: dir,
+            name: name.to_vec(),
+        });
+        out.push(Inval::Entry {
+            parent: new_dir,
+            name: new_name.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Turns a mirrored node into a member-local one: it no longer follows the
+    /// owner, and sync never removes it.
+    fn detach(&mut self, ino: Ino) -> FsResult<()> {
+        let n = self.get_mut(ino)?;
+        let (Some(g), Some(r)) = (n.row.group, n.row.remote.take()) else {
+            return Ok(());
+        };
+        if self.remote_ids.get(&(g, r.id)) == Some(&ino) {
+            self.remote_ids.remove(&(g, r.id));
+        }
+        self.persist(ino)
+    }
+
+    /// Keeps `dir/name` (member-local or locally edited) as a conflict copy.
+    fn keep_as_conflict(
+        &mut self,
+        dir: Ino,
+        name: &[u8],
+        suffix: &str,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        let Some(ino) = self.child(dir, name) else {
+            return Ok(());
+        };
+        let new_name = self.conflict_name(dir, name, suffix);
+        tracing::info!(
+            name = %String::from_utf8_lossy(name),
+            copy = %String::from_utf8_lossy(&new_name),
+            "keeping the member's version as a conflict copy"
+        );
+        self.move_entry(ino, dir, name, dir, &new_name, out)?;
+        self.detach(ino)
+    }
+
+    /// Whether `ino` holds anything of the member's: a node without a mirror, or
+    /// one edited locally, at any depth.
+    fn holds_member_data(&self, ino: Ino) -> bool {
+        let Some(n) = self.nodes.get(&ino) else {
+            return false;
+        };
+        if n.row
+            .remote
+            .is_none_or(|r| r.local_edit && n.row.kind == NodeKind::File)
+        {
+            return true;
+        }
+        n.children
+            .as_ref()
+            .is_some_and(|c| c.values().any(|c| self.holds_member_data(*c)))
+    }
+
+    /// Member side: applies one of the owner's nodes to joined group `g`.
+    pub fn apply_upsert(
+        &mut self,
+        g: GroupId,
+        state: &NodeState,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        let kind = kind_of(state.kind).ok_or(FsError::Invalid { why: "node kind" })?;
+        let root = self.group_root(g)?;
+        let parent = if state.parent == 0 {
+            root
+        } else {
+            self.mirror(g, state.parent).ok_or(FsError::NotFound)?
+        };
+        if self.get(parent)?.children.is_none() {
+            return Err(FsError::NotDir);
+        }
+        let change_suffix = match situation {
+            Situation::Sync => "conflict-sync",
+            Situation::Update => "conflict-update-change",
+        };
+        let mut existing = self.mirror(g, state.id);
+        // A mirrored file the member edited, whose owner version moved on: the
+        // member's version becomes a conflict copy; the owner's is installed anew.
+        if let Some(ino) = existing {
+            let n = self.get(ino)?;
+            let edited = n.row.remote.is_some_and(|r| r.local_edit);
+            let moved_on = n.row.remote.is_some_and(|r| r.version != state.version);
+            if n.row.kind != kind || (edited && moved_on && n.row.kind == NodeKind::File) {
+                let (dir, name) = self.entry_of(ino)?;
+                if n.row.kind == NodeKind::File && edited {
+                    self.keep_as_conflict(dir, &name, change_suffix, out)?;
+                } else {
+                    self.remove_mirrored(ino, situation, out)?;
+                }
+                existing = None;
+            }
+        }
+        match existing {
+            Some(ino) => self.update_mirror(ino, parent, state, situation, out),
+            None => self.create_mirror(g, parent, kind, state, situation, out),
+        }
+    }
+
+    /// The directory and name under which `ino` is linked.
+    fn entry_of(&self, ino: Ino) -> FsResult<(Ino, Vec<u8>)> {
+        let n = self.get(ino)?;
+        let dir = n.parent;
+        let name = self
+            .get(dir)?
+            .children
+            .as_ref()
+            .and_then(|c| c.iter().find(|(_, i)| **i == ino).map(|(n, _)| n.clone()))
+            .ok_or(FsError::NotFound)?;
+        Ok((dir, name))
+    }
+
+    /// Makes room for the owner's node at `dir/name`: a member-local node there
+    /// becomes a conflict copy; a mirror of another owner node steps aside under
+    /// a temporary name until its own update moves it (or the sync removes it).
+    fn clear_name(
+        &mut self,
+        dir: Ino,
+        name: &[u8],
+        keep: Ino,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        let Some(occupant) = self.child(dir, name) else {
+            return Ok(());
+        };
+        if occupant == keep {
+            return Ok(());
+        }
+        let n = self.get(occupant)?;
+        let mirrored_clean = n.row.remote.is_some_and(|r| !r.local_edit);
+        if mirrored_clean || n.row.kind == NodeKind::Dir && !self.holds_member_data(occupant) {
+            let id = n.row.remote.map_or(occupant.0, |r| r.id);
+            let temp = self.conflict_name(dir, format!(".brume-moving-{id}").as_bytes(), "tmp");
+            return self.move_entry(occupant, dir, name, dir, &temp, out);
+        }
+        let suffix = match situation {
+            Situation::Sync => "conflict-sync",
+            Situation::Update => "conflict-update-add",
+        };
+        self.keep_as_conflict(dir, name, suffix, out)
+    }
+
+    fn create_mirror(
+        &mut self,
+        g: GroupId,
+        parent: Ino,
+        kind: NodeKind,
+        state: &NodeState,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        self.clear_name(parent, &state.name, Ino(0), situation, out)?;
+        let ino = self.alloc_ino()?;
+        let now = Stamp::now();
+        let (uid, gid) = self.get(super::ROOT).map(|r| (r.row.uid, r.row.gid))?;
+        let mtime = Stamp {
+            secs: state.mtime.0,
+            nanos: state.mtime.1.min(999_999_999),
+        };
+        let row = NodeRow {
+            ino,
+            group: Some(g),
+            kind,
+            perm: state.perm & 0o7777,
+            uid,
+            gid,
+            nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+            rdev: 0,
+            size: match kind {
+                NodeKind::File => state.size,
+                NodeKind::Symlink => state.target.as_ref().map_or(0, |t| t.len() as u64),
+                _ => 0,
+            },
+            atime: now,
+            mtime,
+            ctime: now,
+            version: Version(state.version),
+            target: state.target.clone(),
+            remote: Some(Remote {
+                id: state.id,
+                version: state.version,
+                local_edit: false,
+            }),
+        };
+        let blocks = (kind == NodeKind::File).then(|| from_refs(&state.blocks));
+        self.catalog.send(Op::PutNode(row.clone()))?;
+        if let Some(b) = &blocks {
+            self.catalog.send(Op::PutBlocks {
+                ino,
+                from: 0,
+                blocks: b.to_vec(),
+                count: b.len() as u64,
+            })?;
+        }
+        self.nodes.insert(
+            ino,
+            Node {
+                row,
+                children: (kind == NodeKind::Dir).then(BTreeMap::new),
+                parent,
+                xattrs: BTreeMap::new(),
+                opens: AtomicU32::new(0),
+                blocks,
+                content_seq: 0,
+            },
+        );
+        self.set_child(parent, &state.name, ino)?;
+        if kind == NodeKind::Dir {
+            self.get_mut(parent)?.row.nlink += 1;
+        }
+        self.persist(parent)?;
+        self.remote_ids.insert((g, state.id), ino);
+        out.push(Inval::Entry {
+            parent,
+            name: state.name.clone(),
+        });
+        out.push(Inval::Inode(parent));
+        Ok(())
+    }
+
+    fn update_mirror(
+        &mut self,
+        ino: Ino,
+        parent: Ino,
+        state: &NodeState,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<()> {
+        let (dir, name) = self.entry_of(ino)?;
+        if dir != parent || name != state.name {
+            if self.get(ino)?.row.kind == NodeKind::Dir && self.is_ancestor(ino, parent) {
+                return Err(FsError::Invalid {
+                    why: "owner moved a directory into itself",
+                });
+            }
+            self.clear_name(parent, &state.name, ino, situation, out)?;
+            self.move_entry(ino, dir, &name, parent, &state.name, out)?;
+        }
+        let new_blocks = from_refs(&state.blocks);
+        let n = self.get_mut(ino)?;
+        let content_changed =
+            n.row.kind == NodeKind::File && n.blocks.as_deref().is_none_or(|b| *b != *new_blocks);
+        n.row.perm = state.perm & 0o7777;
+        n.row.mtime = Stamp {
+            secs: state.mtime.0,
+            nanos: state.mtime.1.min(999_999_999),
+        };
+        n.row.ctime = Stamp::now();
+        n.row.version = Version(state.version);
+        n.row.remote = Some(Remote {
+            id: state.id,
+            version: state.version,
+            local_edit: false,
+        });
+        if n.row.kind == NodeKind::Symlink {
+            n.row.size = state.target.as_ref().map_or(0, |t| t.len() as u64);
+            n.row.target = state.target.clone();
+        }
+        if content_changed {
+            n.row.size = state.size;
+            n.blocks = Some(new_blocks.clone());
+            n.content_seq += 1;
+            self.catalog.send(Op::PutBlocks {
+                ino,
+                from: 0,
+                blocks: new_blocks.to_vec(),
+                count: new_blocks.len() as u64,
+            })?;
+        }
+        self.persist(ino)?;
+        out.push(Inval::Inode(ino));
+        Ok(())
+    }
+
+    /// Member side: the owner removed node `id` of group `g`.
+    pub fn apply_remove(
+        &mut self,
+        g: GroupId,
+        id: u64,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<Vec<Node>> {
+        match self.mirror(g, id) {
+            Some(ino) => self.remove_mirrored(ino, situation, out),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes a mirrored node and its mirrored contents. What holds member data
+    /// stays: an edited file as a conflict copy, a directory with member files
+    /// in it as a member-local directory. Returns the removed nodes (their
+    /// backing files, if any, are the caller's to delete).
+    fn remove_mirrored(
+        &mut self,
+        ino: Ino,
+        situation: Situation,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<Vec<Node>> {
+        let mut gone = Vec::new();
+        let n = self.get(ino)?;
+        let (dir, name) = self.entry_of(ino)?;
+        if n.row.kind == NodeKind::Dir {
+            let children: Vec<Ino> = n
+                .children
+                .iter()
+                .flat_map(|c| c.values().copied())
+                .collect();
+            for c in children {
+                if self.get(c)?.row.remote.is_some() {
+                    gone.extend(self.remove_mirrored(c, situation, out)?);
+                }
+            }
+            if self
+                .get(ino)?
+                .children
+                .as_ref()
+                .is_some_and(|c| !c.is_empty())
+            {
+                // Member files remain inside: keep the directory as theirs.
+                return self.detach(ino).map(|()| gone);
+            }
+        } else if n.row.remote.is_some_and(|r| r.local_edit) {
+            let suffix = match situation {
+                Situation::Sync => "conflict-sync",
+                Situation::Update => "conflict-update-change",
+            };
+            self.keep_as_conflict(dir, &name, suffix, out)?;
+            return Ok(gone);
+        }
+        let is_dir = self.get(ino)?.row.kind == NodeKind::Dir;
+        if let Some(c) = self.get_mut(dir)?.children.as_mut() {
+            c.remove(&name);
+        }
+        self.catalog.send(Op::DeleteDirent {
+            parent: dir,
+            name: name.clone(),
+        })?;
+        let d = self.get_mut(dir)?;
+        if is_dir {
+            d.row.nlink = d.row.nlink.saturating_sub(1);
+        }
+        d.row.mtime = Stamp::now();
+        self.persist(dir)?;
+        let n = self.get_mut(ino)?;
+        n.row.nlink = if is_dir {
+            0
+        } else {
+            n.row.nlink.saturating_sub(1)
+        };
+        out.push(Inval::Entry { parent: dir, name });
+        if let Some(node) = self.release_if_unused(ino)? {
+            gone.push(node);
+        }
+        Ok(gone)
+    }
+
+    /// Member side: after a full snapshot, removes the mirrors of owner nodes the
+    /// snapshot did not contain.
+    pub fn finish_snapshot(
+        &mut self,
+        g: GroupId,
+        seen: &HashSet<u64>,
+        out: &mut Vec<Inval>,
+    ) -> FsResult<Vec<Node>> {
+        let stale: Vec<u64> = self
+            .remote_ids
+            .keys()
+            .filter(|(group, id)| *group == g && !seen.contains(id))
+            .map(|(_, id)| *id)
+            .collect();
+        let mut gone = Vec::new();
+        for id in stale {
+            // A parent removed first may have taken this one with it.
+            if self.mirror(g, id).is_some() {
+                gone.extend(self.apply_remove(g, id, Situation::Sync, out)?);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Member side: the member is about to change mirrored file `ino`'s content
+    /// locally; from now on its bytes live in the backing store. Returns the
+    /// blocks to copy there, or `None` if the content is local already.
+    pub fn begin_local_edit(&mut self, ino: Ino) -> FsResult<Option<Blocks>> {
+        let n = self.get_mut(ino)?;
+        match n.row.remote.as_mut() {
+            Some(r) if !r.local_edit => {
+                r.local_edit = true;
+                let blocks = n.blocks.take();
+                self.persist(ino)?;
+                Ok(blocks)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether `ino`'s content lives in the block cache (a mirrored file the
+    /// member has not edited) rather than in the backing store.
+    pub fn cached_content(&self, ino: Ino) -> Option<Blocks> {
+        let n = self.nodes.get(&ino)?;
+        match n.row.remote {
+            Some(r) if !r.local_edit && n.row.kind == NodeKind::File => n.blocks.clone(),
+            _ => None,
+        }
+    }
+
+    /// Member side: every mirrored file of `g` with its blocks, for filling the
+    /// cache in the background.
+    pub fn mirrored_files(&self, g: GroupId) -> Vec<(Ino, u64, Blocks)> {
+        self.remote_ids
+            .iter()
+            .filter(|((group, _), _)| *group == g)
+            .filter_map(|((_, id), ino)| {
+                let blocks = self.cached_content(*ino)?;
+                Some((*ino, *id, blocks))
+            })
+            .collect()
+    }
+
+    /// Joined groups as (group, owner, name, applied position).
+    pub fn joined_groups(&self) -> Vec<(GroupId, String, String, u64)> {
+        self.groups
+            .values()
+            .filter(|g| !g.row.owned)
+            .map(|g| {
+                (
+                    g.row.id,
+                    g.row.owner.clone(),
+                    g.row.name.clone(),
+                    g.row.next_seq.0,
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,714 @@
+//! The sync engine of one client: the owner side (answer subscriptions with a
+//! snapshot, push every change of an owned group to its subscribed members, serve
+//! blocks to members only) and the member side (subscribe to joined groups when
+//! their owner is reachable, apply snapshots and changes, fetch blocks into the
+//! cache, urgently for a waiting reader and in the background for the rest).
+//!
+//! The engine talks to peers through a [`Link`]: the peer link in the daemon, an
+//! in-process loopback in some tests. Nothing a member does is ever sent to an
+//! owner except requests.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, broadcast, oneshot};
+
+use crate::blocks::BLOCK_SIZE;
+use crate::blocks::cache::BlockCache;
+use crate::fs::store::Store;
+use crate::fs::tree::{Inval, Situation, Tree, TreeEvent};
+use crate::ids::{BlockHash, GroupId, Ino, UserName};
+use crate::sync::proto::{
+    Change, MemberToOwner, NodeState, OwnerToMember, SNAPSHOT_CHUNK, VERSION,
+};
+
+/// A boxed future, for the object-safe [`Link`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How the engine reaches peers.
+pub trait Link: Send + Sync + 'static {
+    /// Sends `payload` to `to`; `urgent` messages go ahead of bulk transfers.
+    fn send<'a>(
+        &'a self,
+        to: &'a UserName,
+        urgent: bool,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Why a block could not be had.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FetchError {
+    /// The owner did not answer in time (offline, unreachable).
+    #[error("the owner did not send block {hash} in time")]
+    Timeout {
+        /// The block.
+        hash: BlockHash,
+    },
+    /// The owner's file changed: the block is no longer part of it.
+    #[error("block {hash} is no longer part of the owner's file")]
+    Stale {
+        /// The block.
+        hash: BlockHash,
+    },
+    /// The request could not be sent.
+    #[error("cannot reach the owner: {reason}")]
+    Unreachable {
+        /// What the link said.
+        reason: String,
+    },
+}
+
+/// Result of a block fetch.
+pub type Fetched = Result<Arc<[u8]>, FetchError>;
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How long a reader waits for a missing block.
+    pub read_timeout: Duration,
+    /// Background block requests in flight per client.
+    pub fill_parallelism: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(5),
+            fill_parallelism: 16,
+        }
+    }
+}
+
+/// Sync state of one joined group, for `brume status`.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct MemberGroupStatus {
+    /// Owner's log position applied.
+    pub applied: u64,
+    /// The last refusal or problem, by SPEC code (`ENOTMEMBER`, …).
+    pub problem: Option<String>,
+    /// Conflict copies made so far.
+    pub conflicts: u64,
+}
+
+struct Inner {
+    me: UserName,
+    tree: Arc<RwLock<Tree>>,
+    store: Store,
+    cache: Arc<BlockCache>,
+    link: Arc<dyn Link>,
+    notifier: Option<fuser::Notifier>,
+    config: EngineConfig,
+    /// Readers and fills waiting for a block, by hash. A request goes out once
+    /// per hash; every waiter gets the answer.
+    waiters: Mutex<HashMap<BlockHash, Vec<oneshot::Sender<Fetched>>>>,
+    /// Owner side: which members are subscribed to which owned groups.
+    subscribers: Mutex<HashMap<GroupId, HashSet<UserName>>>,
+    /// Owner side: files changed before they were hashed; pushed once hashed.
+    unhashed: Mutex<HashSet<Ino>>,
+    /// Member side: snapshot chunks received so far, per group.
+    snapshots: Mutex<HashMap<GroupId, Vec<NodeState>>>,
+    /// Member side: per-group status.
+    groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
+    /// Bounds background block requests.
+    fill_slots: Arc<Semaphore>,
+}
+
+/// A client's sync engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({})", self.inner.me)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its map consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    /// Creates the engine and starts its task that follows the tree's events.
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        me: UserName,
+        tree: Arc<RwLock<Tree>>,
+        store: Store,
+        cache: Arc<BlockCache>,
+        link: Arc<dyn Link>,
+        notifier: Option<fuser::Notifier>,
+        config: EngineConfig,
+    ) -> Self {
+        let events = tree.read().unwrap_or_else(|e| e.into_inner()).subscribe();
+        let inner = Arc::new(Inner {
+            me,
+            tree,
+            store,
+            cache,
+            link,
+            notifier,
+            fill_slots: Arc::new(Semaphore::new(config.fill_parallelism.max(1))),
+            config,
+            waiters: Mutex::new(HashMap::new()),
+            subscribers: Mutex::new(HashMap::new()),
+            unhashed: Mutex::new(HashSet::new()),
+            snapshots: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+        });
+        let engine = Self { inner };
+        // Follows the tree: pushes owner changes, subscribes on join. Ends when
+        // the tree (and so the mount) is gone.
+        tokio::spawn(engine.clone().follow(events));
+        engine
+    }
+
+    fn tree_read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.inner.tree.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tree_write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
+        self.inner.tree.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The member-side status of every joined group, by `owner/name`.
+    pub fn member_status(&self) -> HashMap<String, MemberGroupStatus> {
+        let tree = self.tree_read();
+        let groups = lock(&self.inner.groups);
+        tree.joined_groups()
+            .into_iter()
+            .map(|(g, owner, name, applied)| {
+                let mut s = groups.get(&g).cloned().unwrap_or_default();
+                s.applied = applied;
+                (format!("{owner}/{name}"), s)
+            })
+            .collect()
+    }
+
+    async fn follow(self, mut events: broadcast::Receiver<TreeEvent>) {
+        loop {
+            match events.recv().await {
+                Ok(TreeEvent::Changed { group, ino }) => self.push_change(group, ino).await,
+                Ok(TreeEvent::Hashed { group, ino }) => {
+                    if lock(&self.inner.unhashed).remove(&ino) {
+                        self.push_change(group, ino).await;
+                    }
+                }
+                Ok(TreeEvent::Joined { group }) => self.subscribe(group).await,
+                Ok(TreeEvent::Left { owner, name }) => {
+                    if let Ok(owner) = UserName::new(&owner) {
+                        let msg = MemberToOwner::Unsubscribe { group: name };
+                        let _ = self.inner.link.send(&owner, false, msg.encode()).await;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "sync fell behind the tree; resending snapshots");
+                    self.resend_all_snapshots().await;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    // ----- owner side -----
+
+    async fn push_change(&self, group: GroupId, ino: Ino) {
+        let members: Vec<UserName> = match lock(&self.inner.subscribers).get(&group) {
+            Some(s) if !s.is_empty() => s.iter().cloned().collect(),
+            _ => return,
+        };
+        let (msg, group_name) = {
+            let tree = self.tree_read();
+            let Some(g) = tree.group(group) else {
+                return;
+            };
+            let name = g.row.name.clone();
+            let change = match tree.node_state(ino) {
+                Some(state) => Change::Upsert(state),
+                None => match tree.get(ino) {
+                    // Exists but is not hashed yet: sent when it is.
+                    Ok(n) if n.row.nlink > 0 && n.row.group == Some(group) => {
+                        if tree.group_root(group).ok() != Some(ino) {
+                            lock(&self.inner.unhashed).insert(ino);
+                        }
+                        return;
+                    }
+                    _ => Change::Remove { id: ino.0 },
+                },
+            };
+            let msg = OwnerToMember::Changes {
+                group: name.clone(),
+                seq: tree.log_position(group),
+                changes: vec![change],
+            };
+            (msg, name)
+        };
+        let bytes = msg.encode();
+        for m in members {
+            if let Err(e) = self.inner.link.send(&m, false, bytes.clone()).await {
+                tracing::info!(peer = %m, group = %group_name, cause = %e, "member unreachable; it resyncs when back");
+                self.drop_subscriber(&m);
+            }
+        }
+    }
+
+    fn drop_subscriber(&self, member: &UserName) {
+        for subs in lock(&self.inner.subscribers).values_mut() {
+            subs.remove(member);
+        }
+    }
+
+    async fn resend_all_snapshots(&self) {
+        let subs: Vec<(GroupId, Vec<UserName>)> = lock(&self.inner.subscribers)
+            .iter()
+            .map(|(g, s)| (*g, s.iter().cloned().collect()))
+            .collect();
+        for (g, members) in subs {
+            for m in members {
+                self.send_snapshot(&m, g).await;
+            }
+        }
+    }
+
+    async fn send_snapshot(&self, to: &UserName, g: GroupId) {
+        let (name, seq, nodes, pending) = {
+            let tree = self.tree_read();
+            let Some(group) = tree.group(g) else {
+                return;
+            };
+            let Ok((nodes, pending)) = tree.group_snapshot(g) else {
+                return;
+            };
+            (group.row.name.clone(), tree.log_position(g), nodes, pending)
+        };
+        lock(&self.inner.unhashed).extend(pending);
+        let mut chunks: Vec<Vec<NodeState>> = nodes
+            .chunks(SNAPSHOT_CHUNK)
+            .map(<[NodeState]>::to_vec)
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let count = chunks.len();
+        for (i, nodes) in chunks.into_iter().enumerate() {
+            let msg = OwnerToMember::Snapshot {
+                group: name.clone(),
+                seq,
+                nodes,
+                last: i + 1 == count,
+            };
+            if let Err(e) = self.inner.link.send(to, false, msg.encode()).await {
+                tracing::info!(peer = %to, cause = %e, "snapshot not delivered");
+                self.drop_subscriber(to);
+                return;
+            }
+        }
+    }
+
+    async fn refuse(&self, to: &UserName, group: &str, code: &str) {
+        let msg = OwnerToMember::Refused {
+            group: group.to_owned(),
+            code: code.to_owned(),
+        };
+        let _ = self.inner.link.send(to, true, msg.encode()).await;
+    }
+
+    /// The owned group `name` if `peer` is a member of it.
+    fn member_group(&self, peer: &UserName, name: &str) -> Option<GroupId> {
+        let tree = self.tree_read();
+        let g = tree.find_group(tree.me().as_str(), name)?;
+        tree.is_member(g, peer.as_str()).then_some(g)
+    }
+
+    async fn on_member_message(&self, from: &UserName, msg: MemberToOwner) {
+        match msg {
+            MemberToOwner::Hello { version } => {
+                if version != VERSION {
+                    tracing::warn!(peer = %from, version, "peer speaks another sync version");
+                }
+            }
+            MemberToOwner::Subscribe { group, since } => {
+                let Some(g) = self.member_group(from, &group) else {
+                    tracing::info!(peer = %from, %group, "refused: not a member");
+                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                };
+                tracing::info!(peer = %from, %group, since, "member subscribed");
+                lock(&self.inner.subscribers)
+                    .entry(g)
+                    .or_default()
+                    .insert(from.clone());
+                self.send_snapshot(from, g).await;
+            }
+            MemberToOwner::Unsubscribe { group } => {
+                let tree = self.tree_read();
+                if let Some(g) = tree.find_group(tree.me().as_str(), &group)
+                    && let Some(s) = lock(&self.inner.subscribers).get_mut(&g)
+                {
+                    s.remove(from);
+                }
+            }
+            MemberToOwner::GetBlock {
+                group,
+                id,
+                index,
+                hash,
+                urgent,
+            } => {
+                let Some(g) = self.member_group(from, &group) else {
+                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                };
+                let reply = self.read_block(g, Ino(id), index, BlockHash(hash)).await;
+                let msg = match reply {
+                    Some(data) => OwnerToMember::Block { group, hash, data },
+                    None => OwnerToMember::NoBlock { group, hash },
+                };
+                let _ = self.inner.link.send(from, urgent, msg.encode()).await;
+            }
+            MemberToOwner::Ack { .. } => {}
+        }
+    }
+
+    /// Reads block `index` of owned file `ino` in group `g`, if it still hashes
+    /// to `hash`.
+    async fn read_block(
+        &self,
+        g: GroupId,
+        ino: Ino,
+        index: u32,
+        hash: BlockHash,
+    ) -> Option<Vec<u8>> {
+        {
+            let tree = self.tree_read();
+            let n = tree.get(ino).ok()?;
+            if n.row.group != Some(g) || n.row.kind != crate::catalog::NodeKind::File {
+                return None;
+            }
+        }
+        let path = self.inner.store.path(ino);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(path).ok()?;
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            let off = u64::from(index) * BLOCK_SIZE;
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read_at(&mut buf[got..], off + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(_) => return None,
+                }
+            }
+            buf.truncate(got);
+            (crate::blocks::hash_block(&buf) == hash).then_some(buf)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    // ----- member side -----
+
+    /// Asks the owner of joined group `g` for it (on join, start and reconnect).
+    pub async fn subscribe(&self, g: GroupId) {
+        let (owner, name, since) = {
+            let tree = self.tree_read();
+            let Some(group) = tree.group(g) else {
+                return;
+            };
+            if group.row.owned {
+                return;
+            }
+            (
+                group.row.owner.clone(),
+                group.row.name.clone(),
+                tree.log_position(g),
+            )
+        };
+        let Ok(owner) = UserName::new(&owner) else {
+            return;
+        };
+        let msgs = [
+            MemberToOwner::Hello { version: VERSION },
+            MemberToOwner::Subscribe {
+                group: name.clone(),
+                since,
+            },
+        ];
+        for m in msgs {
+            if let Err(e) = self.inner.link.send(&owner, true, m.encode()).await {
+                tracing::info!(%owner, group = %name, cause = %e, "cannot subscribe yet");
+                lock(&self.inner.groups).entry(g).or_default().problem = Some(e);
+                return;
+            }
+        }
+    }
+
+    /// Subscribes to every joined group owned by `owner` (it came online).
+    pub async fn owner_online(&self, owner: &UserName) {
+        let groups: Vec<GroupId> = self
+            .tree_read()
+            .joined_groups()
+            .into_iter()
+            .filter(|(_, o, _, _)| o == owner.as_str())
+            .map(|(g, ..)| g)
+            .collect();
+        for g in groups {
+            self.subscribe(g).await;
+        }
+    }
+
+    /// A peer went away: forget its subscriptions, fail reads waiting on it.
+    pub fn peer_offline(&self, peer: &UserName) {
+        self.drop_subscriber(peer);
+    }
+
+    /// Handles one message from `from`.
+    pub async fn on_message(&self, from: &UserName, payload: &[u8]) {
+        if let Ok(msg) = MemberToOwner::decode(payload) {
+            return self.on_member_message(from, msg).await;
+        }
+        match OwnerToMember::decode(payload) {
+            Ok(msg) => self.on_owner_message(from, msg).await,
+            Err(e) => tracing::warn!(peer = %from, cause = %e, "dropping a malformed sync message"),
+        }
+    }
+
+    fn joined(&self, owner: &UserName, name: &str) -> Option<GroupId> {
+        let tree = self.tree_read();
+        let g = tree.find_group(owner.as_str(), name)?;
+        (!tree.group(g)?.row.owned).then_some(g)
+    }
+
+    async fn on_owner_message(&self, from: &UserName, msg: OwnerToMember) {
+        match msg {
+            OwnerToMember::Hello { .. } => {}
+            OwnerToMember::Snapshot {
+                group,
+                seq,
+                nodes,
+                last,
+            } => {
+                let Some(g) = self.joined(from, &group) else {
+                    return;
+                };
+                let all = {
+                    let mut snaps = lock(&self.inner.snapshots);
+                    let buf = snaps.entry(g).or_default();
+                    buf.extend(nodes);
+                    if !last {
+                        return;
+                    }
+                    snaps.remove(&g).unwrap_or_default()
+                };
+                self.apply(g, seq, |tree, out, gone| {
+                    let mut seen = HashSet::new();
+                    for n in &all {
+                        seen.insert(n.id);
+                        if let Err(e) = tree.apply_upsert(g, n, Situation::Sync, out) {
+                            tracing::warn!(node = n.id, cause = %e, "cannot apply node");
+                        }
+                    }
+                    gone.extend(tree.finish_snapshot(g, &seen, out)?);
+                    Ok(())
+                })
+                .await;
+                self.fill(g).await;
+            }
+            OwnerToMember::Changes {
+                group,
+                seq,
+                changes,
+            } => {
+                let Some(g) = self.joined(from, &group) else {
+                    return;
+                };
+                self.apply(g, seq, |tree, out, gone| {
+                    for c in &changes {
+                        let r = match c {
+                            Change::Upsert(n) => tree.apply_upsert(g, n, Situation::Update, out),
+                            Change::Remove { id } => tree
+                                .apply_remove(g, *id, Situation::Update, out)
+                                .map(|g2| gone.extend(g2)),
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!(cause = %e, "cannot apply change");
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+                self.fill(g).await;
+            }
+            OwnerToMember::Block { hash, data, .. } => {
+                let hash = BlockHash(hash);
+                let result = match self.inner.cache.insert(&hash, &data) {
+                    Ok(()) => Ok(Arc::from(data)),
+                    Err(e) => {
+                        tracing::warn!(peer = %from, cause = %e, "rejecting a block");
+                        Err(FetchError::Stale { hash })
+                    }
+                };
+                self.wake(&hash, result);
+            }
+            OwnerToMember::NoBlock { hash, .. } => {
+                let hash = BlockHash(hash);
+                self.wake(&hash, Err(FetchError::Stale { hash }));
+            }
+            OwnerToMember::Refused { group, code } => {
+                tracing::warn!(owner = %from, %group, %code, "owner refused");
+                if let Some(g) = self.joined(from, &group) {
+                    lock(&self.inner.groups).entry(g).or_default().problem = Some(code);
+                }
+            }
+        }
+    }
+
+    /// Applies a batch under the tree's write lock, then tells the kernel what
+    /// changed (after the lock: the kernel may call back into the filesystem).
+    async fn apply(
+        &self,
+        g: GroupId,
+        seq: u64,
+        f: impl FnOnce(
+            &mut Tree,
+            &mut Vec<Inval>,
+            &mut Vec<crate::fs::tree::Node>,
+        ) -> crate::fs::error::FsResult<()>,
+    ) {
+        let mut invals = Vec::new();
+        let mut gone = Vec::new();
+        {
+            let mut tree = self.tree_write();
+            if let Err(e) = f(&mut tree, &mut invals, &mut gone) {
+                tracing::warn!(cause = %e, "sync apply failed");
+            }
+            if let Err(e) = tree.set_applied(g, seq) {
+                tracing::warn!(cause = %e, "cannot record the applied position");
+            }
+        }
+        let mut status = lock(&self.inner.groups);
+        let s = status.entry(g).or_default();
+        s.problem = None;
+        s.applied = seq;
+        drop(status);
+        for node in gone {
+            // Mirrored files edited locally had their bytes in the store.
+            self.inner.store.remove(node.row.ino);
+        }
+        if let Some(n) = &self.inner.notifier {
+            for inv in invals {
+                let r = match &inv {
+                    Inval::Entry { parent, name } => {
+                        n.inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::from_bytes(name))
+                    }
+                    Inval::Inode(ino) => n.inval_inode(fuser::INodeNo(ino.0), 0, 0),
+                };
+                if let Err(e) = r
+                    && e.raw_os_error() != Some(libc::ENOENT)
+                {
+                    tracing::debug!(?inv, cause = ?e, "kernel invalidation failed");
+                }
+            }
+        }
+    }
+
+    fn wake(&self, hash: &BlockHash, result: Fetched) {
+        let waiters = lock(&self.inner.waiters).remove(hash).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+
+    /// Gets block `index` (hash `hash`) of mirrored file `ino` of group `g`: from
+    /// the cache, or from the owner, waiting at most the read timeout.
+    pub async fn fetch(
+        &self,
+        g: GroupId,
+        ino: Ino,
+        index: u32,
+        hash: BlockHash,
+        urgent: bool,
+    ) -> Fetched {
+        if let Ok(Some(data)) = self.inner.cache.read(&hash) {
+            return Ok(data);
+        }
+        let (owner, group, id) = {
+            let tree = self.tree_read();
+            let Some(grp) = tree.group(g) else {
+                return Err(FetchError::Unreachable {
+                    reason: "group left".into(),
+                });
+            };
+            let id = tree.get(ino).ok().and_then(|n| n.row.remote).map(|r| r.id);
+            (grp.row.owner.clone(), grp.row.name.clone(), id)
+        };
+        let Some(id) = id else {
+            return Err(FetchError::Stale { hash });
+        };
+        let Ok(owner) = UserName::new(&owner) else {
+            return Err(FetchError::Unreachable {
+                reason: "bad owner name".into(),
+            });
+        };
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut w = lock(&self.inner.waiters);
+            let list = w.entry(hash).or_default();
+            list.push(tx);
+            list.len() == 1
+        };
+        if first {
+            let msg = MemberToOwner::GetBlock {
+                group,
+                id,
+                index,
+                hash: hash.0,
+                urgent,
+            };
+            if let Err(reason) = self.inner.link.send(&owner, urgent, msg.encode()).await {
+                let err = FetchError::Unreachable { reason };
+                self.wake(&hash, Err(err.clone()));
+                return Err(err);
+            }
+        }
+        match tokio::time::timeout(self.inner.config.read_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                lock(&self.inner.waiters).remove(&hash);
+                Err(FetchError::Timeout { hash })
+            }
+        }
+    }
+
+    /// Fetches, in the background, every block of group `g` not in the cache.
+    async fn fill(&self, g: GroupId) {
+        let files = self.tree_read().mirrored_files(g);
+        for (ino, _, blocks) in files {
+            for (i, (hash, _)) in blocks.iter().enumerate() {
+                if self.inner.cache.contains(hash) {
+                    continue;
+                }
+                let Ok(permit) = self.inner.fill_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let engine = self.clone();
+                let hash = *hash;
+                // One background fetch; the permit bounds how many run at once.
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Err(e) = engine.fetch(g, ino, i as u32, hash, false).await {
+                        tracing::debug!(%ino, cause = %e, "background fetch failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+use std::os::unix::ffi::OsStrExt;

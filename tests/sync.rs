@@ -1,0 +1,434 @@
+//! Group sync between real mounts in one process: an owner and members, each a
+//! real FUSE mount with its own catalog and block cache, connected by an
+//! in-process link that delivers messages in order (and can be cut).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use brume::config::Config;
+use brume::fs::{MountOptions, Mounted, mount_with_link};
+use brume::ids::UserName;
+use brume::sync::engine::{BoxFuture, Engine, Link};
+use tokio::sync::mpsc;
+
+use crate::harness::{is_mounted, wait_until};
+
+/// Routes messages between in-process engines, in order, per destination.
+struct Hub {
+    runtime: tokio::runtime::Runtime,
+    /// Delivery queues by user.
+    queues: Mutex<HashMap<String, mpsc::Sender<(UserName, Vec<u8>)>>>,
+    /// Users that are currently unreachable.
+    offline: Mutex<HashSet<String>>,
+    /// Bytes delivered to each user.
+    bytes_to: Mutex<HashMap<String, u64>>,
+}
+
+impl Hub {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+            queues: Mutex::new(HashMap::new()),
+            offline: Mutex::new(HashSet::new()),
+            bytes_to: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn register(self: &Arc<Self>, user: &str, engine: Engine) {
+        let (tx, mut rx) = mpsc::channel::<(UserName, Vec<u8>)>(4096);
+        self.queues.lock().unwrap().insert(user.to_owned(), tx);
+        self.runtime.spawn(async move {
+            while let Some((from, payload)) = rx.recv().await {
+                engine.on_message(&from, &payload).await;
+            }
+        });
+    }
+
+    fn set_offline(&self, user: &str, offline: bool) {
+        let mut o = self.offline.lock().unwrap();
+        if offline {
+            o.insert(user.to_owned());
+        } else {
+            o.remove(user);
+        }
+    }
+
+    fn bytes_to(&self, user: &str) -> u64 {
+        *self.bytes_to.lock().unwrap().get(user).unwrap_or(&0)
+    }
+}
+
+struct HubLink {
+    hub: Arc<Hub>,
+    me: UserName,
+}
+
+impl Link for HubLink {
+    fn send<'a>(
+        &'a self,
+        to: &'a UserName,
+        _urgent: bool,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            {
+                let off = self.hub.offline.lock().unwrap();
+                if off.contains(to.as_str()) || off.contains(self.me.as_str()) {
+                    return Err("ENODEST".to_string());
+                }
+            }
+            let tx = self
+                .hub
+                .queues
+                .lock()
+                .unwrap()
+                .get(to.as_str())
+                .cloned()
+                .ok_or("EBADDEST")?;
+            *self
+                .hub
+                .bytes_to
+                .lock()
+                .unwrap()
+                .entry(to.to_string())
+                .or_default() += payload.len() as u64;
+            tx.send((self.me.clone(), payload))
+                .await
+                .map_err(|_| "gone".to_string())
+        })
+    }
+}
+
+/// One client mounted in this process.
+struct Peer {
+    dir: tempfile::TempDir,
+    user: String,
+    mnt: PathBuf,
+    mounted: Option<Mounted>,
+    cache_bytes: u64,
+}
+
+impl Peer {
+    fn start(hub: &Arc<Hub>, user: &str) -> Self {
+        Self::start_with_cache(hub, user, 1 << 30)
+    }
+
+    fn start_with_cache(hub: &Arc<Hub>, user: &str, cache_bytes: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("brume-sync-")
+            .tempdir()
+            .unwrap();
+        let mut p = Self {
+            mnt: dir.path().join("mnt"),
+            dir,
+            user: user.to_owned(),
+            mounted: None,
+            cache_bytes,
+        };
+        std::fs::create_dir_all(&p.mnt).unwrap();
+        p.mount(hub);
+        p
+    }
+
+    fn mount(&mut self, hub: &Arc<Hub>) {
+        let config = Config::parse(&format!(
+            "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{}\"\ncredential = \"x\"\n\
+             [cache]\nmax_bytes = {}\n",
+            self.user, self.cache_bytes
+        ))
+        .unwrap();
+        let link = Arc::new(HubLink {
+            hub: hub.clone(),
+            me: UserName::new(&self.user).unwrap(),
+        });
+        let mounted = mount_with_link(
+            MountOptions {
+                mountpoint: self.mnt.clone(),
+                config,
+                data_dir: self.dir.path().join("data"),
+            },
+            Some(link),
+        )
+        .unwrap();
+        hub.register(&self.user, mounted.engine().unwrap().clone());
+        self.mounted = Some(mounted);
+    }
+
+    fn unmount(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            m.unmount().unwrap();
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        self.mounted.as_ref().unwrap().engine().unwrap()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        drop(self.mounted.take());
+        if is_mounted(&self.mnt) {
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+fn online(hub: &Arc<Hub>, member: &Peer, owner: &str) {
+    let engine = member.engine().clone();
+    let owner = UserName::new(owner).unwrap();
+    hub.runtime.block_on(engine.owner_online(&owner));
+}
+
+fn read_when(path: &Path, want: &[u8]) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!(
+            "{} to read {:?}",
+            path.display(),
+            String::from_utf8_lossy(want)
+        ),
+        || std::fs::read(path).map(|d| d == want).unwrap_or(false),
+    );
+}
+
+fn gone_when(path: &Path) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{} to disappear", path.display()),
+        || !path.exists(),
+    );
+}
+
+/// alice owns `alice/g` shared with bob; bob has joined it.
+fn shared() -> (Arc<Hub>, Peer, Peer) {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let bob = Peer::start(&hub, "bob");
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    (hub, alice, bob)
+}
+
+#[test]
+fn join_by_mkdir_brings_the_tree_and_its_content() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let bob = Peer::start(&hub, "bob");
+    std::fs::create_dir_all(alice.path("alice/g/sub/deeper")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(alice.path("alice/g/sub/big.bin"), &big).unwrap();
+    std::fs::write(alice.path("alice/g/hello.txt"), b"hello bob").unwrap();
+    std::os::unix::fs::symlink("hello.txt", alice.path("alice/g/link")).unwrap();
+    // bob joins.
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    read_when(&bob.path("alice/g/hello.txt"), b"hello bob");
+    read_when(&bob.path("alice/g/sub/big.bin"), &big);
+    assert!(bob.path("alice/g/sub/deeper").is_dir());
+    assert_eq!(
+        std::fs::read_link(bob.path("alice/g/link"))
+            .unwrap()
+            .to_str(),
+        Some("hello.txt")
+    );
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/.members")).unwrap(),
+        b"bob\n"
+    );
+}
+
+#[test]
+fn owner_changes_reach_the_member_live() {
+    let (_hub, alice, bob) = shared();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    // add
+    std::fs::write(alice.path("alice/g/a.txt"), b"one").unwrap();
+    read_when(&bob.path("alice/g/a.txt"), b"one");
+    // change
+    std::fs::write(alice.path("alice/g/a.txt"), b"two, longer").unwrap();
+    read_when(&bob.path("alice/g/a.txt"), b"two, longer");
+    // rename (as a rename: same content, new name)
+    std::fs::create_dir(alice.path("alice/g/d")).unwrap();
+    std::fs::rename(alice.path("alice/g/a.txt"), alice.path("alice/g/d/b.txt")).unwrap();
+    read_when(&bob.path("alice/g/d/b.txt"), b"two, longer");
+    gone_when(&bob.path("alice/g/a.txt"));
+    // chmod
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        alice.path("alice/g/d/b.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "chmod", || {
+        std::fs::metadata(bob.path("alice/g/d/b.txt"))
+            .map(|m| m.permissions().mode() & 0o777 == 0o600)
+            .unwrap_or(false)
+    });
+    // unlink and rmdir
+    std::fs::remove_file(alice.path("alice/g/d/b.txt")).unwrap();
+    std::fs::remove_dir(alice.path("alice/g/d")).unwrap();
+    gone_when(&bob.path("alice/g/d"));
+}
+
+#[test]
+fn member_edits_are_kept_as_update_conflict_copies() {
+    let (_hub, alice, bob) = shared();
+    std::fs::write(alice.path("alice/g/f"), b"owner v1").unwrap();
+    read_when(&bob.path("alice/g/f"), b"owner v1");
+    // bob edits his copy; it never reaches alice.
+    std::fs::write(bob.path("alice/g/f"), b"bob's edit").unwrap();
+    assert_eq!(std::fs::read(alice.path("alice/g/f")).unwrap(), b"owner v1");
+    // update/change: alice changes it -> bob's version kept aside.
+    std::fs::write(alice.path("alice/g/f"), b"owner v2").unwrap();
+    read_when(&bob.path("alice/g/f"), b"owner v2");
+    read_when(&bob.path("alice/g/f-conflict-update-change"), b"bob's edit");
+    // update/add: bob creates x, then alice creates x.
+    std::fs::write(bob.path("alice/g/x"), b"bob's x").unwrap();
+    std::fs::write(alice.path("alice/g/x"), b"alice's x").unwrap();
+    read_when(&bob.path("alice/g/x"), b"alice's x");
+    read_when(&bob.path("alice/g/x-conflict-update-add"), b"bob's x");
+    // update/unlink of an edited file keeps the edit.
+    std::fs::write(bob.path("alice/g/f"), b"edited again").unwrap();
+    std::fs::remove_file(alice.path("alice/g/f")).unwrap();
+    gone_when(&bob.path("alice/g/f"));
+    read_when(
+        &bob.path("alice/g/f-conflict-update-change-2"),
+        b"edited again",
+    );
+    // Conflict copies are never removed by sync, and nothing reached alice.
+    assert!(!alice.path("alice/g/x-conflict-update-add").exists());
+    assert!(!alice.path("alice/g/f-conflict-update-change").exists());
+}
+
+#[test]
+fn offline_member_catches_up_with_sync_conflicts_and_restores_deleted_files() {
+    let (hub, alice, bob) = shared();
+    std::fs::write(alice.path("alice/g/keep"), b"k1").unwrap();
+    std::fs::write(alice.path("alice/g/edit"), b"e1").unwrap();
+    read_when(&bob.path("alice/g/edit"), b"e1");
+    read_when(&bob.path("alice/g/keep"), b"k1");
+    hub.set_offline("bob", true);
+    // While bob is away: he edits and deletes; alice changes things.
+    std::fs::write(bob.path("alice/g/edit"), b"bob offline edit").unwrap();
+    std::fs::remove_file(bob.path("alice/g/keep")).unwrap();
+    std::fs::write(alice.path("alice/g/edit"), b"e2").unwrap();
+    std::fs::write(alice.path("alice/g/new"), b"n1").unwrap();
+    hub.set_offline("bob", false);
+    online(&hub, &bob, "alice");
+    read_when(&bob.path("alice/g/new"), b"n1");
+    read_when(&bob.path("alice/g/edit"), b"e2");
+    read_when(&bob.path("alice/g/edit-conflict-sync"), b"bob offline edit");
+    // A file the member deleted is restored at the next sync.
+    read_when(&bob.path("alice/g/keep"), b"k1");
+}
+
+#[test]
+fn non_members_get_enotmember_and_no_data() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let carol = Peer::start(&hub, "carol");
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    std::fs::write(alice.path("alice/g/secret"), b"not for carol").unwrap();
+    std::fs::create_dir_all(carol.path("alice/g")).unwrap();
+    wait_until(Duration::from_secs(10), "ENOTMEMBER", || {
+        carol
+            .engine()
+            .member_status()
+            .get("alice/g")
+            .and_then(|s| s.problem.clone())
+            == Some("ENOTMEMBER".to_string())
+    });
+    assert!(!carol.path("alice/g/secret").exists());
+    assert!(
+        hub.bytes_to("carol") < 200,
+        "carol received {} bytes",
+        hub.bytes_to("carol")
+    );
+}
+
+#[test]
+fn owner_offline_cached_reads_work_and_uncached_reads_fail_fast() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // bob's cache holds about one block: most of a large file gets evicted.
+    let bob = Peer::start_with_cache(&hub, "bob", 300_000);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &big).unwrap();
+    std::fs::write(alice.path("alice/g/small"), b"cached").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    // Blocks are fetched on demand as the reads need them.
+    read_when(&bob.path("alice/g/big"), &big);
+    read_when(&bob.path("alice/g/small"), b"cached");
+    hub.set_offline("alice", true);
+    // The cached file stays readable with the owner gone.
+    assert_eq!(std::fs::read(bob.path("alice/g/small")).unwrap(), b"cached");
+    // The evicted start of the big one fails with EIO, at once, not after a hang
+    // (after the kernel's own page cache of it is dropped).
+    let f = std::fs::File::open(bob.path("alice/g/big")).unwrap();
+    use std::os::unix::io::AsRawFd;
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+        0
+    );
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    match f.read_at(&mut buf, 0) {
+        Ok(n) => panic!("read {n} bytes of an evicted block with the owner offline"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The tree itself stays browsable.
+    assert!(bob.path("alice/g/big").exists());
+}
+
+#[test]
+fn member_restart_syncs_what_it_missed() {
+    let (hub, alice, mut bob) = shared();
+    std::fs::write(alice.path("alice/g/before"), b"b").unwrap();
+    read_when(&bob.path("alice/g/before"), b"b");
+    bob.unmount();
+    std::fs::write(alice.path("alice/g/while-away"), b"w").unwrap();
+    std::fs::remove_file(alice.path("alice/g/before")).unwrap();
+    bob.mount(&hub);
+    assert!(
+        bob.path("alice/g/before").exists(),
+        "the catalog kept the mirror"
+    );
+    online(&hub, &bob, "alice");
+    read_when(&bob.path("alice/g/while-away"), b"w");
+    gone_when(&bob.path("alice/g/before"));
+}
+
+#[test]
+fn leaving_by_rmdir_removes_the_group() {
+    let (_hub, alice, bob) = shared();
+    std::fs::write(alice.path("alice/g/f"), b"x").unwrap();
+    read_when(&bob.path("alice/g/f"), b"x");
+    std::fs::remove_dir_all(bob.path("alice/g")).unwrap();
+    assert!(!bob.path("alice/g").exists());
+    // alice's side is untouched.
+    assert_eq!(std::fs::read(alice.path("alice/g/f")).unwrap(), b"x");
+}
