@@ -74,7 +74,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo talks to a person on the terminal: only problems are logged there.
     init_logging(if matches!(cli.command, Command::Demo) {
-        "warn"
+        "warn,rtc_dtls=error,rtc_ice=error,rtc_sctp=error,webrtc=error"
     } else {
         "info"
     });
@@ -155,6 +155,7 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
         mountpoint: mountpoint.clone(),
         config,
         data_dir,
+        network: true,
     })?;
     sd_notify(&format!(
         "READY=1\nSTATUS=mounted at {}",

@@ -106,6 +106,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 mountpoint: user.mountpoint.clone(),
                 config,
                 data_dir: user.data.clone(),
+                network: true,
             })?);
             println!("{:>5}'s Brume: {}", user.name, user.mountpoint.display());
             mounted.push(user);
@@ -122,7 +123,34 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         println!("alice wrote README.txt and 2026/beach.txt");
         std::fs::create_dir_all(bob.join("alice/photos"))?;
         println!("bob joined with `mkdir -p {}/alice/photos`", bob.display());
+        let bob_group = bob.join("alice/photos");
+        let started = std::time::Instant::now();
+        if wait_for(&bob_group.join("README.txt"), b"Photos from the beach.\n") {
+            println!(
+                "bob received README.txt from alice, peer to peer, {} ms after joining",
+                started.elapsed().as_millis()
+            );
+        } else {
+            println!("bob has not received the files yet (see `brume status`); carrying on");
+        }
+        // A member's own edit is never lost: when the owner changes the file,
+        // the member's version is kept as a conflict copy.
+        if wait_for(&bob_group.join("2026/beach.txt"), b"sand, sea, sun\n") {
+            std::fs::write(bob_group.join("2026/beach.txt"), "bob's own note\n")?;
+            println!("bob edited his copy of 2026/beach.txt (it stays on his machine)");
+            std::fs::write(group.join("2026/beach.txt"), "sand, sea, sun, and a boat\n")?;
+            println!("alice changed 2026/beach.txt");
+            if wait_for(
+                &bob_group.join("2026/beach.txt-conflict-update-change"),
+                b"bob's own note\n",
+            ) {
+                println!(
+                    "bob got alice's new version and kept his own as 2026/beach.txt-conflict-update-change"
+                );
+            }
+        }
         show_tree("alice sees", &group);
+        show_tree("bob sees", &bob_group);
         println!();
         println!("Try it: cp, mv, rm in {}", group.display());
         println!(
@@ -155,6 +183,21 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let _ = stop_server.send(());
     let _ = runtime.block_on(server);
     result
+}
+
+/// Polls until `path` holds `want` (at most 30 s); true if it did.
+fn wait_for(path: &Path, want: &[u8]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if std::fs::read(path).is_ok_and(|d| d == want) {
+            return true;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 fn show_tree(title: &str, dir: &Path) {

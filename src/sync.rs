@@ -5,4 +5,5 @@
 //! runs both sides in a client.
 
 pub mod engine;
+pub mod network;
 pub mod proto;

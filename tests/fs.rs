@@ -722,9 +722,25 @@ fn demo_runs_shows_the_group_and_stops_on_sigint_leaving_no_mount() {
     assert!(crate::harness::is_mounted(&alice));
     assert_eq!(
         read(&alice.join("alice/photos/2026/beach.txt")),
-        b"sand, sea, sun\n"
+        b"sand, sea, sun, and a boat\n"
     );
-    assert!(root.join("bob/Brume/alice/photos").is_dir());
+    // The file crossed to bob over the real signaling server and peer link, and
+    // bob's own edit survived as a conflict copy.
+    let bob = root.join("bob/Brume/alice/photos");
+    assert_eq!(read(&bob.join("README.txt")), b"Photos from the beach.\n");
+    assert_eq!(
+        read(&bob.join("2026/beach.txt")),
+        b"sand, sea, sun, and a boat\n"
+    );
+    assert_eq!(
+        read(&bob.join("2026/beach.txt-conflict-update-change")),
+        b"bob's own note\n"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("bob received README.txt")),
+        "{seen:?}"
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     drop(guard);

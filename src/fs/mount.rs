@@ -25,6 +25,8 @@ pub struct MountOptions {
     pub config: Config,
     /// The data directory: catalog, objects.
     pub data_dir: PathBuf,
+    /// Connect to the signaling server and peers and run group sync.
+    pub network: bool,
 }
 
 /// Errors while mounting.
@@ -266,31 +268,60 @@ pub fn mount_with_link(
             source,
         })?;
     let unmounter = session.unmount_callable();
-    // Sync runs on its own small runtime, started only when there is a link.
-    let (runtime, engine) = match link {
-        Some(link) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("brume-sync")
-                .enable_all()
-                .build()
-                .map_err(io)?;
-            let engine = {
-                let _guard = runtime.enter();
-                Engine::start(
-                    opts.config.username.clone(),
+    // Sync runs on its own small runtime, started only with a link or network.
+    let (runtime, engine) = if link.is_some() || opts.network {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("brume-sync")
+            .enable_all()
+            .build()
+            .map_err(io)?;
+        let _guard = runtime.enter();
+        let (link, network): (Arc<dyn Link>, _) = match link {
+            Some(link) => (link, None),
+            None => {
+                let (link, network) = crate::sync::network::start(
+                    &opts.config,
+                    data,
+                    catalog_handle.clone(),
                     tree.clone(),
-                    store,
-                    cache,
-                    link,
-                    Some(session.notifier()),
-                    EngineConfig::default(),
                 )
-            };
-            let _ = sync_slot.set((engine.clone(), runtime.handle().clone()));
-            (Some(runtime), Some(engine))
+                .map_err(|e| MountError::Data {
+                    path: data.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                (link, Some(network))
+            }
+        };
+        let engine = Engine::start(
+            opts.config.username.clone(),
+            tree.clone(),
+            store,
+            cache,
+            link,
+            Some(session.notifier()),
+            EngineConfig::default(),
+        );
+        if let Some(network) = network {
+            network.attach(engine.clone());
         }
-        None => (None, None),
+        // Joined groups ask their owners for what changed while we were away.
+        let joined: Vec<_> = tree
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .joined_groups()
+            .into_iter()
+            .map(|(g, ..)| g)
+            .collect();
+        for g in joined {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.subscribe(g).await });
+        }
+        let _ = sync_slot.set((engine.clone(), runtime.handle().clone()));
+        drop(_guard);
+        (Some(runtime), Some(engine))
+    } else {
+        (None, None)
     };
     let (tx, done) = mpsc::channel();
     // The session loop: serves the kernel until the filesystem is unmounted.
