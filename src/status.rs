@@ -11,6 +11,26 @@ use crate::cli::{StatusArgs, is_brume_mount, load_config};
 use crate::config;
 use crate::fs::mount_state;
 
+/// Name of the file in the data dir where a running daemon keeps its network
+/// state for `brume status`.
+pub const LIVE_FILE: &str = "live.json";
+
+/// What a running daemon reports about the network, refreshed every second.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LiveStatus {
+    /// When it was written (Unix seconds).
+    pub updated_unix: u64,
+    /// The signaling connection: state, last error (with its code), connects.
+    pub signal: serde_json::Value,
+    /// Every peer link by user: state, last error, byte counters, key fingerprint.
+    pub peers: serde_json::Value,
+    /// Each joined group (`owner/name`): applied log position and any problem
+    /// (`ENOTMEMBER`, `ENODEST`, …).
+    pub groups: std::collections::BTreeMap<String, crate::sync::engine::MemberGroupStatus>,
+    /// Block cache use.
+    pub cache: crate::blocks::cache::CacheUsage,
+}
+
 /// Everything `brume status` shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -26,6 +46,8 @@ pub struct Status {
     pub groups: Vec<GroupSummary>,
     /// Bytes used by the catalog files.
     pub catalog_bytes: u64,
+    /// Network state from the running daemon, if it runs.
+    pub live: Option<LiveStatus>,
 }
 
 /// A running mount.
@@ -52,7 +74,12 @@ pub fn collect(user: &str, server: &str, data_dir: &Path) -> anyhow::Result<Stat
             pid: s.pid,
         })
     });
+    let live = mount.as_ref().and_then(|_| {
+        let text = std::fs::read(data_dir.join(LIVE_FILE)).ok()?;
+        serde_json::from_slice(&text).ok()
+    });
     Ok(Status {
+        live,
         user: user.to_owned(),
         server: server.to_owned(),
         data_dir: data_dir.to_owned(),
@@ -112,5 +139,70 @@ pub fn render(s: &Status) -> String {
             }
         );
     }
+    if let Some(live) = &s.live {
+        let sig = &live.signal;
+        let _ = writeln!(
+            out,
+            "signal:  {}{}",
+            sig["state"].as_str().unwrap_or("?"),
+            problem(&sig["last_error"])
+        );
+        if let Some(peers) = live.peers.as_object() {
+            for (user, p) in peers {
+                let _ = writeln!(
+                    out,
+                    "peer {user}: {}, sent {} B, received {} B, key {}{}",
+                    p["state"].as_str().unwrap_or("?"),
+                    p["bytes_sent"],
+                    p["bytes_received"],
+                    p["key_fingerprint"].as_str().unwrap_or("not yet seen"),
+                    problem(&p["last_error"])
+                );
+                if let Some(changed) = p["key_changed"].as_array() {
+                    let _ = writeln!(
+                        out,
+                        "  KEY CHANGED: pinned {} but presented {}: refused",
+                        changed.first().and_then(|v| v.as_str()).unwrap_or("?"),
+                        changed.get(1).and_then(|v| v.as_str()).unwrap_or("?")
+                    );
+                }
+            }
+        }
+        for (group, g) in &live.groups {
+            let state = match &g.problem {
+                Some(p) => format!("problem: {p}"),
+                None if g.applied > 0 => "synced".to_string(),
+                None => "waiting for the owner".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "joined {group}: {state}, at the owner's log position {}",
+                g.applied
+            );
+        }
+        let _ = writeln!(
+            out,
+            "cache:   {} blocks, {} B pinned, {} B evictable, {} corrupt blocks dropped",
+            live.cache.blocks,
+            live.cache.pinned_bytes,
+            live.cache.evictable_bytes,
+            live.cache.corrupt_dropped
+        );
+    }
     out
+}
+
+/// ` (last problem: CODE message)` for a `last_error` value, or nothing.
+fn problem(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        return String::new();
+    }
+    let code = v["code"]
+        .as_str()
+        .map(|c| format!("{c} "))
+        .unwrap_or_default();
+    format!(
+        " (last problem: {code}{})",
+        v["message"].as_str().unwrap_or("")
+    )
 }

@@ -90,7 +90,7 @@ impl Client {
             .arg("--data")
             .arg(&self.data)
             .arg("-f")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error,brume::fs=warn")
             .stdin(Stdio::null());
         if !self.passthrough {
             cmd.arg("--no-passthrough");

@@ -21,7 +21,7 @@ command -v pjdfstest >/dev/null || cargo install --locked --quiet pjdfstest@0.2.
 command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
 
 # A test run killed half-way may have left mounts behind; they would break this one.
-grep -o ' [^ ]*brume-test-[^ ]*/mnt ' /proc/mounts | while read -r m; do
+{ grep -oE ' [^ ]*brume-(test|sync)-[^ ]*/mnt ' /proc/mounts || true; } | while read -r m; do
   fusermount3 -uz "$m" || true
 done
 

@@ -15,11 +15,14 @@ use tokio::sync::mpsc;
 
 use crate::harness::{is_mounted, wait_until};
 
+/// A delivery queue: (sender, payload) in order.
+type Queue = mpsc::Sender<(UserName, Vec<u8>)>;
+
 /// Routes messages between in-process engines, in order, per destination.
 struct Hub {
     runtime: tokio::runtime::Runtime,
     /// Delivery queues by user.
-    queues: Mutex<HashMap<String, mpsc::Sender<(UserName, Vec<u8>)>>>,
+    queues: Mutex<HashMap<String, Queue>>,
     /// Users that are currently unreachable.
     offline: Mutex<HashSet<String>>,
     /// Bytes delivered to each user.
@@ -152,6 +155,7 @@ impl Peer {
                 mountpoint: self.mnt.clone(),
                 config,
                 data_dir: self.dir.path().join("data"),
+                network: false,
             },
             Some(link),
         )

@@ -36,7 +36,7 @@ pub enum CacheError {
 }
 
 /// Byte counts for `brume status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheUsage {
     /// Bytes in pinned blocks.
     pub pinned_bytes: u64,

@@ -151,6 +151,8 @@ fn name_bytes(name: &OsStr) -> &[u8] {
 }
 
 impl BrumeFs {
+    // Built in exactly one place (the mount), from the parts it has just made.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         tree: Arc<RwLock<Tree>>,
         store: Store,
@@ -683,37 +685,34 @@ impl Opener {
             _ => return Err(FsError::Invalid { why: "not a file" }),
         }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if !open.contains_key(&ino) {
-            let file = match created {
-                Some(f) => f,
-                None => self.store.open_rw(ino)?,
-            };
-            let m = file.metadata()?;
-            let backing = if self.passthrough {
-                match register(&file) {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::warn!(%ino, cause = ?e, "passthrough refused; serving through the daemon");
-                        None
+        let oi = match open.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let file = match created {
+                    Some(f) => f,
+                    None => self.store.open_rw(ino)?,
+                };
+                let m = file.metadata()?;
+                let backing = if self.passthrough {
+                    match register(&file) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            tracing::warn!(%ino, cause = ?e, "passthrough refused; serving through the daemon");
+                            None
+                        }
                     }
-                }
-            } else {
-                None
-            };
-            open.insert(
-                ino,
-                OpenInode {
+                } else {
+                    None
+                };
+                v.insert(OpenInode {
                     file: Arc::new(file),
                     backing,
                     handles: 0,
                     seen: (m.size(), m.mtime(), m.mtime_nsec()),
                     dirty: false,
                     ranges: Some(Vec::new()),
-                },
-            );
-        }
-        let Some(oi) = open.get_mut(&ino) else {
-            return Err(FsError::NotFound);
+                })
+            }
         };
         oi.handles += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);

@@ -812,7 +812,7 @@ impl Tree {
                 why: "your own user folder cannot be removed",
             });
         }
-        let group_root_of = (place == Place::UserDir).then(|| n.row.group).flatten();
+        let group_root_of = (place == Place::UserDir).then_some(n.row.group).flatten();
         let now = Stamp::now();
         // Log first, while the node still knows its group.
         self.changed(

@@ -1,12 +1,20 @@
 //! One authenticated WebRTC connection to one peer: setup through the signaling server
-//! (offer/answer/trickle ICE), three pre-negotiated data channels (control, interactive,
-//! bulk; no DCEP round trip), the [`handshake`](super::handshake) over the control
-//! channel, then framed messages in both directions with send-buffer backpressure.
+//! (offer/answer/trickle ICE), three data channels (control, interactive, bulk) that the
+//! offerer opens in-band, the [`handshake`](super::handshake) over the control channel,
+//! then framed messages in both directions with send-buffer backpressure.
+//!
+//! The channels are opened in-band (DCEP), not pre-negotiated: with pre-negotiated
+//! channels, webrtc 0.21 drops the first message of a channel when it arrives in the same
+//! read as the SCTP handshake's completion (before the receiving side has opened its end),
+//! which lost the first `Hello` of most first attempts. A DCEP `OPEN` is accepted however
+//! early it arrives, and the opener sends nothing before the peer's `ACK`.
 //!
 //! A [`Link`] is owned by its peer's supervisor (`super::supervisor`); senders borrow
 //! it through an `Arc`. Dropping the last `Arc` closes the connection.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +48,8 @@ const SCTP_RECEIVE_BUFFER: u32 = 8 << 20;
 const SEND_BUFFER_LIMIT: usize = 8 << 20;
 /// Handshake frames queued between the control channel's reader and the handshake.
 const HANDSHAKE_QUEUE: usize = 4;
+/// Channels the peer may open: one per lane. More are refused.
+const CHANNELS: usize = Lane::ALL.len();
 
 /// A connection-setup message, relayed by the signaling server as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +181,15 @@ pub(crate) enum LinkError {
         /// Its reason.
         reason: String,
     },
+    /// The peer opened a data channel that is not one of the lanes', or a lane's twice,
+    /// or an unordered or unreliable one.
+    #[error("unexpected data channel {label:?} from the peer (ordered and reliable: {reliable})")]
+    BadChannel {
+        /// Its label.
+        label: String,
+        /// Whether it was ordered and reliable.
+        reliable: bool,
+    },
     /// A newer offer from the peer, or a local `disconnect`, replaced this attempt.
     #[error("superseded")]
     Superseded,
@@ -211,7 +230,8 @@ pub(crate) type KeyCheck<'a> =
     &'a (dyn Fn([u8; 32]) -> super::BoxFuture<'static, Result<(), LinkError>> + Send + Sync);
 
 /// Forwards the connection's events to the link: trickled candidates to the peer
-/// through the signaling server, state changes to a watch.
+/// through the signaling server, state changes to a watch, channels the peer opened to
+/// the setup.
 struct Handler {
     /// Weak: the connection's driver may outlive the link briefly, and must not keep
     /// the signaling client (and its server session) alive.
@@ -219,6 +239,10 @@ struct Handler {
     peer: UserName,
     sid: u64,
     state: watch::Sender<RTCPeerConnectionState>,
+    /// To the answering side's setup, which waits for the offerer's channels. Bounded to
+    /// one per lane; `None` on the offering side. Once setup is over the receiver is gone
+    /// and any further channel the peer opens is closed.
+    incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
 }
 
 #[async_trait::async_trait]
@@ -238,6 +262,19 @@ impl PeerConnectionEventHandler for Handler {
                 }
             }
             Err(err) => debug!(peer = %self.peer, cause = %err, "unusable local candidate"),
+        }
+    }
+
+    async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
+        let refused = match &self.incoming {
+            Some(tx) => tx.try_send(channel).err().map(|e| match e {
+                mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+            }),
+            None => Some(channel),
+        };
+        if let Some(channel) = refused {
+            debug!(peer = %self.peer, id = channel.id(), "data channel opened by the peer refused");
+            let _ = channel.close().await;
         }
     }
 
@@ -430,6 +467,7 @@ async fn build_pc(
     params: &LinkParams,
     sid: u64,
     state: watch::Sender<RTCPeerConnectionState>,
+    incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
 ) -> Result<Arc<dyn PeerConnection>, LinkError> {
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
@@ -450,6 +488,7 @@ async fn build_pc(
         peer: params.peer.clone(),
         sid,
         state,
+        incoming,
     };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(config)
@@ -463,47 +502,28 @@ async fn build_pc(
     Ok(Arc::new(pc))
 }
 
-/// Sets up a link. The dialer passes `offer: None` and sends an offer; the other side
-/// passes the offer it received. `inbox` yields the peer's further setup messages;
-/// `check_key` decides whether the peer's identity key is acceptable.
-pub(crate) async fn establish(
+/// A link whose three channels exist but are not all open yet, and not authenticated.
+struct Wired {
+    link: Link,
+    /// Handshake frames from the control channel's reader.
+    handshake: mpsc::Receiver<HandshakeFrame>,
+    /// Resolves `true` once every channel is open, `false` if one closed first.
+    all_open: Pin<Box<dyn Future<Output = bool> + Send>>,
+}
+
+/// Builds the link around its three channels (in lane order) and starts their readers.
+fn wire(
     params: &LinkParams,
     sid: u64,
-    offer: Option<String>,
-    inbox: &mut mpsc::Receiver<Input>,
-    deferred: &mut Option<Input>,
-    check_key: KeyCheck<'_>,
-) -> Result<Link, LinkError> {
-    let role = if offer.is_none() {
-        Role::Offerer
-    } else {
-        Role::Answerer
-    };
-    let deadline = Instant::now() + params.setup_timeout;
-    let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
-    let pc = build_pc(params, sid, state_tx).await?;
-    // Close the connection on every early return.
-    let guard = CloseOnDrop(Some(pc.clone()));
-
-    let mut channels = Vec::with_capacity(3);
-    for lane in Lane::ALL {
-        let init = RTCDataChannelInit {
-            ordered: true,
-            negotiated: Some(lane.index() as u16),
-            ..Default::default()
-        };
-        channels.push(
-            pc.create_data_channel(lane.label(), Some(init))
-                .await
-                .map_err(rtc("create data channel"))?,
-        );
-    }
+    pc: &Arc<dyn PeerConnection>,
+    channels: [Arc<dyn DataChannel>; CHANNELS],
+) -> Wired {
     let (dead_tx, dead) = watch::channel(None);
     let (authed, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         peer: params.peer.clone(),
-        lanes: [0, 1, 2].map(|i| LaneTx {
-            channel: channels[i].clone(),
+        lanes: channels.clone().map(|channel| LaneTx {
+            channel,
             lock: tokio::sync::Mutex::new(()),
         }),
         pending: Mutex::new(HashMap::new()),
@@ -513,10 +533,12 @@ pub(crate) async fn establish(
         authed,
         closing: AtomicBool::new(false),
     });
-    let (hs_tx, mut hs_rx) = mpsc::channel(HANDSHAKE_QUEUE);
-    let mut opened = Vec::with_capacity(3);
-    let mut readers = Vec::with_capacity(3);
+    // Handshake frames, from the control channel's reader to `establish`.
+    let (hs_tx, handshake) = mpsc::channel(HANDSHAKE_QUEUE);
+    let mut opened = Vec::with_capacity(CHANNELS);
+    let mut readers = Vec::with_capacity(CHANNELS);
     for lane in Lane::ALL {
+        // Fired by the reader when its channel is open.
         let (open_tx, open_rx) = oneshot::channel();
         opened.push(open_rx);
         let span = info_span!("peer-reader", peer = %params.peer, lane = lane.label(), sid);
@@ -537,15 +559,110 @@ pub(crate) async fn establish(
             .instrument(span),
         ));
     }
-    drop(hs_tx);
-    let mut link = Link {
-        sid,
-        peer_key: [0; 32],
-        shared: shared.clone(),
-        pc: pc.clone(),
-        dead,
-        readers,
+    let all_open = Box::pin(async move {
+        for rx in opened {
+            if rx.await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    Wired {
+        link: Link {
+            sid,
+            peer_key: [0; 32],
+            shared,
+            pc: pc.clone(),
+            dead,
+            readers,
+        },
+        handshake,
+        all_open,
+    }
+}
+
+/// Takes a channel the offerer opened into its lane's slot. Only the three lanes'
+/// channels, each once, ordered and reliable, are accepted.
+async fn accept_channel(
+    slots: &mut [Option<Arc<dyn DataChannel>>; CHANNELS],
+    channel: Arc<dyn DataChannel>,
+) -> Result<(), LinkError> {
+    let label = channel.label().await.map_err(rtc("channel label"))?;
+    let reliable = channel.ordered().await.unwrap_or(false)
+        && channel.max_retransmits().await.ok() == Some(None)
+        && channel.max_packet_life_time().await.ok() == Some(None);
+    let lane = Lane::ALL.into_iter().find(|l| l.label() == label);
+    match lane {
+        Some(lane) if reliable && slots[lane.index()].is_none() => {
+            slots[lane.index()] = Some(channel);
+            Ok(())
+        }
+        _ => {
+            let _ = channel.close().await;
+            Err(LinkError::BadChannel { label, reliable })
+        }
+    }
+}
+
+/// Resolves when the wired channels are all open (or one closed); never before the
+/// link is wired.
+async fn opened(wired: &mut Option<Wired>) -> bool {
+    match wired {
+        Some(w) => (&mut w.all_open).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sets up a link. The dialer passes `offer: None` and sends an offer; the other side
+/// passes the offer it received. `inbox` yields the peer's further setup messages;
+/// `check_key` decides whether the peer's identity key is acceptable.
+pub(crate) async fn establish(
+    params: &LinkParams,
+    sid: u64,
+    offer: Option<String>,
+    inbox: &mut mpsc::Receiver<Input>,
+    deferred: &mut Option<Input>,
+    check_key: KeyCheck<'_>,
+) -> Result<Link, LinkError> {
+    let role = if offer.is_none() {
+        Role::Offerer
+    } else {
+        Role::Answerer
     };
+    let deadline = Instant::now() + params.setup_timeout;
+    let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
+    // The channels the offerer opens, from the connection's handler to this setup.
+    let (incoming_tx, mut incoming) = mpsc::channel(CHANNELS);
+    let pc = build_pc(
+        params,
+        sid,
+        state_tx,
+        (role == Role::Answerer).then_some(incoming_tx),
+    )
+    .await?;
+    // Close the connection on every early return.
+    let guard = CloseOnDrop(Some(pc.clone()));
+
+    // The offerer opens the channels (in-band: see the module's documentation); the
+    // answerer receives them once SCTP is up.
+    let mut slots: [Option<Arc<dyn DataChannel>>; CHANNELS] = Default::default();
+    let mut wired = None;
+    if role == Role::Offerer {
+        for lane in Lane::ALL {
+            let init = RTCDataChannelInit {
+                ordered: true,
+                ..Default::default()
+            };
+            slots[lane.index()] = Some(
+                pc.create_data_channel(lane.label(), Some(init))
+                    .await
+                    .map_err(rtc("create data channel"))?,
+            );
+        }
+        if let [Some(c), Some(i), Some(b)] = slots.clone() {
+            wired = Some(wire(params, sid, &pc, [c, i, b]));
+        }
+    }
     let signal = |msg: SignalMessage| {
         let signal = params.signal.clone();
         let peer = params.peer.clone();
@@ -585,24 +702,23 @@ pub(crate) async fn establish(
         }
     }
 
-    // Until the three channels are open: apply the peer's answer and candidates.
-    let mut all_open = Box::pin(async move {
-        for rx in opened {
-            if rx.await.is_err() {
-                return false;
-            }
-        }
-        true
-    });
+    // Until the three channels are open: apply the peer's answer and candidates, and
+    // (answerer) take the channels the offerer opens.
     let timed_out = |stage| LinkError::Timeout {
         after: params.setup_timeout,
         stage,
     };
     loop {
         tokio::select! {
-            ok = &mut all_open => {
+            ok = opened(&mut wired) => {
                 if ok { break; }
                 return Err(LinkError::Closed { state: "channel closed during setup".into() });
+            }
+            Some(channel) = incoming.recv(), if wired.is_none() => {
+                accept_channel(&mut slots, channel).await?;
+                if let [Some(c), Some(i), Some(b)] = slots.clone() {
+                    wired = Some(wire(params, sid, &pc, [c, i, b]));
+                }
             }
             msg = inbox.recv() => match msg {
                 None => return Err(LinkError::Closed { state: "stopped".into() }),
@@ -616,7 +732,12 @@ pub(crate) async fn establish(
                         debug!(cause = %e, "remote candidate refused");
                     }
                 }
-                Some(m @ (Input::Signal(SignalMessage::Offer { .. } | SignalMessage::Call) | Input::Forget)) => {
+                Some(Input::Signal(SignalMessage::Call)) if role == Role::Offerer => {
+                    // The peer asked for a link while ours was on its way (both sides
+                    // wanted one at once): this offer answers it.
+                    debug!("call while dialing: the offer under way answers it");
+                }
+                Some(m @ (Input::Signal(SignalMessage::Offer { .. }) | Input::Forget)) => {
                     // The peer started over (restart), or we gave up on it: the
                     // supervisor decides what next.
                     *deferred = Some(m);
@@ -636,7 +757,17 @@ pub(crate) async fn establish(
             () = tokio::time::sleep_until(deadline) => return Err(timed_out("ICE/DTLS/SCTP")),
         }
     }
-
+    let Some(Wired {
+        mut link,
+        handshake: mut hs_rx,
+        ..
+    }) = wired
+    else {
+        return Err(LinkError::Closed {
+            state: "no channels".into(),
+        });
+    };
+    let shared = link.shared.clone();
     // The handshake, bound to both DTLS fingerprints as this side sees them.
     let local_sdp = pc
         .local_description()

@@ -307,10 +307,19 @@ impl Supervisor {
                     record(&self.status, self.peer(), Some(code), &message);
                 }
                 Input::Signal(SignalMessage::Call) if dialer => {
-                    // The peer wants a (new) link: it may have restarted.
+                    // The peer wants a link, so keep one up from now on.
                     if !wanted {
                         wanted = true;
                         self.watch_presence().await;
+                    }
+                    if current.as_ref().is_some_and(|l| !l.is_dead()) {
+                        // Sent while our offer was on its way (both sides wanted a link at
+                        // once), or by a restarted peer whose old connection has not been
+                        // noticed dead yet: redialing would replace a working link in the
+                        // first case; in the second the old link dies within the ICE
+                        // timeout and, wanted, is redialed then.
+                        debug!("call ignored: the link is up");
+                        continue;
                     }
                     let result = self.attempt(None).await;
                     self.settle(result, &mut current, &mut attempt, &mut retry_at, wanted)

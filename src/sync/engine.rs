@@ -84,7 +84,7 @@ impl Default for EngineConfig {
 }
 
 /// Sync state of one joined group, for `brume status`.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct MemberGroupStatus {
     /// Owner's log position applied.
     pub applied: u64,
@@ -175,6 +175,11 @@ impl Engine {
 
     fn tree_write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
         self.inner.tree.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Block cache usage.
+    pub fn cache_usage(&self) -> crate::blocks::cache::CacheUsage {
+        self.inner.cache.usage()
     }
 
     /// The member-side status of every joined group, by `owner/name`.

@@ -61,6 +61,9 @@ impl Link for PeersLink {
 /// What [`start`] leaves running; hand it the engine with [`Network::attach`].
 pub struct Network {
     events: mpsc::Receiver<PeerEvent>,
+    signal: crate::signal::client::SignalClient,
+    peers: Peers,
+    data_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Network {
@@ -86,12 +89,18 @@ pub fn start(
     });
     let (peers, events) = Peers::start(
         PeersConfig::new(config, identity),
-        Arc::new(signal),
+        Arc::new(signal.clone()),
         signal_events,
         catalog,
         membership,
     );
-    Ok((Arc::new(PeersLink { peers }), Network { events }))
+    let network = Network {
+        events,
+        signal,
+        peers: peers.clone(),
+        data_dir: data_dir.to_owned(),
+    };
+    Ok((Arc::new(PeersLink { peers }), network))
 }
 
 impl Network {
@@ -99,6 +108,14 @@ impl Network {
     /// joined groups resubscribe).
     pub fn attach(self, engine: Engine) {
         let mut events = self.events;
+        // Writes what `brume status` shows about the network, once a second, for
+        // the life of the mount.
+        tokio::spawn(write_live_status(
+            self.data_dir,
+            self.signal,
+            self.peers,
+            engine.clone(),
+        ));
         // Drains the peer events for the life of the mount (the receiver must be
         // drained or the links stop reading).
         tokio::spawn(async move {
@@ -128,5 +145,39 @@ impl Network {
                 }
             }
         });
+    }
+}
+
+/// Keeps `<data>/live.json` current: the signaling connection, every peer link,
+/// each joined group's sync state and the block cache.
+async fn write_live_status(
+    data_dir: std::path::PathBuf,
+    signal: crate::signal::client::SignalClient,
+    peers: Peers,
+    engine: Engine,
+) {
+    let path = data_dir.join(crate::status::LIVE_FILE);
+    let tmp = path.with_extension("tmp");
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let live = crate::status::LiveStatus {
+            updated_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            signal: serde_json::to_value(&*signal.status().borrow()).unwrap_or_default(),
+            peers: serde_json::to_value(peers.status()).unwrap_or_default(),
+            groups: engine.member_status().into_iter().collect(),
+            cache: engine.cache_usage(),
+        };
+        let Ok(text) = serde_json::to_vec_pretty(&live) else {
+            continue;
+        };
+        if std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            tracing::debug!("cannot write the live status file");
+        }
     }
 }
