@@ -890,7 +890,8 @@ pub struct GroupSummary {
     pub bytes: u64,
     /// Members listed in `.members`.
     pub members: Vec<String>,
-    /// Last change-log position used.
+    /// Owned groups: the last change-log position used. Joined groups: the
+    /// owner's position applied.
     pub last_seq: u64,
 }
 
@@ -927,7 +928,8 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
     let mut out = Summary::default();
     let mut q = conn.prepare(
         "SELECT g.id, g.owner, g.name, g.owned, \
-           (SELECT COALESCE(MAX(seq), 0) FROM changes c WHERE c.group_id = g.id), \
+           CASE WHEN g.owned THEN (SELECT COALESCE(MAX(seq), 0) FROM changes c \
+             WHERE c.group_id = g.id) ELSE g.next_seq END, \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1), \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 2) - 1, \
            (SELECT COALESCE(SUM(size), 0) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1) \
