@@ -436,3 +436,51 @@ fn leaving_by_rmdir_removes_the_group() {
     // alice's side is untouched.
     assert_eq!(std::fs::read(alice.path("alice/g/f")).unwrap(), b"x");
 }
+
+#[test]
+fn a_one_byte_edit_of_a_large_file_sends_about_one_block() {
+    let (hub, alice, bob) = shared();
+    let mut data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &data).unwrap();
+    read_when(&bob.path("alice/g/big"), &data);
+    // Let the background fill finish before counting.
+    wait_until(Duration::from_secs(10), "fill", || {
+        bob.engine().cache_usage().blocks as usize >= data.len().div_ceil(256 * 1024)
+    });
+    let before = hub.bytes_to("bob");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(alice.path("alice/g/big"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"!", 2_000_000).unwrap();
+    drop(f);
+    data[2_000_000] = b'!';
+    read_when(&bob.path("alice/g/big"), &data);
+    let sent = hub.bytes_to("bob") - before;
+    assert!(
+        sent < 256 * 1024 + 16 * 1024,
+        "a 1-byte edit sent {sent} bytes to the member"
+    );
+}
+
+#[test]
+fn a_member_removed_from_members_gets_enotmember_and_no_more_data() {
+    let (hub, alice, bob) = shared();
+    std::fs::write(alice.path("alice/g/f"), b"for bob").unwrap();
+    read_when(&bob.path("alice/g/f"), b"for bob");
+    std::fs::write(alice.path("alice/g/.members"), b"# nobody\n").unwrap();
+    std::fs::write(alice.path("alice/g/later"), b"not for bob").unwrap();
+    // bob asks again (a reconnect): refused.
+    online(&hub, &bob, "alice");
+    wait_until(Duration::from_secs(10), "ENOTMEMBER", || {
+        bob.engine()
+            .member_status()
+            .get("alice/g")
+            .and_then(|s| s.problem.clone())
+            == Some("ENOTMEMBER".to_string())
+    });
+    assert!(!bob.path("alice/g/later").exists());
+    // What bob already had stays readable.
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), b"for bob");
+}

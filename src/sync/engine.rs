@@ -228,11 +228,24 @@ impl Engine {
             Some(s) if !s.is_empty() => s.iter().cloned().collect(),
             _ => return,
         };
-        let (msg, group_name) = {
+        let (msg, group_name, members) = {
             let tree = self.tree_read();
             let Some(g) = tree.group(group) else {
                 return;
             };
+            // A member removed from `.members` gets nothing more.
+            let (members, revoked): (Vec<UserName>, Vec<UserName>) = members
+                .into_iter()
+                .partition(|m| tree.is_member(group, m.as_str()));
+            if !revoked.is_empty() {
+                let mut subs = lock(&self.inner.subscribers);
+                if let Some(s) = subs.get_mut(&group) {
+                    for r in &revoked {
+                        tracing::info!(peer = %r, group = %g.row.name, "membership revoked");
+                        s.remove(r);
+                    }
+                }
+            }
             let name = g.row.name.clone();
             let change = match tree.node_state(ino) {
                 Some(state) => Change::Upsert(state),
@@ -252,7 +265,7 @@ impl Engine {
                 seq: tree.log_position(group),
                 changes: vec![change],
             };
-            (msg, name)
+            (msg, name, members)
         };
         let bytes = msg.encode();
         for m in members {
