@@ -416,12 +416,8 @@ fn member_restart_syncs_what_it_missed() {
     bob.unmount();
     std::fs::write(alice.path("alice/g/while-away"), b"w").unwrap();
     std::fs::remove_file(alice.path("alice/g/before")).unwrap();
+    // Mounting again subscribes the joined group by itself.
     bob.mount(&hub);
-    assert!(
-        bob.path("alice/g/before").exists(),
-        "the catalog kept the mirror"
-    );
-    online(&hub, &bob, "alice");
     read_when(&bob.path("alice/g/while-away"), b"w");
     gone_when(&bob.path("alice/g/before"));
 }
