@@ -423,29 +423,7 @@ impl BrumeFs {
                     return reply.error(Errno::EIO);
                 }
             }
-            let reply = std::cell::RefCell::new(Some(reply));
-            let r = opener.open_file(
-                h.ino,
-                None,
-                true,
-                |f| match reply.borrow().as_ref() {
-                    Some(r) => r.open_backing(f),
-                    None => Err(std::io::Error::other("reply already sent")),
-                },
-                |fh, backing| {
-                    if let Some(r) = reply.borrow_mut().take() {
-                        match backing {
-                            Some(b) => r.opened_passthrough(fh, OPEN_FLAGS, b),
-                            None => r.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
-                        }
-                    }
-                },
-            );
-            if let Err(e) = r
-                && let Some(r) = reply.borrow_mut().take()
-            {
-                r.error(e.errno());
-            }
+            opener.open_and_reply(h.ino, true, reply);
         });
     }
 
@@ -660,6 +638,34 @@ impl BrumeFs {
 }
 
 impl Opener {
+    /// Opens an existing file and sends the reply (passthrough when possible).
+    fn open_and_reply(&self, ino: Ino, writable: bool, reply: ReplyOpen) {
+        // The reply is needed both to register the backing file and to answer.
+        let reply = std::cell::RefCell::new(Some(reply));
+        let r = self.open_file(
+            ino,
+            None,
+            writable,
+            |f| match reply.borrow().as_ref() {
+                Some(r) => r.open_backing(f),
+                None => Err(std::io::Error::other("reply already sent")),
+            },
+            |fh, backing| {
+                if let Some(r) = reply.borrow_mut().take() {
+                    match backing {
+                        Some(b) => r.opened_passthrough(fh, OPEN_FLAGS, b),
+                        None => r.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+                    }
+                }
+            },
+        );
+        if let Err(e) = r
+            && let Some(r) = reply.borrow_mut().take()
+        {
+            r.error(e.errno());
+        }
+    }
+
     /// Opens `ino` for a new handle and replies through `reply_with`, with the
     /// inode's passthrough backing id if there is one. `register` makes the
     /// backing id from the backing file through the reply object. A mirrored file
@@ -1036,29 +1042,7 @@ impl fuser::Filesystem for BrumeFs {
                 return self.open_after_fetch(h, reply);
             }
         }
-        let reply = std::cell::RefCell::new(Some(reply));
-        let r = self.opener().open_file(
-            ino,
-            None,
-            writable,
-            |f| match reply.borrow().as_ref() {
-                Some(r) => r.open_backing(f),
-                None => Err(std::io::Error::other("reply already sent")),
-            },
-            |fh, backing| {
-                if let Some(r) = reply.borrow_mut().take() {
-                    match backing {
-                        Some(b) => r.opened_passthrough(fh, OPEN_FLAGS, b),
-                        None => r.opened(fh, OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
-                    }
-                }
-            },
-        );
-        if let Err(e) = r
-            && let Some(r) = reply.borrow_mut().take()
-        {
-            r.error(e.errno());
-        }
+        self.opener().open_and_reply(ino, writable, reply);
     }
 
     fn create(
