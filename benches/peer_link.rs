@@ -137,6 +137,15 @@ async fn tcp_loopback(bytes: usize) -> f64 {
 }
 
 fn main() {
+    // Logs to stderr, filtered by RUST_LOG (default: warnings), so a failed setup
+    // says why.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -29,8 +29,8 @@ use tracing::{Instrument, debug, info_span, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceServer, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
-    RTCSessionDescription, SettingEngineBuilder,
+    RTCIceCandidateInit, RTCIceConnectionState, RTCIceServer, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
 };
 
 use super::handshake::{self, Party, Role};
@@ -50,6 +50,9 @@ const SEND_BUFFER_LIMIT: usize = 8 << 20;
 const HANDSHAKE_QUEUE: usize = 4;
 /// Channels the peer may open: one per lane. More are refused.
 const CHANNELS: usize = Lane::ALL.len();
+/// From ICE's connection until the channels are all open, how often the connection's
+/// driver is woken (see [`wake_driver`]).
+const SETUP_WAKE_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A connection-setup message, relayed by the signaling server as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +242,8 @@ struct Handler {
     peer: UserName,
     sid: u64,
     state: watch::Sender<RTCPeerConnectionState>,
+    /// Fired when ICE connects, so the setup wakes the driver (see [`wake_driver`]).
+    ice_connected: Arc<tokio::sync::Notify>,
     /// To the answering side's setup, which waits for the offerer's channels. Bounded to
     /// one per lane; `None` on the offering side. Once setup is over the receiver is gone
     /// and any further channel the peer opens is closed.
@@ -275,6 +280,12 @@ impl PeerConnectionEventHandler for Handler {
         if let Some(channel) = refused {
             debug!(peer = %self.peer, id = channel.id(), "data channel opened by the peer refused");
             let _ = channel.close().await;
+        }
+    }
+
+    async fn on_ice_connection_state_change(&self, state: RTCIceConnectionState) {
+        if state == RTCIceConnectionState::Connected {
+            self.ice_connected.notify_one();
         }
     }
 
@@ -467,6 +478,7 @@ async fn build_pc(
     params: &LinkParams,
     sid: u64,
     state: watch::Sender<RTCPeerConnectionState>,
+    ice_connected: Arc<tokio::sync::Notify>,
     incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
 ) -> Result<Arc<dyn PeerConnection>, LinkError> {
     let settings = SettingEngineBuilder::new()
@@ -488,6 +500,7 @@ async fn build_pc(
         peer: params.peer.clone(),
         sid,
         state,
+        ice_connected,
         incoming,
     };
     let pc = PeerConnectionBuilder::new()
@@ -500,6 +513,21 @@ async fn build_pc(
         .await
         .map_err(rtc("build"))?;
     Ok(Arc::new(pc))
+}
+
+/// Wakes the connection's driver so that it sends what it has queued.
+///
+/// webrtc 0.21's driver sends queued packets before it handles the connection's
+/// events, then sleeps until its next timer (ICE's, 200 ms once connected). What an
+/// event queues (the DTLS `ClientHello` when ICE connects, the SCTP `INIT` when DTLS
+/// completes, the DCEP `OPEN`s when SCTP completes) therefore waits up to 200 ms unless
+/// something else wakes the driver; each of those stalls was a fixed part of every
+/// setup. Setting the unchanged configuration again wakes it and changes nothing.
+async fn wake_driver(pc: &Arc<dyn PeerConnection>) {
+    let config = pc.get_configuration().await;
+    if let Err(err) = pc.set_configuration(config).await {
+        debug!(cause = %err, "cannot wake the connection's driver");
+    }
 }
 
 /// A link whose three channels exist but are not all open yet, and not authenticated.
@@ -631,12 +659,14 @@ pub(crate) async fn establish(
     };
     let deadline = Instant::now() + params.setup_timeout;
     let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
+    let ice_connected = Arc::new(tokio::sync::Notify::new());
     // The channels the offerer opens, from the connection's handler to this setup.
     let (incoming_tx, mut incoming) = mpsc::channel(CHANNELS);
     let pc = build_pc(
         params,
         sid,
         state_tx,
+        ice_connected.clone(),
         (role == Role::Answerer).then_some(incoming_tx),
     )
     .await?;
@@ -708,8 +738,18 @@ pub(crate) async fn establish(
         after: params.setup_timeout,
         stage,
     };
+    // From ICE's connection until the channels are open, the driver is woken often:
+    // DTLS and SCTP progress queue packets on events this side cannot observe.
+    let mut connected = false;
+    let mut wake = tokio::time::interval(SETUP_WAKE_INTERVAL);
+    wake.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            () = ice_connected.notified() => {
+                connected = true;
+                wake_driver(&pc).await;
+            }
+            _ = wake.tick(), if connected => wake_driver(&pc).await,
             ok = opened(&mut wired) => {
                 if ok { break; }
                 return Err(LinkError::Closed { state: "channel closed during setup".into() });
@@ -752,6 +792,10 @@ pub(crate) async fn establish(
                 let s = *state.borrow();
                 if changed.is_err() || matches!(s, RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) {
                     return Err(LinkError::Closed { state: s.to_string() });
+                }
+                if s == RTCPeerConnectionState::Connected && !connected {
+                    connected = true;
+                    wake_driver(&pc).await;
                 }
             }
             () = tokio::time::sleep_until(deadline) => return Err(timed_out("ICE/DTLS/SCTP")),

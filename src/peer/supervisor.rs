@@ -385,6 +385,17 @@ impl Supervisor {
         match result {
             Ok(link) => {
                 let link = Arc::new(link);
+                let sid = link.sid;
+                // `attempt` checked the key against the pin before succeeding.
+                let fp = self.key_fp.clone().unwrap_or_default();
+                // The status says `Up` before the link is published: whoever gets the
+                // link from `Peers` sees a status that agrees.
+                self.set(|s| {
+                    s.state = PeerState::Up;
+                    s.connects += 1;
+                    s.key_fingerprint = Some(fp.clone());
+                    s.key_changed = None;
+                });
                 let old = current.replace(link.clone());
                 self.link_tx.send_replace(Some(link));
                 if let Some(old) = old {
@@ -392,15 +403,7 @@ impl Supervisor {
                 }
                 *attempt = 0;
                 *retry_at = None;
-                // `attempt` checked the key against the pin before succeeding.
-                let fp = self.key_fp.clone().unwrap_or_default();
-                self.set(|s| {
-                    s.state = PeerState::Up;
-                    s.connects += 1;
-                    s.key_fingerprint = Some(fp.clone());
-                    s.key_changed = None;
-                });
-                info!(key = %fp, sid = self.link_tx.borrow().as_ref().map(|l| l.sid), "link up");
+                info!(key = %fp, sid, "link up");
                 self.emit(PeerEvent::Up {
                     peer: self.peer().clone(),
                     key_fingerprint: fp,
