@@ -164,7 +164,9 @@ impl Peer {
         self.mounted = Some(mounted);
     }
 
-    fn unmount(&mut self) {
+    fn unmount(&mut self, hub: &Hub) {
+        // Messages for this user fail (as to an offline peer) until it is back.
+        hub.queues.lock().unwrap().remove(&self.user);
         if let Some(m) = self.mounted.take() {
             m.unmount().unwrap();
         }
@@ -413,11 +415,12 @@ fn member_restart_syncs_what_it_missed() {
     let (hub, alice, mut bob) = shared();
     std::fs::write(alice.path("alice/g/before"), b"b").unwrap();
     read_when(&bob.path("alice/g/before"), b"b");
-    bob.unmount();
+    bob.unmount(&hub);
     std::fs::write(alice.path("alice/g/while-away"), b"w").unwrap();
     std::fs::remove_file(alice.path("alice/g/before")).unwrap();
-    // Mounting again subscribes the joined group by itself.
     bob.mount(&hub);
+    // The link to alice comes up: bob resubscribes and catches up.
+    online(&hub, &bob, "alice");
     read_when(&bob.path("alice/g/while-away"), b"w");
     gone_when(&bob.path("alice/g/before"));
 }

@@ -92,7 +92,14 @@ pub struct MemberGroupStatus {
     pub problem: Option<String>,
     /// Conflict copies made so far.
     pub conflicts: u64,
+    /// Refusals in a row (the retry delay doubles with each).
+    pub refusals: u32,
 }
+
+/// First delay before asking a refusing owner again; doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest delay between two requests to a refusing owner.
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 struct Inner {
     me: UserName,
@@ -295,7 +302,7 @@ impl Engine {
     }
 
     async fn send_snapshot(&self, to: &UserName, g: GroupId) {
-        let (name, seq, nodes, pending) = {
+        let (name, seq, nodes) = {
             let tree = self.tree_read();
             let Some(group) = tree.group(g) else {
                 return;
@@ -303,9 +310,11 @@ impl Engine {
             let Ok((nodes, pending)) = tree.group_snapshot(g) else {
                 return;
             };
-            (group.row.name.clone(), tree.log_position(g), nodes, pending)
+            // Recorded under the tree lock: a file's `Hashed` event comes from
+            // under the write lock, so it cannot slip in before this and be missed.
+            lock(&self.inner.unhashed).extend(pending);
+            (group.row.name.clone(), tree.log_position(g), nodes)
         };
-        lock(&self.inner.unhashed).extend(pending);
         let mut chunks: Vec<Vec<NodeState>> = nodes
             .chunks(SNAPSHOT_CHUNK)
             .map(<[NodeState]>::to_vec)
@@ -581,7 +590,27 @@ impl Engine {
             OwnerToMember::Refused { group, code } => {
                 tracing::warn!(owner = %from, %group, %code, "owner refused");
                 if let Some(g) = self.joined(from, &group) {
-                    lock(&self.inner.groups).entry(g).or_default().problem = Some(code);
+                    let delay = {
+                        let mut groups = lock(&self.inner.groups);
+                        let s = groups.entry(g).or_default();
+                        s.problem = Some(code);
+                        s.refusals += 1;
+                        RETRY_FIRST
+                            .saturating_mul(1 << s.refusals.min(16))
+                            .min(RETRY_MAX)
+                    };
+                    // Ask again later: the owner may add us to `.members` (or may
+                    // not have read its new `.members` yet).
+                    let engine = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let still = lock(&engine.inner.groups)
+                            .get(&g)
+                            .is_some_and(|s| s.problem.is_some());
+                        if still {
+                            engine.subscribe(g).await;
+                        }
+                    });
                 }
             }
         }
@@ -613,6 +642,7 @@ impl Engine {
         let mut status = lock(&self.inner.groups);
         let s = status.entry(g).or_default();
         s.problem = None;
+        s.refusals = 0;
         s.applied = seq;
         drop(status);
         for node in gone {
