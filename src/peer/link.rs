@@ -485,6 +485,10 @@ async fn build_pc(
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
         .with_host_acceptance_min_wait(Some(Duration::ZERO))
+        // The peer's first check often arrives before its trickled host candidate, so
+        // its address is first learned as peer-reflexive: without this, nominating
+        // that pair waited out the default second.
+        .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
         .with_ice_timeouts(
             Some(Duration::from_secs(3)),
             Some(Duration::from_secs(6)),
@@ -522,7 +526,9 @@ async fn build_pc(
 /// event queues (the DTLS `ClientHello` when ICE connects, the SCTP `INIT` when DTLS
 /// completes, the DCEP `OPEN`s when SCTP completes) therefore waits up to 200 ms unless
 /// something else wakes the driver; each of those stalls was a fixed part of every
-/// setup. Setting the unchanged configuration again wakes it and changes nothing.
+/// setup. Adding a remote ICE candidate does not wake it either, so checks on a
+/// trickled candidate could wait a second. Setting the unchanged configuration again
+/// wakes it and changes nothing.
 async fn wake_driver(pc: &Arc<dyn PeerConnection>) {
     let config = pc.get_configuration().await;
     if let Err(err) = pc.set_configuration(config).await {
@@ -768,8 +774,11 @@ pub(crate) async fn establish(
                     remote_set = true;
                 }
                 Some(Input::Signal(SignalMessage::Candidate { sid: s, candidate })) if s == sid => {
-                    if let Err(e) = pc.add_ice_candidate(candidate).await {
-                        debug!(cause = %e, "remote candidate refused");
+                    match pc.add_ice_candidate(candidate).await {
+                        // Adding a candidate does not wake the driver: its checks would
+                        // wait for whatever timer is next (up to a second).
+                        Ok(()) => wake_driver(&pc).await,
+                        Err(e) => debug!(cause = %e, "remote candidate refused"),
                     }
                 }
                 Some(Input::Signal(SignalMessage::Call)) if role == Role::Offerer => {
