@@ -34,6 +34,9 @@ use crate::sync::engine::Engine;
 /// of its namespace and the kernel invalidates what it changes itself.
 const TTL: Duration = Duration::from_secs(300);
 
+/// Extended attribute that tells how much of a mirrored file is in the cache.
+const CACHED_XATTR: &str = "user.brume.cached";
+
 /// Flags of every open file: the daemon buffers nothing and the kernel keeps
 /// POSIX and flock locks itself, so close needs no FLUSH round trip.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
@@ -1391,12 +1394,26 @@ impl fuser::Filesystem for BrumeFs {
             return reply.error(Errno::NO_XATTR);
         }
         let tree = self.tree_read();
-        let r = tree.get(Ino(ino.0)).and_then(|n| {
-            n.xattrs
-                .get(name_bytes(name))
-                .cloned()
-                .ok_or(FsError::NoData)
-        });
+        let r = if name_bytes(name) == CACHED_XATTR.as_bytes() {
+            // Availability of a mirrored file: "<blocks cached>/<blocks>".
+            match tree.cached_content(Ino(ino.0)) {
+                Some(blocks) => {
+                    let have = blocks
+                        .iter()
+                        .filter(|(h, _)| self.cache.contains(h))
+                        .count();
+                    Ok(format!("{have}/{}", blocks.len()).into_bytes())
+                }
+                None => Err(FsError::NoData),
+            }
+        } else {
+            tree.get(Ino(ino.0)).and_then(|n| {
+                n.xattrs
+                    .get(name_bytes(name))
+                    .cloned()
+                    .ok_or(FsError::NoData)
+            })
+        };
         match r {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
