@@ -53,6 +53,22 @@ pub struct Node {
     pub content_seq: u64,
 }
 
+impl Node {
+    /// A new node linked under `parent`, with no xattrs and no open handles.
+    pub fn new(row: NodeRow, parent: Ino, blocks: Option<Blocks>) -> Self {
+        let children = (row.kind == NodeKind::Dir).then(BTreeMap::new);
+        Self {
+            row,
+            children,
+            parent,
+            xattrs: BTreeMap::new(),
+            opens: AtomicU32::new(0),
+            blocks,
+            content_seq: 0,
+        }
+    }
+}
+
 /// A file's block list: (hash, length) per block, in order.
 pub type Blocks = std::sync::Arc<[(BlockHash, u32)]>;
 
@@ -219,19 +235,7 @@ impl Tree {
     ) -> FsResult<(Self, Vec<Ino>)> {
         let mut nodes: HashMap<Ino, Node> = HashMap::with_capacity(snapshot.nodes.len());
         for row in snapshot.nodes {
-            let children = (row.kind == NodeKind::Dir).then(BTreeMap::new);
-            nodes.insert(
-                row.ino,
-                Node {
-                    row,
-                    children,
-                    parent: ROOT,
-                    xattrs: BTreeMap::new(),
-                    opens: AtomicU32::new(0),
-                    blocks: None,
-                    content_seq: 0,
-                },
-            );
+            nodes.insert(row.ino, Node::new(row, ROOT, None));
         }
         let mut dangling = Vec::new();
         for (parent, name, ino) in snapshot.dirents {
@@ -316,18 +320,7 @@ impl Tree {
                 remote: None,
             };
             tree.catalog.send(Op::PutNode(row.clone()))?;
-            tree.nodes.insert(
-                ROOT,
-                Node {
-                    row,
-                    children: Some(BTreeMap::new()),
-                    parent: ROOT,
-                    xattrs: BTreeMap::new(),
-                    opens: AtomicU32::new(0),
-                    blocks: None,
-                    content_seq: 0,
-                },
-            );
+            tree.nodes.insert(ROOT, Node::new(row, ROOT, None));
         }
         let me_name = tree.me.as_str().as_bytes().to_vec();
         if tree.child(ROOT, &me_name).is_none() {
@@ -733,18 +726,7 @@ impl Tree {
             }
         }
         let blocks = (kind == NodeKind::File).then(|| Blocks::from(Vec::new()));
-        self.nodes.insert(
-            ino,
-            Node {
-                row,
-                children: (kind == NodeKind::Dir).then(BTreeMap::new),
-                parent,
-                xattrs: BTreeMap::new(),
-                opens: AtomicU32::new(0),
-                blocks,
-                content_seq: 0,
-            },
-        );
+        self.nodes.insert(ino, Node::new(row, parent, blocks));
         let p = self.get_mut(parent)?;
         if let Some(c) = p.children.as_mut() {
             c.insert(name.to_vec(), ino);

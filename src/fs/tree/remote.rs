@@ -4,8 +4,7 @@
 //! SPEC §3's conflict table: whatever the member changed locally is kept as a
 //! conflict copy, never destroyed.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::AtomicU32;
+use std::collections::HashSet;
 
 use super::{Blocks, Node, Tree};
 use crate::catalog::{NodeKind, NodeRow, Op, Remote, Stamp};
@@ -437,18 +436,7 @@ impl Tree {
                 count: b.len() as u64,
             })?;
         }
-        self.nodes.insert(
-            ino,
-            Node {
-                row,
-                children: (kind == NodeKind::Dir).then(BTreeMap::new),
-                parent,
-                xattrs: BTreeMap::new(),
-                opens: AtomicU32::new(0),
-                blocks,
-                content_seq: 0,
-            },
-        );
+        self.nodes.insert(ino, Node::new(row, parent, blocks));
         self.set_child(parent, &state.name, ino)?;
         if kind == NodeKind::Dir {
             self.get_mut(parent)?.row.nlink += 1;
