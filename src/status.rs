@@ -171,8 +171,12 @@ pub fn render(s: &Status) -> String {
         for (group, g) in &live.groups {
             let state = match &g.problem {
                 Some(p) => format!("problem: {p}"),
-                None if g.applied > 0 => "synced".to_string(),
-                None => "waiting for the owner".to_string(),
+                None if g.applied == 0 => "waiting for the owner".to_string(),
+                None if g.bytes_done < g.bytes_total => format!(
+                    "syncing, {} of {} files, {} of {} bytes",
+                    g.files_done, g.files_total, g.bytes_done, g.bytes_total
+                ),
+                None => format!("synced, {} files, {} bytes", g.files_total, g.bytes_total),
             };
             let _ = writeln!(
                 out,

@@ -94,6 +94,14 @@ pub struct MemberGroupStatus {
     pub conflicts: u64,
     /// Refusals in a row (the retry delay doubles with each).
     pub refusals: u32,
+    /// Mirrored files, and how many have all their blocks here.
+    pub files_total: u64,
+    /// Files complete in the cache.
+    pub files_done: u64,
+    /// Bytes of mirrored files, and how many of them are here.
+    pub bytes_total: u64,
+    /// Bytes in the cache.
+    pub bytes_done: u64,
 }
 
 /// First delay before asking a refusing owner again; doubles up to [`RETRY_MAX`].
@@ -198,6 +206,19 @@ impl Engine {
             .map(|(g, owner, name, applied)| {
                 let mut s = groups.get(&g).cloned().unwrap_or_default();
                 s.applied = applied;
+                for (_, _, blocks) in tree.mirrored_files(g) {
+                    let mut complete = true;
+                    for (hash, len) in blocks.iter() {
+                        s.bytes_total += u64::from(*len);
+                        if self.inner.cache.contains(hash) {
+                            s.bytes_done += u64::from(*len);
+                        } else {
+                            complete = false;
+                        }
+                    }
+                    s.files_total += 1;
+                    s.files_done += u64::from(complete);
+                }
                 (format!("{owner}/{name}"), s)
             })
             .collect()
