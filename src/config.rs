@@ -65,15 +65,20 @@ pub struct Config {
 /// Limits of the members' block cache.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct CacheConfig {
     /// Byte budget for evictable cached blocks.
     pub max_bytes: u64,
+    /// Keep every joined group's current content in full (pinned); when false,
+    /// all of it is evictable and fetched again on demand.
+    pub full_copy: bool,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             max_bytes: 10 << 30,
+            full_copy: true,
         }
     }
 }
@@ -179,7 +184,10 @@ mod tests {
             username: UserName::new("alice").unwrap(),
             credential: "secret".into(),
             ice_servers: vec!["stun:127.0.0.1:3478".into()],
-            cache: CacheConfig { max_bytes: 1 << 20 },
+            cache: CacheConfig {
+                max_bytes: 1 << 20,
+                full_copy: false,
+            },
             fs: FsConfig::default(),
         };
         assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);

@@ -115,14 +115,15 @@ struct Peer {
     mnt: PathBuf,
     mounted: Option<Mounted>,
     cache_bytes: u64,
+    full_copy: bool,
 }
 
 impl Peer {
     fn start(hub: &Arc<Hub>, user: &str) -> Self {
-        Self::start_with_cache(hub, user, 1 << 30)
+        Self::start_with_cache(hub, user, 1 << 30, true)
     }
 
-    fn start_with_cache(hub: &Arc<Hub>, user: &str, cache_bytes: u64) -> Self {
+    fn start_with_cache(hub: &Arc<Hub>, user: &str, cache_bytes: u64, full_copy: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("brume-sync-")
             .tempdir()
@@ -133,6 +134,7 @@ impl Peer {
             user: user.to_owned(),
             mounted: None,
             cache_bytes,
+            full_copy,
         };
         std::fs::create_dir_all(&p.mnt).unwrap();
         p.mount(hub);
@@ -142,8 +144,8 @@ impl Peer {
     fn mount(&mut self, hub: &Arc<Hub>) {
         let config = Config::parse(&format!(
             "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{}\"\ncredential = \"x\"\n\
-             [cache]\nmax_bytes = {}\n",
-            self.user, self.cache_bytes
+             [cache]\nmax_bytes = {}\nfull_copy = {}\n",
+            self.user, self.cache_bytes, self.full_copy
         ))
         .unwrap();
         let link = Arc::new(HubLink {
@@ -256,6 +258,29 @@ fn join_by_mkdir_brings_the_tree_and_its_content() {
         std::fs::read(bob.path("alice/g/.members")).unwrap(),
         b"bob\n"
     );
+    // Availability is an extended attribute: all 3 blocks of big.bin are here.
+    wait_until(Duration::from_secs(10), "user.brume.cached", || {
+        cached_xattr(&bob.path("alice/g/sub/big.bin")).as_deref() == Some("3/3")
+    });
+    assert_eq!(cached_xattr(&alice.path("alice/g/sub/big.bin")), None);
+    // Progress as `brume status` shows it: every file and byte here.
+    wait_until(Duration::from_secs(10), "progress", || {
+        let s = bob.engine().member_status()["alice/g"].clone();
+        (s.files_done, s.files_total, s.bytes_done, s.bytes_total) == (3, 3, 700_013, 700_013)
+    });
+}
+
+fn cached_xattr(p: &Path) -> Option<String> {
+    let mut buf = [0u8; 64];
+    let n = unsafe {
+        libc::getxattr(
+            crate::harness::cpath(p).as_ptr(),
+            c"user.brume.cached".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 #[test]
@@ -373,7 +398,7 @@ fn owner_offline_cached_reads_work_and_uncached_reads_fail_fast() {
     let hub = Hub::new();
     let alice = Peer::start(&hub, "alice");
     // bob's cache holds about one block: most of a large file gets evicted.
-    let bob = Peer::start_with_cache(&hub, "bob", 300_000);
+    let bob = Peer::start_with_cache(&hub, "bob", 300_000, false);
     std::fs::create_dir(alice.path("alice/g")).unwrap();
     std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
     let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
@@ -482,4 +507,30 @@ fn a_member_removed_from_members_gets_enotmember_and_no_more_data() {
     assert!(!bob.path("alice/g/later").exists());
     // What bob already had stays readable.
     assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), b"for bob");
+}
+
+#[test]
+fn full_copy_keeps_every_block_even_over_the_cache_budget() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // A budget far below the group's size: full copy pins it all anyway.
+    let bob = Peer::start_with_cache(&hub, "bob", 100_000, true);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 239) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &big).unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    wait_until(Duration::from_secs(10), "full copy", || {
+        cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("6/6")
+    });
+    hub.set_offline("alice", true);
+    let f = std::fs::File::open(bob.path("alice/g/big")).unwrap();
+    use std::os::unix::io::AsRawFd;
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+        0
+    );
+    drop(f);
+    assert!(std::fs::read(bob.path("alice/g/big")).unwrap() == big);
+    assert!(bob.engine().cache_usage().pinned_bytes >= 1_500_000);
 }

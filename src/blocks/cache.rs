@@ -313,6 +313,42 @@ impl BlockCache {
         self.evict();
     }
 
+    /// Makes exactly `wanted` the pinned blocks: those cached move out of the LRU,
+    /// those not yet cached are pinned when they arrive, and blocks no longer
+    /// wanted become evictable.
+    pub fn pin_exactly(&self, wanted: &std::collections::HashSet<BlockHash>) {
+        {
+            let mut s = self.state();
+            let unpin: Vec<BlockHash> = s
+                .pinned
+                .keys()
+                .filter(|h| !wanted.contains(h))
+                .copied()
+                .collect();
+            for h in unpin {
+                if let Some((len, _)) = s.pinned.remove(&h) {
+                    s.pinned_bytes -= len;
+                    s.evictable.put(h, len);
+                    s.evictable_bytes += len;
+                }
+            }
+            s.pending_pins.clear();
+            for h in wanted {
+                if s.pinned.contains_key(h) {
+                    continue;
+                }
+                if let Some(len) = s.evictable.pop(h) {
+                    s.evictable_bytes -= len;
+                    s.pinned.insert(*h, (len, 1));
+                    s.pinned_bytes += len;
+                } else {
+                    s.pending_pins.insert(*h, 1);
+                }
+            }
+        }
+        self.evict();
+    }
+
     /// Evicts least recently used blocks until the evictable bytes fit the budget.
     fn evict(&self) {
         loop {
@@ -405,6 +441,23 @@ mod tests {
         c.unpin(&blocks[0].0);
         assert_eq!(c.usage().pinned_bytes, 0);
         assert!(c.usage().evictable_bytes <= 3000);
+    }
+
+    #[test]
+    fn pin_exactly_pins_the_wanted_set_including_blocks_still_to_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (a, da) = block(1, 800);
+        let (b, db) = block(2, 800);
+        c.insert(&a, &da).unwrap();
+        c.pin_exactly(&[a, b].into_iter().collect());
+        c.insert(&b, &db).unwrap();
+        // Both pinned: nothing evicted although 1600 bytes exceed the budget.
+        assert!(c.contains(&a) && c.contains(&b));
+        assert_eq!(c.usage().pinned_bytes, 1600);
+        c.pin_exactly(&[b].into_iter().collect());
+        assert_eq!(c.usage().pinned_bytes, 800);
+        assert!(c.usage().evictable_bytes <= 1000);
     }
 
     #[test]

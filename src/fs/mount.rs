@@ -300,7 +300,10 @@ pub fn mount_with_link(
             cache,
             link,
             Some(session.notifier()),
-            EngineConfig::default(),
+            EngineConfig {
+                full_copy: opts.config.cache.full_copy,
+                ..EngineConfig::default()
+            },
         );
         if let Some(network) = network {
             network.attach(engine.clone());

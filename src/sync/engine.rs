@@ -70,6 +70,8 @@ pub type Fetched = Result<Arc<[u8]>, FetchError>;
 pub struct EngineConfig {
     /// How long a reader waits for a missing block.
     pub read_timeout: Duration,
+    /// Pin the current content of joined groups in the cache (full copy).
+    pub full_copy: bool,
     /// Background block requests in flight per client.
     pub fill_parallelism: usize,
 }
@@ -79,6 +81,7 @@ impl Default for EngineConfig {
         Self {
             read_timeout: Duration::from_secs(5),
             fill_parallelism: 16,
+            full_copy: true,
         }
     }
 }
@@ -669,6 +672,19 @@ impl Engine {
         for node in gone {
             // Mirrored files edited locally had their bytes in the store.
             self.inner.store.remove(node.row.ino);
+        }
+        if self.inner.config.full_copy {
+            // Full copy: what the joined groups hold now is pinned; replaced
+            // versions become evictable.
+            let wanted: HashSet<BlockHash> = {
+                let tree = self.tree_read();
+                tree.joined_groups()
+                    .into_iter()
+                    .flat_map(|(g, ..)| tree.mirrored_files(g))
+                    .flat_map(|(_, _, blocks)| blocks.iter().map(|(h, _)| *h).collect::<Vec<_>>())
+                    .collect()
+            };
+            self.inner.cache.pin_exactly(&wanted);
         }
         if let Some(n) = &self.inner.notifier {
             for inv in invals {
