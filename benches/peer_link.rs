@@ -42,6 +42,13 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The machine's load averages, as the kernel reports them (1, 5, 15 minutes).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -182,8 +189,9 @@ async fn run() {
         let _ = stopped.await;
     }));
     println!(
-        "machine: {} cores; payload {mib} MiB; {setups} setups",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "machine: {} cores, load {}; payload {mib} MiB; {setups} setups",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load()
     );
 
     // Setup time: a fresh pair each time (first contact: key lookup and pin included).
@@ -259,6 +267,7 @@ async fn run() {
 
     let tcp = tcp_loopback(1 << 30).await;
     println!("raw TCP loopback: 1024 MiB at {tcp:.0} MB/s");
+    println!("load at the end: {}", load());
     drop(stop);
     let _ = server.await;
 }

@@ -207,12 +207,15 @@ impl Signaling for Relay {
 
 type Incoming = Arc<dyn Fn(SignalEvent) -> Option<SignalEvent> + Send + Sync>;
 
+/// Who the owner lets in: `(group, requester)`.
+type Members = Arc<dyn Fn(&GroupName, &UserName) -> bool + Send + Sync>;
+
 struct Options {
     as_user: Option<UserName>,
     outgoing: Option<Rewrite>,
     incoming: Option<Incoming>,
     inject: Option<mpsc::Receiver<SignalEvent>>,
-    members: Arc<dyn Fn(&GroupName, &UserName) -> bool + Send + Sync>,
+    members: Members,
 }
 
 impl Default for Options {
@@ -355,7 +358,7 @@ async fn two_clients_connect_authenticate_and_exchange_on_every_lane() {
     within(alice.peers.send(&b.user, Lane::Control, b"\x05"))
         .await
         .unwrap();
-    let mut got = vec![
+    let mut got = [
         message_from(&mut bob, &a.user).await,
         message_from(&mut bob, &a.user).await,
     ];
