@@ -154,7 +154,7 @@ impl Drop for Client {
     }
 }
 
-fn peers_config(account: &Account, as_user: &UserName) -> PeersConfig {
+fn peers_config(account: &Account, as_user: &UserName, connect_timeout: Duration) -> PeersConfig {
     PeersConfig {
         me: as_user.clone(),
         identity: account.identity.clone(),
@@ -162,7 +162,7 @@ fn peers_config(account: &Account, as_user: &UserName) -> PeersConfig {
         udp_addrs: vec!["127.0.0.1:0".into()],
         // Generous: debug builds of two WebRTC stacks share two cores with other tests.
         setup_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(25),
+        connect_timeout,
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
     }
@@ -216,6 +216,9 @@ struct Options {
     incoming: Option<Incoming>,
     inject: Option<mpsc::Receiver<SignalEvent>>,
     members: Members,
+    /// How long `send`/`connect` wait for a link: generous, since debug builds of two
+    /// WebRTC stacks share two cores with other tests.
+    connect_timeout: Duration,
 }
 
 impl Default for Options {
@@ -226,6 +229,7 @@ impl Default for Options {
             incoming: None,
             inject: None,
             members: Arc::new(|_, _| true),
+            connect_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -288,7 +292,7 @@ async fn start(server: &TestServer, account: &Account, opts: Options) -> Client 
     let members = opts.members.clone();
     let as_user = opts.as_user.unwrap_or_else(|| account.user.clone());
     let (peers, events) = Peers::start(
-        peers_config(account, &as_user),
+        peers_config(account, &as_user, opts.connect_timeout),
         transport,
         signal_events,
         catalog.clone(),
@@ -613,6 +617,8 @@ async fn a_relay_that_rewrites_fingerprints_gets_every_connection_refused() {
         &a,
         Options {
             outgoing: Some(rewrite),
+            // Every wait below runs to its end: keep each to a few refused attempts.
+            connect_timeout: Duration::from_secs(3),
             ..Options::default()
         },
     )
