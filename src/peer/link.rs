@@ -664,7 +664,10 @@ pub(crate) async fn establish(
         Role::Answerer
     };
     let deadline = Instant::now() + params.setup_timeout;
+    // The connection's state, from its handler to this setup and then to the watcher
+    // that kills the link when the connection fails.
     let (state_tx, mut state) = watch::channel(RTCPeerConnectionState::New);
+    // From the handler when ICE connects; this setup then wakes the driver.
     let ice_connected = Arc::new(tokio::sync::Notify::new());
     // The channels the offerer opens, from the connection's handler to this setup.
     let (incoming_tx, mut incoming) = mpsc::channel(CHANNELS);
