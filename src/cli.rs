@@ -64,9 +64,12 @@ pub struct StatusArgs {
     /// Data directory.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Print JSON.
+    /// Print JSON (with `--watch`: one JSON document per line).
     #[arg(long)]
     pub json: bool,
+    /// Keep printing the status every second until interrupted.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// Parses the command line, runs it, and returns the process exit code.

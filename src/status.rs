@@ -93,13 +93,27 @@ pub fn collect(user: &str, server: &str, data_dir: &Path) -> anyhow::Result<Stat
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let (_, config) = load_config(args.config.as_deref())?;
     let data_dir = args.data.unwrap_or_else(config::default_data_dir);
-    let status = collect(config.username.as_str(), &config.server_url, &data_dir)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        return Ok(());
+    loop {
+        let status = collect(config.username.as_str(), &config.server_url, &data_dir)?;
+        match (args.json, args.watch) {
+            (true, true) => println!("{}", serde_json::to_string(&status)?),
+            (true, false) => println!("{}", serde_json::to_string_pretty(&status)?),
+            (false, true) => {
+                // Redraw in place on a terminal; append otherwise (logs, pipes).
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", render(&status));
+                println!();
+            }
+            (false, false) => print!("{}", render(&status)),
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
-    print!("{}", render(&status));
-    Ok(())
 }
 
 /// The human-readable form.

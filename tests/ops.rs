@@ -202,3 +202,27 @@ fn status_json_has_the_documented_fields() {
     let out = c.brume(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("group alice/g (owner)"));
 }
+
+#[test]
+fn status_watch_json_prints_a_document_every_second() {
+    use std::io::BufRead;
+    let (c, _g) = Client::with_group(true);
+    let mut child = Command::new(brume_bin())
+        .args(["status", "--watch", "--json", "--config"])
+        .arg(&c.config)
+        .arg("--data")
+        .arg(&c.data)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = crate::harness::KillOnDrop(child.id());
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        let line = lines.next().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["user"], "alice");
+        assert!(v["mount"]["pid"].is_u64());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
