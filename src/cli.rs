@@ -129,10 +129,22 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<(PathBuf, Config)> {
     Ok((path, config))
 }
 
+/// Set by SIGINT/SIGTERM once [`stop_on_signals`] has run.
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set a flag instead of killing the process, and
+/// returns the flag: long-running commands poll it and shut down cleanly.
+pub fn stop_on_signals() -> &'static AtomicBool {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    &STOP
 }
 
 fn run_mount(args: MountArgs) -> anyhow::Result<()> {
@@ -149,11 +161,7 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
     if !args.foreground {
         return daemonize(&args, &config_path, &data_dir, &mountpoint);
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    let stop = stop_on_signals();
     let mut mounted = mount(MountOptions {
         mountpoint: mountpoint.clone(),
         config,
@@ -169,7 +177,7 @@ fn run_mount(args: MountArgs) -> anyhow::Result<()> {
             tracing::info!("unmounted");
             return Ok(());
         }
-        if STOP.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             tracing::info!("signal received; unmounting");
             sd_notify("STOPPING=1");
             mounted.unmount()?;

@@ -15,13 +15,6 @@ use crate::ids::UserName;
 use crate::signal::accounts::Accounts;
 use crate::signal::server::{self, ServerConfig};
 
-/// Set by SIGINT/SIGTERM.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 /// One demo user: config, data dir and mount.
 struct DemoUser {
     name: UserName,
@@ -32,11 +25,7 @@ struct DemoUser {
 
 /// Runs the demo in `root` (a fresh directory is made there) until a signal.
 pub fn run(root: &Path) -> anyhow::Result<()> {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    let stop = crate::cli::stop_on_signals();
     if root.exists() {
         for user in ["alice", "bob"] {
             let m = root.join(user).join("Brume");
@@ -125,7 +114,11 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         println!("bob joined with `mkdir -p {}/alice/photos`", bob.display());
         let bob_group = bob.join("alice/photos");
         let started = std::time::Instant::now();
-        if wait_for(&bob_group.join("README.txt"), b"Photos from the beach.\n") {
+        if wait_for(
+            &bob_group.join("README.txt"),
+            b"Photos from the beach.\n",
+            stop,
+        ) {
             println!(
                 "bob received README.txt from alice, peer to peer, {} ms after joining",
                 started.elapsed().as_millis()
@@ -135,7 +128,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         }
         // A member's own edit is never lost: when the owner changes the file,
         // the member's version is kept as a conflict copy.
-        if wait_for(&bob_group.join("2026/beach.txt"), b"sand, sea, sun\n") {
+        if wait_for(&bob_group.join("2026/beach.txt"), b"sand, sea, sun\n", stop) {
             std::fs::write(bob_group.join("2026/beach.txt"), "bob's own note\n")?;
             println!("bob edited his copy of 2026/beach.txt (it stays on his machine)");
             std::fs::write(group.join("2026/beach.txt"), "sand, sea, sun, and a boat\n")?;
@@ -143,6 +136,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             if wait_for(
                 &bob_group.join("2026/beach.txt-conflict-update-change"),
                 b"bob's own note\n",
+                stop,
             ) {
                 println!(
                     "bob got alice's new version and kept his own as 2026/beach.txt-conflict-update-change"
@@ -159,7 +153,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         );
         println!("Ctrl-C stops the demo and unmounts both.");
         println!("demo ready");
-        while !STOP.load(Ordering::SeqCst) {
+        while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
             if mounted.iter_mut().any(|u| {
                 u.mounted
@@ -186,13 +180,13 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
 }
 
 /// Polls until `path` holds `want` (at most 30 s); true if it did.
-fn wait_for(path: &Path, want: &[u8]) -> bool {
+fn wait_for(path: &Path, want: &[u8], stop: &AtomicBool) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if std::fs::read(path).is_ok_and(|d| d == want) {
             return true;
         }
-        if STOP.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
