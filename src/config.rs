@@ -104,6 +104,18 @@ impl Default for FsConfig {
 }
 
 impl Config {
+    /// The config of a new account: default ICE, cache and filesystem settings.
+    pub fn for_account(server_url: String, username: UserName, credential: String) -> Self {
+        Self {
+            server_url,
+            username,
+            credential,
+            ice_servers: Vec::new(),
+            cache: CacheConfig::default(),
+            fs: FsConfig::default(),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

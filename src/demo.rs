@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{CacheConfig, Config, FsConfig};
+use crate::config::Config;
 use crate::fs::{MountOptions, Mounted, mount};
 use crate::ids::UserName;
 use crate::signal::accounts::Accounts;
@@ -60,14 +60,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let name = UserName::new(name)?;
         let credential = accounts.add_user(&name)?;
         let dir = root.join(name.as_str());
-        let config = Config {
-            server_url: url.clone(),
-            username: name.clone(),
-            credential,
-            ice_servers: vec![],
-            cache: CacheConfig::default(),
-            fs: FsConfig::default(),
-        };
+        let config = Config::for_account(url.clone(), name.clone(), credential);
         config.save(&dir.join("brume.conf"))?;
         let mountpoint = dir.join("Brume");
         std::fs::create_dir_all(&mountpoint)?;

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 
 use super::accounts::Accounts;
 use super::server::{self, ServerConfig};
-use crate::config::{CacheConfig, Config, FsConfig};
+use crate::config::Config;
 use crate::ids::UserName;
 
 /// `brume server [--listen ADDR] [--db PATH]` and its administrative subcommands.
@@ -84,14 +84,7 @@ pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         }) => {
             let accounts = Accounts::open(&db_or_default(db.clone()))?;
             let credential = accounts.add_user(name)?;
-            let config = Config {
-                server_url: url.clone(),
-                username: name.clone(),
-                credential,
-                ice_servers: vec![],
-                cache: CacheConfig::default(),
-                fs: FsConfig::default(),
-            };
+            let config = Config::for_account(url.clone(), name.clone(), credential);
             print!("{}", config.to_toml());
             Ok(())
         }

@@ -93,8 +93,6 @@ pub struct MemberGroupStatus {
     pub applied: u64,
     /// The last refusal or problem, by SPEC code (`ENOTMEMBER`, …).
     pub problem: Option<String>,
-    /// Conflict copies made so far.
-    pub conflicts: u64,
     /// Refusals in a row (the retry delay doubles with each).
     pub refusals: u32,
     /// Mirrored files, and how many have all their blocks here.
