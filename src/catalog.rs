@@ -307,6 +307,8 @@ pub enum Op {
         /// Number of blocks the file now has (later ones are dropped).
         count: u64,
     },
+    /// Count one more conflict copy made in a joined group.
+    CountConflict(GroupId),
     /// Set a counter in `meta`.
     SetMeta {
         /// Key.
@@ -679,6 +681,8 @@ fn apply(
                     .execute([g])?;
                 tx.prepare_cached("DELETE FROM changes WHERE group_id = ?1")?
                     .execute([g])?;
+                tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                    .execute([conflicts_key(GroupId(g as u64))])?;
             }
             Op::SetMembers { group, users } => {
                 tx.prepare_cached("DELETE FROM members WHERE group_id = ?1")?
@@ -736,6 +740,13 @@ fn apply(
                 }
                 tx.prepare_cached("DELETE FROM blocks WHERE ino = ?1 AND idx >= ?2")?
                     .execute(params![i, count as i64])?;
+            }
+            Op::CountConflict(g) => {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES (?1, 1) \
+                     ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                )?
+                .execute([conflicts_key(g)])?;
             }
             Op::SetMeta { key, value } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
@@ -893,6 +904,13 @@ pub struct GroupSummary {
     /// Owned groups: the last change-log position used. Joined groups: the
     /// owner's position applied.
     pub last_seq: u64,
+    /// Joined groups: conflict copies sync has made of the member's files.
+    pub conflicts: u64,
+}
+
+/// The `meta` key counting a joined group's conflict copies.
+fn conflicts_key(g: GroupId) -> String {
+    format!("conflicts:{}", g.0)
 }
 
 /// Pinned identity keys as (user, key), read without modifying the catalog.
@@ -932,7 +950,8 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
              WHERE c.group_id = g.id) ELSE g.next_seq END, \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1), \
            (SELECT COUNT(*) FROM nodes n WHERE n.group_id = g.id AND n.kind = 2) - 1, \
-           (SELECT COALESCE(SUM(size), 0) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1) \
+           (SELECT COALESCE(SUM(size), 0) FROM nodes n WHERE n.group_id = g.id AND n.kind = 1), \
+           (SELECT COALESCE(MAX(value), 0) FROM meta m WHERE m.key = 'conflicts:' || g.id) \
          FROM groups g ORDER BY g.owner, g.name",
     )?;
     let rows = q.query_map([], |r| {
@@ -946,6 +965,7 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
                 files: r.get::<_, i64>(5)? as u64,
                 dirs: r.get::<_, i64>(6)?.max(0) as u64,
                 bytes: r.get::<_, i64>(7)? as u64,
+                conflicts: r.get::<_, i64>(8)? as u64,
                 members: Vec::new(),
             },
         ))

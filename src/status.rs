@@ -139,7 +139,7 @@ pub fn render(s: &Status) -> String {
         let role = if g.owned { "owner" } else { "member" };
         let _ = writeln!(
             out,
-            "group {}/{} ({role}): {} files, {} dirs, {} bytes, log at {}, members: {}",
+            "group {}/{} ({role}): {} files, {} dirs, {} bytes, log at {}, members: {}{}",
             g.owner,
             g.name,
             g.files,
@@ -150,6 +150,12 @@ pub fn render(s: &Status) -> String {
                 "none".to_string()
             } else {
                 g.members.join(", ")
+            },
+            match g.conflicts {
+                _ if g.owned => String::new(),
+                0 => ", no conflict copies".to_string(),
+                1 => ", 1 conflict copy made".to_string(),
+                n => format!(", {n} conflict copies made"),
             }
         );
     }
@@ -197,6 +203,9 @@ pub fn render(s: &Status) -> String {
                 "joined {group}: {state}, at the owner's log position {}",
                 g.applied
             );
+            if g.problem.is_none() && g.bytes_done < g.bytes_total {
+                let _ = writeln!(out, "  {}", progress_line(g));
+            }
         }
         let _ = writeln!(
             out,
@@ -208,6 +217,40 @@ pub fn render(s: &Status) -> String {
         );
     }
     out
+}
+
+/// `[#######.............]  35%  12.4 MB/s  ETA 0:41` for a syncing group.
+pub fn progress_line(g: &crate::sync::engine::MemberGroupStatus) -> String {
+    const WIDTH: u64 = 30;
+    let total = g.bytes_total.max(1);
+    let done = g.bytes_done.min(total);
+    let filled = (done * WIDTH / total) as usize;
+    let eta = match g.eta_secs {
+        Some(s) => format!("ETA {}:{:02}", s / 60, s % 60),
+        None => "ETA --:--".to_string(),
+    };
+    format!(
+        "[{}{}] {:>3}%  {}/s  {eta}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH as usize - filled),
+        done * 100 / total,
+        human_bytes(g.rate)
+    )
+}
+
+/// `512 B`, `12.4 kB`, `3.1 MB`, `1.2 GB`: decimal units, as rates are quoted.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// ` (last problem: CODE message)` for a `last_error` value, or nothing.
@@ -223,4 +266,36 @@ fn problem(v: &serde_json::Value) -> String {
         " (last problem: {code}{})",
         v["message"].as_str().unwrap_or("")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::engine::MemberGroupStatus;
+
+    #[test]
+    fn the_progress_line_shows_share_rate_and_eta() {
+        let g = MemberGroupStatus {
+            bytes_total: 200_000_000,
+            bytes_done: 70_000_000,
+            rate: 12_400_000,
+            eta_secs: Some(101),
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line(&g),
+            "[##########....................]  35%  12.4 MB/s  ETA 1:41"
+        );
+        let starting = MemberGroupStatus {
+            bytes_total: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line(&starting),
+            "[..............................]   0%  0 B/s  ETA --:--"
+        );
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1_500), "1.5 kB");
+        assert_eq!(human_bytes(2_000_000_000), "2.0 GB");
+    }
 }

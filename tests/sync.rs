@@ -344,6 +344,20 @@ fn member_edits_are_kept_as_update_conflict_copies() {
     // Conflict copies are never removed by sync, and nothing reached alice.
     assert!(!alice.path("alice/g/x-conflict-update-add").exists());
     assert!(!alice.path("alice/g/f-conflict-update-change").exists());
+    // `brume status` counts the three copies against the group, from the catalog.
+    let conflicts = || {
+        brume::catalog::summarize(&bob.dir.path().join("data/catalog.db"))
+            .unwrap()
+            .groups
+            .iter()
+            .find(|g| g.owner == "alice" && g.name == "g")
+            .map(|g| g.conflicts)
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "3 conflicts in bob's status",
+        || conflicts() == Some(3),
+    );
 }
 
 #[test]

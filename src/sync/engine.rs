@@ -103,6 +103,12 @@ pub struct MemberGroupStatus {
     pub bytes_total: u64,
     /// Bytes in the cache.
     pub bytes_done: u64,
+    /// Bytes per second arriving lately (filled in by the daemon's status writer).
+    #[serde(default)]
+    pub rate: u64,
+    /// Seconds until complete at that rate, while syncing.
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
 }
 
 /// First delay before asking a refusing owner again; doubles up to [`RETRY_MAX`].

@@ -159,15 +159,19 @@ async fn write_live_status(
     let path = data_dir.join(crate::status::LIVE_FILE);
     let tmp = path.with_extension("tmp");
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut rates = Rates::default();
     loop {
         tick.tick().await;
+        let mut groups: std::collections::BTreeMap<_, _> =
+            engine.member_status().into_iter().collect();
+        rates.update(std::time::Instant::now(), &mut groups);
         let live = crate::status::LiveStatus {
             updated_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             signal: serde_json::to_value(&*signal.status().borrow()).unwrap_or_default(),
             peers: serde_json::to_value(peers.status()).unwrap_or_default(),
-            groups: engine.member_status().into_iter().collect(),
+            groups,
             cache: engine.cache_usage(),
         };
         let Ok(text) = serde_json::to_vec_pretty(&live) else {
@@ -179,5 +183,79 @@ async fn write_live_status(
         {
             tracing::debug!("cannot write the live status file");
         }
+    }
+}
+
+/// Smoothed arrival rate of each joined group's bytes, for its rate and ETA.
+#[derive(Default)]
+struct Rates {
+    /// By group: when last seen, bytes done then, smoothed bytes per second.
+    last: std::collections::HashMap<String, (std::time::Instant, u64, Option<f64>)>,
+}
+
+impl Rates {
+    /// Weight of the newest sample in the smoothed rate.
+    const ALPHA: f64 = 0.3;
+
+    /// Fills in `rate` and `eta_secs` of every group from the bytes done since
+    /// the previous call.
+    fn update(
+        &mut self,
+        now: std::time::Instant,
+        groups: &mut std::collections::BTreeMap<String, crate::sync::engine::MemberGroupStatus>,
+    ) {
+        self.last.retain(|g, _| groups.contains_key(g));
+        for (name, g) in groups.iter_mut() {
+            let rate = self.last.get(name).map(|&(then, done, rate)| {
+                let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+                let sample = g.bytes_done.saturating_sub(done) as f64 / secs;
+                rate.map_or(sample, |r| Self::ALPHA * sample + (1.0 - Self::ALPHA) * r)
+            });
+            self.last.insert(name.clone(), (now, g.bytes_done, rate));
+            let rate = rate.unwrap_or(0.0);
+            g.rate = rate.round() as u64;
+            let left = g.bytes_total.saturating_sub(g.bytes_done);
+            g.eta_secs =
+                (left > 0 && rate >= 1.0).then(|| (left as f64 / rate).round().max(1.0) as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::engine::MemberGroupStatus;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn rate_and_eta_follow_the_bytes_arriving() {
+        let mut rates = Rates::default();
+        let t0 = Instant::now();
+        let mut groups = std::collections::BTreeMap::new();
+        let g = |done| MemberGroupStatus {
+            bytes_total: 10_000_000,
+            bytes_done: done,
+            ..Default::default()
+        };
+        groups.insert("alice/g".to_string(), g(0));
+        rates.update(t0, &mut groups);
+        assert_eq!(groups["alice/g"].rate, 0);
+        assert_eq!(groups["alice/g"].eta_secs, None, "no rate yet, no ETA");
+        // A steady 1 MB/s converges on 1 MB/s, and the ETA on what is left.
+        for s in 1..=30u64 {
+            groups.insert("alice/g".to_string(), g(s * 100_000));
+            rates.update(t0 + Duration::from_millis(100 * s), &mut groups);
+        }
+        let st = &groups["alice/g"];
+        assert_eq!(st.rate, 1_000_000);
+        assert_eq!(st.eta_secs, Some(7));
+        // Complete: no ETA.
+        groups.insert("alice/g".to_string(), g(10_000_000));
+        rates.update(t0 + Duration::from_secs(4), &mut groups);
+        assert_eq!(groups["alice/g"].eta_secs, None);
+        // A group that is gone is forgotten.
+        groups.clear();
+        rates.update(t0 + Duration::from_secs(5), &mut groups);
+        assert!(rates.last.is_empty());
     }
 }

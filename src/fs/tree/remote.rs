@@ -275,6 +275,9 @@ impl Tree {
             "keeping the member's version as a conflict copy"
         );
         self.move_entry(ino, dir, name, dir, &new_name, out)?;
+        if let Some(g) = self.nodes.get(&dir).and_then(|d| d.row.group) {
+            self.catalog.send(Op::CountConflict(g))?;
+        }
         self.detach(ino)
     }
 
