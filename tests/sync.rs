@@ -19,7 +19,7 @@ use crate::harness::{is_mounted, wait_until};
 type Queue = mpsc::Sender<(UserName, Vec<u8>)>;
 
 /// Routes messages between in-process engines, in order, per destination.
-struct Hub {
+pub(crate) struct Hub {
     runtime: tokio::runtime::Runtime,
     /// Delivery queues by user.
     queues: Mutex<HashMap<String, Queue>>,
@@ -30,7 +30,7 @@ struct Hub {
 }
 
 impl Hub {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             runtime: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -53,7 +53,7 @@ impl Hub {
         });
     }
 
-    fn set_offline(&self, user: &str, offline: bool) {
+    pub(crate) fn set_offline(&self, user: &str, offline: bool) {
         let mut o = self.offline.lock().unwrap();
         if offline {
             o.insert(user.to_owned());
@@ -109,8 +109,8 @@ impl Link for HubLink {
 }
 
 /// One client mounted in this process.
-struct Peer {
-    dir: tempfile::TempDir,
+pub(crate) struct Peer {
+    pub(crate) dir: tempfile::TempDir,
     user: String,
     mnt: PathBuf,
     mounted: Option<Mounted>,
@@ -119,7 +119,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn start(hub: &Arc<Hub>, user: &str) -> Self {
+    pub(crate) fn start(hub: &Arc<Hub>, user: &str) -> Self {
         Self::start_with_cache(hub, user, 1 << 30, true)
     }
 
@@ -141,7 +141,7 @@ impl Peer {
         p
     }
 
-    fn mount(&mut self, hub: &Arc<Hub>) {
+    pub(crate) fn mount(&mut self, hub: &Arc<Hub>) {
         let config = Config::parse(&format!(
             "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{}\"\ncredential = \"x\"\n\
              [cache]\nmax_bytes = {}\nfull_copy = {}\n",
@@ -166,7 +166,7 @@ impl Peer {
         self.mounted = Some(mounted);
     }
 
-    fn unmount(&mut self, hub: &Hub) {
+    pub(crate) fn unmount(&mut self, hub: &Hub) {
         // Messages for this user fail (as to an offline peer) until it is back.
         hub.queues.lock().unwrap().remove(&self.user);
         if let Some(m) = self.mounted.take() {
@@ -178,7 +178,7 @@ impl Peer {
         self.mounted.as_ref().unwrap().engine().unwrap()
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub(crate) fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
 }
@@ -195,7 +195,7 @@ impl Drop for Peer {
     }
 }
 
-fn online(hub: &Arc<Hub>, member: &Peer, owner: &str) {
+pub(crate) fn online(hub: &Arc<Hub>, member: &Peer, owner: &str) {
     let engine = member.engine().clone();
     let owner = UserName::new(owner).unwrap();
     hub.runtime.block_on(engine.owner_online(&owner));
@@ -574,4 +574,34 @@ fn after_a_restart_blocks_already_here_are_not_sent_again() {
         sent < 64 * 1024,
         "{sent} bytes sent for content bob already had"
     );
+}
+
+#[test]
+fn a_member_edit_survives_restart_and_resync_until_the_owner_changes_the_file() {
+    let (hub, alice, mut bob) = shared();
+    // 820 bytes with a hole: the owner's version the member then replaces.
+    std::fs::write(alice.path("alice/g/f"), vec![b'A'; 573]).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(alice.path("alice/g/f"))
+            .unwrap();
+        f.write_all_at(&[b'B'; 68], 752).unwrap();
+    }
+    wait_until(Duration::from_secs(10), "820 bytes at bob", || {
+        std::fs::metadata(bob.path("alice/g/f")).is_ok_and(|m| m.len() == 820)
+    });
+    std::fs::write(bob.path("alice/g/f"), b"bob's edit").unwrap();
+    // A restart and a full resync against an unchanged owner keep bob's bytes.
+    bob.unmount(&hub);
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    std::fs::write(alice.path("alice/g/other"), b"o").unwrap();
+    read_when(&bob.path("alice/g/other"), b"o");
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), b"bob's edit");
+    // Once alice changes it, bob's edit becomes the conflict copy.
+    std::fs::write(alice.path("alice/g/f"), b"alice v2").unwrap();
+    read_when(&bob.path("alice/g/f"), b"alice v2");
+    read_when(&bob.path("alice/g/f-conflict-update-change"), b"bob's edit");
 }

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod converge;
 mod fs;
 mod ops;
 mod peer;

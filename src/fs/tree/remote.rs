@@ -472,8 +472,16 @@ impl Tree {
             self.clear_name(parent, &state.name, ino, situation, out)?;
             self.move_entry(ino, dir, &name, parent, &state.name, out)?;
         }
-        let new_blocks = from_refs(&state.blocks);
         let n = self.get_mut(ino)?;
+        if n.row.kind == NodeKind::File && n.row.remote.is_some_and(|r| r.local_edit) {
+            // The member edited this version of the file (had the owner's moved
+            // on, it would be a conflict copy by now): the member's bytes stay
+            // until the owner changes it.
+            self.persist(ino)?;
+            out.push(Inval::Inode(ino));
+            return Ok(());
+        }
+        let new_blocks = from_refs(&state.blocks);
         let content_changed =
             n.row.kind == NodeKind::File && n.blocks.as_deref().is_none_or(|b| *b != *new_blocks);
         n.row.perm = state.perm & 0o7777;
@@ -623,6 +631,13 @@ impl Tree {
             Some(r) if !r.local_edit => {
                 r.local_edit = true;
                 let blocks = n.blocks.take();
+                // The owner's block list no longer describes this content.
+                self.catalog.send(Op::PutBlocks {
+                    ino,
+                    from: 0,
+                    blocks: Vec::new(),
+                    count: 0,
+                })?;
                 self.persist(ino)?;
                 Ok(blocks)
             }
