@@ -270,7 +270,7 @@ fn join_by_mkdir_brings_the_tree_and_its_content() {
     });
 }
 
-fn cached_xattr(p: &Path) -> Option<String> {
+pub(crate) fn cached_xattr(p: &Path) -> Option<String> {
     let mut buf = [0u8; 64];
     let n = unsafe {
         libc::getxattr(
@@ -604,4 +604,55 @@ fn a_member_edit_survives_restart_and_resync_until_the_owner_changes_the_file() 
     std::fs::write(alice.path("alice/g/f"), b"alice v2").unwrap();
     read_when(&bob.path("alice/g/f"), b"alice v2");
     read_when(&bob.path("alice/g/f-conflict-update-change"), b"bob's edit");
+}
+
+#[test]
+fn member_truncate_and_touch_of_a_mirrored_file_keep_its_bytes() {
+    let (hub, alice, bob) = shared();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(alice.path("alice/g/t"), &data).unwrap();
+    std::fs::write(alice.path("alice/g/m"), b"touch me").unwrap();
+    std::fs::write(alice.path("alice/g/z"), &data).unwrap();
+    read_when(&bob.path("alice/g/t"), &data);
+    read_when(&bob.path("alice/g/m"), b"touch me");
+    read_when(&bob.path("alice/g/z"), &data);
+    // Shrinking keeps the first bytes (crossing a block boundary).
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bob.path("alice/g/t"))
+        .unwrap();
+    f.set_len(300_000).unwrap();
+    drop(f);
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/t")).unwrap(),
+        &data[..300_000]
+    );
+    // Setting the times keeps the content.
+    let f = std::fs::File::open(bob.path("alice/g/m")).unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(bob.path("alice/g/m")).unwrap(), b"touch me");
+    // Overwriting needs none of the old bytes: it works with the owner away.
+    hub.set_offline("alice", true);
+    let t = std::time::Instant::now();
+    std::fs::write(bob.path("alice/g/z"), b"bob's z").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(bob.path("alice/g/z")).unwrap(), b"bob's z");
+}
+
+#[test]
+fn filling_many_blocks_never_waits_for_a_request_timeout() {
+    // More missing blocks than background requests in flight: the answers must
+    // still get through while the fill waits for a free slot.
+    let (_hub, alice, bob) = shared();
+    let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &data).unwrap();
+    let t = std::time::Instant::now();
+    wait_until(Duration::from_secs(20), "all 23 blocks at bob", || {
+        cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("23/23")
+    });
+    // A request that got no answer would have cost the 5 s read timeout.
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
 }

@@ -569,6 +569,10 @@ impl BrumeFs {
         let mut tree = self.tree_write();
         let kind = tree.get(ino)?.row.kind;
         if kind == NodeKind::File && (set.size.is_some() || set.mtime.is_some()) {
+            // A mirrored file becomes the member's: its bytes (up to the new
+            // size) move from the block cache to the backing store first.
+            self.opener()
+                .copy_up_prefix(&mut tree, ino, set.size.unwrap_or(u64::MAX))?;
             // Keep the backing file's size and mtime in step so that a later
             // reconcile does not mistake them for a write.
             let file = match fh.and_then(|fh| self.handle(fh).ok()) {
@@ -744,20 +748,35 @@ impl Opener {
     /// Moves a mirrored file's content from the block cache into the backing
     /// store before the member changes it: from then on it is the member's.
     fn copy_up(&self, tree: &mut Tree, ino: Ino) -> FsResult<()> {
+        self.copy_up_prefix(tree, ino, u64::MAX)
+    }
+
+    /// [`Self::copy_up`] of only the first `keep` bytes, for a truncation: the
+    /// blocks past them are not needed (none at all for a truncation to zero).
+    fn copy_up_prefix(&self, tree: &mut Tree, ino: Ino, keep: u64) -> FsResult<()> {
         let Some(blocks) = tree.cached_content(ino) else {
             return Ok(());
         };
-        if !blocks.iter().all(|(h, _)| self.cache.contains(h)) {
+        let mut needed = Vec::new();
+        let mut at = 0u64;
+        for (h, len) in blocks.iter() {
+            if at >= keep {
+                break;
+            }
+            needed.push((*h, (u64::from(*len)).min(keep - at)));
+            at += u64::from(*len);
+        }
+        if !needed.iter().all(|(h, _)| self.cache.contains(h)) {
             return Err(FsError::Unavailable);
         }
         let mut file = self.store.create(ino)?;
-        for (h, _) in blocks.iter() {
+        for (h, take) in needed {
             let data = self
                 .cache
-                .read(h)
+                .read(&h)
                 .map_err(|e| FsError::Io(std::io::Error::other(e.to_string())))?
                 .ok_or(FsError::Unavailable)?;
-            std::io::Write::write_all(&mut file, &data)?;
+            std::io::Write::write_all(&mut file, &data[..take as usize])?;
         }
         tree.begin_local_edit(ino)?;
         Ok(())

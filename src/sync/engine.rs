@@ -137,6 +137,8 @@ struct Inner {
     groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
     /// Bounds background block requests.
     fill_slots: Arc<Semaphore>,
+    /// Groups being filled; `true` if asked to look again when done.
+    filling: Mutex<HashMap<GroupId, bool>>,
 }
 
 /// A client's sync engine. Cheap to clone.
@@ -183,6 +185,7 @@ impl Engine {
             unhashed: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
+            filling: Mutex::new(HashMap::new()),
         });
         let engine = Self { inner };
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
@@ -573,7 +576,7 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                self.fill(g).await;
+                self.request_fill(g);
             }
             OwnerToMember::Changes {
                 group,
@@ -598,7 +601,7 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                self.fill(g).await;
+                self.request_fill(g);
             }
             OwnerToMember::Block { hash, data, .. } => {
                 let hash = BlockHash(hash);
@@ -775,12 +778,41 @@ impl Engine {
         }
     }
 
-    /// Fetches, in the background, every block of group `g` not in the cache.
+    /// Starts filling group `g`'s cache in a task of its own, or, if one runs,
+    /// has it look again when done. Never waits: the caller is the loop that
+    /// delivers the owner's answers, which the fill's fetches wait for.
+    fn request_fill(&self, g: GroupId) {
+        {
+            let mut filling = lock(&self.inner.filling);
+            if let Some(again) = filling.get_mut(&g) {
+                *again = true;
+                return;
+            }
+            filling.insert(g, false);
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                engine.fill(g).await;
+                let mut filling = lock(&engine.inner.filling);
+                match filling.get_mut(&g) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        filling.remove(&g);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Fetches, in the background, every block of group `g` not in the cache
+    /// (or already asked for).
     async fn fill(&self, g: GroupId) {
         let files = self.tree_read().mirrored_files(g);
         for (ino, _, blocks) in files {
             for (i, (hash, _)) in blocks.iter().enumerate() {
-                if self.inner.cache.contains(hash) {
+                if self.inner.cache.contains(hash) || lock(&self.inner.waiters).contains_key(hash) {
                     continue;
                 }
                 let Ok(permit) = self.inner.fill_slots.clone().acquire_owned().await else {
