@@ -5,6 +5,7 @@
 mod harness;
 
 mod fs;
+mod fuzz;
 mod ops;
 mod peer;
 mod posix;
