@@ -1037,9 +1037,14 @@ mod peer {
 }
 
 mod sync {
-    //! Sync messages between members and owners.
+    //! Sync messages between members and owners, and what a member does with them.
+
+    use std::collections::{HashMap, HashSet};
 
     use brume::blocks::BLOCK_SIZE;
+    use brume::catalog::{Catalog, CatalogThread, NodeKind};
+    use brume::fs::tree::{Inval, ROOT, Situation, Tree};
+    use brume::ids::{GroupId, Ino, UserName};
     use brume::sync::proto::{
         BlockRef, Change, MAX_MESSAGE, MemberToOwner, NodeState, OwnerToMember, ProtoError,
     };
@@ -1446,5 +1451,162 @@ mod sync {
             })
         );
         assert_eq!(largest, 0);
+    }
+
+    /// A member (alice) that joined bob's group `photos`: its tree, and the
+    /// catalog actor behind it (dropped after the tree).
+    struct Member {
+        tree: Tree,
+        _catalog: CatalogThread,
+        _dir: tempfile::TempDir,
+        g: GroupId,
+        root: Ino,
+    }
+
+    fn member() -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalog, snapshot, thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let me = UserName::new("alice").unwrap();
+        let (mut tree, _) = Tree::load(snapshot, me, 0, 0, catalog).unwrap();
+        let bob = tree
+            .create(ROOT, b"bob", NodeKind::Dir, 0o755, 0, 0, 0, None)
+            .unwrap();
+        let root = tree
+            .create(bob, b"photos", NodeKind::Dir, 0o755, 0, 0, 0, None)
+            .unwrap();
+        let g = tree.find_group("bob", "photos").unwrap();
+        Member {
+            tree,
+            _catalog: thread,
+            _dir: dir,
+            g,
+            root,
+        }
+    }
+
+    fn children(tree: &Tree, dir: Ino) -> HashMap<Vec<u8>, Ino> {
+        tree.get(dir)
+            .unwrap()
+            .children
+            .as_ref()
+            .map(|c| c.iter().map(|(n, i)| (n.clone(), *i)).collect())
+            .unwrap_or_default()
+    }
+
+    /// What a hostile owner sends: changes among a few ids, so nodes nest, move
+    /// and replace each other; some of them invalid.
+    fn owner_change() -> impl Strategy<Value = Change> {
+        let name = prop_oneof![
+            4 => prop::sample::select(vec!["a", "b", ".members", ".wsserver.json", "a-conflict-sync", ".brume-moving-3-tmp"])
+                .prop_map(|s| s.as_bytes().to_vec()),
+            1 => good_name(),
+            1 => bad_name(),
+        ];
+        prop_oneof![
+            4 => node(1..8, name).prop_map(Change::Upsert),
+            1 => (1u64..8).prop_map(|id| Change::Remove { id }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(cases(64))]
+
+        #[test]
+        fn a_hostile_owner_cannot_escape_the_group_or_grant_privileges(
+            changes in prop::collection::vec(owner_change(), 1..24),
+            sync in any::<bool>(),
+        ) {
+            let mut m = member();
+            let root_before = children(&m.tree, ROOT);
+            let bob = m.tree.get(m.root).unwrap().parent;
+            let bob_before = children(&m.tree, bob);
+            let situation = if sync { Situation::Sync } else { Situation::Update };
+            let mut out: Vec<Inval> = Vec::new();
+            for c in changes {
+                // As the engine gets them: one message, decoded (and validated) first.
+                let bytes = OwnerToMember::Changes { group: "photos".into(), seq: 1, changes: vec![c] }.encode();
+                let Ok(OwnerToMember::Changes { changes, .. }) = OwnerToMember::decode(&bytes) else {
+                    continue;
+                };
+                for c in &changes {
+                    let _ = match c {
+                        Change::Upsert(n) => m.tree.apply_upsert(m.g, n, situation, &mut out),
+                        Change::Remove { id } => m.tree.apply_remove(m.g, *id, situation, &mut out).map(|_| ()),
+                    };
+                }
+            }
+            // Nothing outside the group changed.
+            prop_assert_eq!(children(&m.tree, ROOT), root_before);
+            prop_assert_eq!(children(&m.tree, bob), bob_before);
+            prop_assert!(m.tree.members_file_group(m.root, b".members").is_none());
+            prop_assert!(m.tree.group(m.g).unwrap().members.is_empty());
+            // Inside: a tree of valid names, no setuid or setgid bits.
+            let mut seen = HashSet::new();
+            let mut queue = vec![m.root];
+            while let Some(dir) = queue.pop() {
+                for (name, ino) in children(&m.tree, dir) {
+                    prop_assert!(seen.insert(ino), "{:?} reached twice", ino);
+                    prop_assert!(!name.is_empty() && name.len() <= 255);
+                    prop_assert!(name != b"." && name != b"..");
+                    prop_assert!(!name.contains(&b'/') && !name.contains(&0));
+                    let n = m.tree.get(ino).unwrap();
+                    prop_assert_eq!(n.row.group, Some(m.g));
+                    prop_assert_eq!(
+                        u32::from(n.row.perm) & (libc::S_ISUID | libc::S_ISGID),
+                        0,
+                        "{:?} has mode {:o}", String::from_utf8_lossy(&name), n.row.perm
+                    );
+                    if n.children.is_some() {
+                        prop_assert_eq!(n.parent, dir);
+                        queue.push(ino);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mirrored_nodes_never_carry_setuid_or_setgid() {
+        let mut m = member();
+        let mut out = Vec::new();
+        let file = |perm| NodeState {
+            id: 5,
+            parent: 0,
+            name: b"run-me".to_vec(),
+            kind: 1,
+            perm,
+            size: 0,
+            mtime: (0, 0),
+            version: 1,
+            target: None,
+            blocks: Vec::new(),
+        };
+        let dir = NodeState {
+            id: 6,
+            name: b"d".to_vec(),
+            kind: 2,
+            perm: 0o2775,
+            ..file(0)
+        };
+        // Created with the bits, then updated to them.
+        for (state, want) in [
+            (file(0o4755), 0o755),
+            (dir.clone(), 0o775),
+            (file(0o755), 0o755),
+            (file(0o6711), 0o711),
+            (
+                NodeState {
+                    perm: 0o3777,
+                    ..dir
+                },
+                0o1777,
+            ),
+        ] {
+            m.tree
+                .apply_upsert(m.g, &state, Situation::Update, &mut out)
+                .unwrap();
+            let ino = m.tree.child(m.root, &state.name).unwrap();
+            assert_eq!(m.tree.get(ino).unwrap().row.perm, want, "{:o}", state.perm);
+        }
     }
 }
