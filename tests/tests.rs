@@ -6,6 +6,7 @@ mod harness;
 
 mod converge;
 mod fs;
+mod fuzz;
 mod ops;
 mod peer;
 mod posix;

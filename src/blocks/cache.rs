@@ -78,8 +78,11 @@ fn hex(h: &BlockHash) -> String {
     h.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The hash a cache file is named after: exactly what [`hex`] writes, so that the
+/// block is looked up at the path it was found at (`from_str_radix` alone would
+/// also take upper case and a `+` sign).
 fn parse_hex(s: &str) -> Option<BlockHash> {
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -384,6 +387,8 @@ impl BlockCache {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn block(n: u8, len: usize) -> (BlockHash, Vec<u8>) {
@@ -473,5 +478,44 @@ mod tests {
         assert_eq!(&*c.read(&h).unwrap().unwrap(), &data[..]);
         assert!(!c.path(&h).with_extension("tmp").exists());
         assert_eq!(c.usage().blocks, 1);
+    }
+
+    #[test]
+    fn files_not_named_as_the_cache_names_blocks_are_not_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, data) = block(3, 10);
+        let name = hex(&h);
+        std::fs::create_dir_all(dir.path().join(&name[..2])).unwrap();
+        let upper = dir.path().join(&name[..2]).join(name.to_uppercase());
+        std::fs::write(&upper, &data).unwrap();
+        let c = BlockCache::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        assert!(!c.contains(&h));
+        assert!(!upper.exists());
+    }
+
+    proptest! {
+        #[test]
+        fn only_the_names_blocks_are_stored_under_parse(
+            s in prop_oneof![
+                "[0-9a-f]{64}",
+                prop::collection::vec(
+                    prop::sample::select(vec!["00", "9f", "9f", "9f", "aB", "FF", "+f", "+0", "-1"]),
+                    32,
+                )
+                .prop_map(|pairs| pairs.concat()),
+                "\\PC{0,70}",
+            ],
+            h: [u8; 32],
+        ) {
+            // A file the cache did not write under that name is not taken for a block:
+            // its path would differ from the one the block is looked up at.
+            match parse_hex(&s) {
+                Some(parsed) => prop_assert_eq!(hex(&parsed), s),
+                None => prop_assert!(
+                    s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                ),
+            }
+            prop_assert_eq!(parse_hex(&hex(&BlockHash(h))), Some(BlockHash(h)));
+        }
     }
 }

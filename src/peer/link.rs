@@ -1139,3 +1139,95 @@ impl Reader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn signal_message() -> impl Strategy<Value = SignalMessage> {
+        prop_oneof![
+            Just(SignalMessage::Call),
+            (any::<u64>(), any::<String>())
+                .prop_map(|(sid, sdp)| SignalMessage::Offer { sid, sdp }),
+            (any::<u64>(), any::<String>())
+                .prop_map(|(sid, sdp)| SignalMessage::Answer { sid, sdp }),
+            (
+                any::<u64>(),
+                any::<String>(),
+                proptest::option::of(any::<String>()),
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(any::<String>()),
+            )
+                .prop_map(
+                    |(sid, candidate, sdp_mid, sdp_mline_index, username_fragment)| {
+                        SignalMessage::Candidate {
+                            sid,
+                            candidate: RTCIceCandidateInit {
+                                candidate,
+                                sdp_mid,
+                                sdp_mline_index,
+                                username_fragment,
+                                ..Default::default()
+                            },
+                        }
+                    }
+                ),
+        ]
+    }
+
+    /// What another user may relay: our kind or another, and a `msg` of any shape.
+    fn relayed() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|n| json!(n)),
+            prop::sample::select(vec!["call", "offer", "answer", "candidate", "Call", ""])
+                .prop_map(|s| json!(s)),
+            any::<String>().prop_map(Value::String),
+        ];
+        let field = prop::sample::select(vec![
+            "type",
+            "sid",
+            "sdp",
+            "candidate",
+            "sdpMid",
+            "sdpMLineIndex",
+            "usernameFragment",
+            "extra",
+        ]);
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop::sample::select(vec!["candidate", "sdpMid", "x"]),
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| json!(m)),
+            ]
+        });
+        let kind = prop::sample::select(vec![SIGNAL_KIND, "brume-peer/2", ""]);
+        (kind, prop::collection::btree_map(field, value, 0..5))
+            .prop_map(|(kind, msg)| json!({ "kind": kind, "msg": msg }))
+    }
+
+    proptest! {
+        #[test]
+        fn signal_messages_round_trip(m in signal_message()) {
+            prop_assert_eq!(SignalMessage::from_payload(&m.to_payload()), Some(m));
+        }
+
+        #[test]
+        fn relayed_payloads_never_panic(payload in relayed()) {
+            if let Some(m) = SignalMessage::from_payload(&payload) {
+                prop_assert_eq!(payload["kind"].as_str(), Some(SIGNAL_KIND));
+                prop_assert_eq!(SignalMessage::from_payload(&m.to_payload()), Some(m));
+            }
+        }
+    }
+}

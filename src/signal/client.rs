@@ -1014,4 +1014,20 @@ mod tests {
         assert!(Target::parse("wss://example.org/").is_err());
         assert!(Target::parse("http://example.org/").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn server_urls_never_panic(
+            url in proptest::prop_oneof![
+                "\\PC{0,40}",
+                "(ws|WS|wss|http)://[a-z0-9.:@\\[\\]%-]{0,20}(:[0-9]{0,6})?(/[a-z/?#%]{0,10})?",
+            ],
+        ) {
+            if let Ok(t) = Target::parse(&url) {
+                proptest::prop_assert!(url.to_ascii_lowercase().starts_with("ws://"), "{}", url);
+                proptest::prop_assert!(t.token_path.ends_with("/token"));
+                proptest::prop_assert!(t.token_path.starts_with('/'), "{}", t.token_path);
+            }
+        }
+    }
 }

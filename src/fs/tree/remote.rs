@@ -49,6 +49,13 @@ fn kind_of(k: u8) -> Option<NodeKind> {
     })
 }
 
+/// Permission bits of a mirrored node: the owner's, without setuid and setgid. The
+/// owner is a peer, not a local administrator: a member mounted as root (with `suid`)
+/// must not run the owner's programs with privileges the owner chose.
+fn mirrored_perm(perm: u16) -> u16 {
+    perm & 0o1777
+}
+
 fn to_refs(blocks: &Blocks) -> Vec<BlockRef> {
     blocks
         .iter()
@@ -408,7 +415,7 @@ impl Tree {
             ino,
             group: Some(g),
             kind,
-            perm: state.perm & 0o7777,
+            perm: mirrored_perm(state.perm),
             uid,
             gid,
             nlink: if kind == NodeKind::Dir { 2 } else { 1 },
@@ -484,7 +491,7 @@ impl Tree {
         let new_blocks = from_refs(&state.blocks);
         let content_changed =
             n.row.kind == NodeKind::File && n.blocks.as_deref().is_none_or(|b| *b != *new_blocks);
-        n.row.perm = state.perm & 0o7777;
+        n.row.perm = mirrored_perm(state.perm);
         n.row.mtime = Stamp {
             secs: state.mtime.0,
             nanos: state.mtime.1.min(999_999_999),
