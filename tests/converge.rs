@@ -64,9 +64,10 @@ enum Entry {
     Link { target: PathBuf },
 }
 
-/// Every entry under `root`, by path relative to it.
-fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
-    fn go(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
+/// Every entry under `root`, by path relative to it; files with their bytes
+/// only if `read` (reading needs the owner for blocks not cached yet).
+fn walk(root: &Path, read: bool) -> BTreeMap<PathBuf, Entry> {
+    fn go(root: &Path, dir: &Path, read: bool, out: &mut BTreeMap<PathBuf, Entry>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -82,20 +83,24 @@ fn walk(root: &Path) -> BTreeMap<PathBuf, Entry> {
                     target: std::fs::read_link(&path).unwrap_or_default(),
                 }
             } else if meta.is_dir() {
-                go(root, &path, out);
+                go(root, &path, read, out);
                 Entry::Dir { perm }
             } else {
                 Entry::File {
                     perm,
-                    data: std::fs::read(&path)
-                        .unwrap_or_else(|e| format!("<unreadable: {e}>").into_bytes()),
+                    data: if read {
+                        std::fs::read(&path)
+                            .unwrap_or_else(|e| format!("<unreadable: {e}>").into_bytes())
+                    } else {
+                        Vec::new()
+                    },
                 }
             };
             out.insert(rel, entry);
         }
     }
     let mut out = BTreeMap::new();
-    go(root, root, &mut out);
+    go(root, root, read, &mut out);
     out
 }
 
@@ -188,7 +193,7 @@ fn seeds() -> Vec<u64> {
 fn listing(root: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut dirs = vec![PathBuf::new()];
     let mut files = Vec::new();
-    for (path, e) in walk(root) {
+    for (path, e) in walk(root, false) {
         match e {
             Entry::Dir { .. } => dirs.push(path),
             Entry::File { .. } if path.as_os_str() != ".members" => files.push(path),
@@ -410,8 +415,8 @@ fn run_seed(
     online(hub, bob, "alice");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let owner = walk(&owner_root);
-        let member = walk(&member_root);
+        let owner = walk(&owner_root, true);
+        let member = walk(&member_root, true);
         match mismatch(&owner, &member, &written) {
             None => {
                 tally.member_writes += written.len();
