@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod crash;
 mod fs;
 mod ops;
 mod peer;
