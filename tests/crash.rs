@@ -183,10 +183,10 @@ impl Workload {
     }
 
     /// Records what an operation will leave behind before it starts.
-    fn begin(&mut self, entries: &[(&str, Mode, State)]) -> u64 {
+    fn begin(&mut self, what: &str, entries: &[(&str, Mode, State)]) -> u64 {
         let k = self.next_op;
         self.next_op += 1;
-        let mut text = format!("B {k}");
+        let mut text = format!("B {k} {what}");
         for (p, mode, state) in entries {
             let m = if *mode == Mode::Atomic { 'a' } else { 'i' };
             text.push_str(&format!(" {p}:{m}:{}", state.encode()));
@@ -243,7 +243,7 @@ impl Workload {
         } else {
             State::Unknown
         };
-        let k = self.begin(&[(p, Mode::InPlace, post)]);
+        let k = self.begin("write", &[(p, Mode::InPlace, post)]);
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -299,7 +299,7 @@ impl Workload {
                 Change::Truncate(len)
             }
         };
-        let k = self.begin(&[(p, Mode::InPlace, State::of(&data))]);
+        let k = self.begin("modify", &[(p, Mode::InPlace, State::of(&data))]);
         match change {
             Change::Write(at, bytes) => f.write_all_at(&bytes, at)?,
             Change::Truncate(len) => f.set_len(len)?,
@@ -333,10 +333,13 @@ impl Workload {
         } else {
             State::Unknown
         };
-        let k = self.begin(&[
-            (from, Mode::Atomic, State::Absent),
-            (to, Mode::Atomic, post),
-        ]);
+        let k = self.begin(
+            "rename",
+            &[
+                (from, Mode::Atomic, State::Absent),
+                (to, Mode::Atomic, post),
+            ],
+        );
         fs::rename(self.path(from), self.path(to))?;
         let m = self.files.remove(from).unwrap();
         self.files.insert(to.to_owned(), m);
@@ -349,7 +352,7 @@ impl Workload {
     }
 
     fn unlink(&mut self, p: &str) -> io::Result<()> {
-        let k = self.begin(&[(p, Mode::Atomic, State::Absent)]);
+        let k = self.begin("unlink", &[(p, Mode::Atomic, State::Absent)]);
         fs::remove_file(self.path(p))?;
         self.files.remove(p);
         if self.rng.chance(85) {
@@ -361,7 +364,7 @@ impl Workload {
 
     fn mkdir(&mut self) -> io::Result<()> {
         let d = format!("d{}", self.dirs.len() - 1);
-        let k = self.begin(&[(&d, Mode::Atomic, State::Dir)]);
+        let k = self.begin("mkdir", &[(&d, Mode::Atomic, State::Dir)]);
         fs::create_dir(self.path(&d))?;
         self.dirs.push(d);
         self.sync_dir("")?;
@@ -479,6 +482,9 @@ struct Expect {
 fn replay(ledger: &str) -> Result<Expect, String> {
     let mut e = Expect::default();
     let mut ops: HashMap<u64, Vec<(String, State)>> = HashMap::new();
+    // Until a rename is acknowledged, its old name may still name the inode:
+    // for each path, the other names its inode may be found under.
+    let mut aliases: HashMap<String, Vec<String>> = HashMap::new();
     // A line cut short by the kill has no newline: ignore it.
     let complete = match ledger.rfind('\n') {
         Some(i) => &ledger[..=i],
@@ -493,6 +499,7 @@ fn replay(ledger: &str) -> Result<Expect, String> {
                     .next()
                     .and_then(|k| k.parse().ok())
                     .ok_or(format!("bad ledger line {line:?}"))?;
+                let what = words.next().ok_or(format!("bad ledger line {line:?}"))?;
                 let mut entries = Vec::new();
                 for w in words {
                     let mut parts = w.splitn(3, ':');
@@ -511,11 +518,26 @@ fn replay(ledger: &str) -> Result<Expect, String> {
                     if !allowed.contains(&state) {
                         allowed.push(state.clone());
                     }
+                    if m == "i" {
+                        // The change lands in the inode, whichever name a crash
+                        // leaves it under.
+                        for other in aliases.get(p).into_iter().flatten() {
+                            let allowed = e.allowed.entry(other.clone()).or_default();
+                            if !allowed.contains(&State::Unknown) {
+                                allowed.push(State::Unknown);
+                            }
+                        }
+                    }
                     e.history
                         .entry(p.to_owned())
                         .or_default()
                         .push(line.to_owned());
                     entries.push((p.to_owned(), state));
+                }
+                if let ("rename", [(from, _), (to, _)]) = (what, &entries[..]) {
+                    let mut names = aliases.remove(from).unwrap_or_default();
+                    names.push(from.clone());
+                    aliases.insert(to.clone(), names);
                 }
                 ops.insert(k, entries);
                 e.begun += 1;
@@ -526,6 +548,9 @@ fn replay(ledger: &str) -> Result<Expect, String> {
                     .and_then(|k| k.parse().ok())
                     .ok_or(format!("bad ledger line {line:?}"))?;
                 let entries = ops.get(&k).ok_or(format!("ack of unknown op {k}"))?;
+                if let [_, (to, _)] = &entries[..] {
+                    aliases.remove(to);
+                }
                 for (p, state) in entries {
                     e.allowed.insert(p.clone(), vec![state.clone()]);
                     e.history
