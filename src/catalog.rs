@@ -316,6 +316,9 @@ pub enum Op {
         /// Value.
         value: i64,
     },
+    /// Deletes a file (a removed node's backing object) once every earlier op is
+    /// committed durably, so that no committed row ever names a deleted object.
+    RemoveFile(PathBuf),
     /// Answered once every earlier op is committed.
     Barrier(mpsc::SyncSender<Result<(), String>>),
     /// Commits what came before and stops the actor, even if handles remain
@@ -503,19 +506,34 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         coalesce(&mut batch);
         let closing = batch.iter().any(|op| matches!(op, Op::Close));
         // Commits are cheap (synchronous=NORMAL: the WAL is not fsynced) unless the
-        // batch answers a barrier: then that commit fsyncs the WAL, which makes it
-        // and every earlier commit durable.
-        let durable = batch
-            .iter()
-            .any(|op| matches!(op, Op::Barrier(_) | Op::PinKey { .. } | Op::Close));
+        // batch answers a barrier or removes files: then that commit fsyncs the
+        // WAL, which makes it and every earlier commit durable.
+        let durable = batch.iter().any(|op| {
+            matches!(
+                op,
+                Op::Barrier(_) | Op::PinKey { .. } | Op::Close | Op::RemoveFile(_)
+            )
+        });
         let mode = if durable { "FULL" } else { "NORMAL" };
         if let Err(e) = conn.pragma_update(None, "synchronous", mode) {
             tracing::error!(cause = ?e, "cannot set catalog sync mode");
         }
         let mut barriers = Vec::new();
-        let result = apply(&mut conn, &mut batch, &mut barriers);
-        if let Err(e) = &result {
-            tracing::error!(cause = ?e, "catalog commit failed");
+        let mut removals = Vec::new();
+        let result = apply(&mut conn, &mut batch, &mut barriers, &mut removals);
+        match &result {
+            // Only now that the rows naming them are gone for good.
+            Ok(()) => {
+                for path in removals {
+                    if let Err(e) = std::fs::remove_file(&path)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(path = %path.display(), cause = ?e, "cannot remove backing file");
+                    }
+                }
+            }
+            // The files stay; the sweep at the next mount removes those no node owns.
+            Err(e) => tracing::error!(cause = ?e, "catalog commit failed"),
         }
         for answer in barriers {
             let err = result.as_ref().err().map(|e| e.to_string());
@@ -567,6 +585,7 @@ fn apply(
     conn: &mut Connection,
     batch: &mut Vec<Op>,
     barriers: &mut Vec<Answer>,
+    removals: &mut Vec<PathBuf>,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
     for op in batch.drain(..) {
@@ -752,6 +771,7 @@ fn apply(
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                     .execute(params![key, value])?;
             }
+            Op::RemoveFile(path) => removals.push(path),
             Op::Barrier(b) => barriers.push(Answer::Barrier(b)),
             Op::Close => {}
         }

@@ -5,6 +5,7 @@
 mod harness;
 
 mod converge;
+mod crash;
 mod fs;
 mod fuzz;
 mod ops;

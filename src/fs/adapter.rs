@@ -23,7 +23,7 @@ use fuser::{
 
 use crate::blocks::Hasher;
 use crate::blocks::cache::BlockCache;
-use crate::catalog::{Catalog, NodeKind, Stamp};
+use crate::catalog::{Catalog, NodeKind, Op, Stamp};
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::store::Store;
 use crate::fs::tree::{self, Blocks, Node, ROOT, SetAttr, Tree, WSSERVER};
@@ -284,12 +284,18 @@ impl BrumeFs {
         Ok(self.attr_of(tree.get(ino)?))
     }
 
-    /// Deletes the bytes of a node that lost its last link and handle.
+    /// Deletes the bytes of a node that lost its last link and handle, once the
+    /// catalog has committed the node's removal: deleting them first would let a
+    /// crash in between leave a committed name whose bytes are gone.
     fn drop_node(&self, node: Option<Node>) {
         if let Some(n) = node
             && n.row.kind == NodeKind::File
+            && let Err(e) = self
+                .catalog
+                .send(Op::RemoveFile(self.store.path(n.row.ino)))
         {
-            self.store.remove(n.row.ino);
+            // The sweep at the next mount removes it.
+            tracing::warn!(ino = %n.row.ino, cause = ?e, "backing file left for the next mount");
         }
     }
 

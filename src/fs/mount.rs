@@ -9,11 +9,12 @@ use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
 use crate::blocks::Hasher;
 use crate::blocks::cache::BlockCache;
-use crate::catalog::{Catalog, CatalogThread};
+use crate::catalog::{Catalog, CatalogThread, Stamp};
 use crate::config::Config;
 use crate::fs::adapter::BrumeFs;
 use crate::fs::store::Store;
 use crate::fs::tree::Tree;
+use crate::ids::Ino;
 use crate::sync::engine::{Engine, EngineConfig, Link};
 
 /// What `brume mount` needs.
@@ -185,7 +186,7 @@ pub fn mount_with_link(
     let (catalog, snapshot, catalog_thread) = Catalog::open(&data.join("catalog.db"))?;
     // SAFETY: getuid/getgid have no preconditions.
     let owner = unsafe { (libc::getuid(), libc::getgid()) };
-    let (tree, dropped) = Tree::load(
+    let (mut tree, dropped) = Tree::load(
         snapshot,
         opts.config.username.clone(),
         owner.0,
@@ -202,6 +203,7 @@ pub fn mount_with_link(
             store.remove(ino);
         }
     }
+    let rehash = repair_sizes(&mut tree, &store).map_err(io)?;
     catalog.barrier()?;
     let tree = Arc::new(RwLock::new(tree));
     let hasher = Hasher::start(Box::new({
@@ -213,6 +215,9 @@ pub fn mount_with_link(
             }
         }
     }));
+    for (ino, seq) in rehash {
+        hasher.enqueue(ino, store.path(ino), seq);
+    }
     let wsserver = serde_json::to_vec_pretty(&serde_json::json!({
         "url": opts.config.server_url,
         "username": opts.config.username.as_str(),
@@ -357,6 +362,48 @@ pub fn mount_with_link(
         engine,
         runtime,
     })
+}
+
+/// Gives every file whose size the catalog has out of step with its backing file
+/// the backing file's size, logged as a write. A crash between a change to a
+/// file's bytes and the catalog write recording it (a truncate, an open with
+/// `O_TRUNC`, writes not yet closed or fsynced) leaves them apart, and reads are
+/// served from the backing file. Returns the files to hash again.
+fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let files: Vec<Ino> = tree
+        .files()
+        .filter(|ino| tree.cached_content(*ino).is_none())
+        .collect();
+    let mut rehash = Vec::new();
+    for ino in files {
+        let Ok(node) = tree.get(ino) else { continue };
+        let size = node.row.size;
+        let (len, mtime, ctime) = match std::fs::metadata(store.path(ino)) {
+            Ok(m) => (
+                m.len(),
+                Stamp {
+                    secs: m.mtime(),
+                    nanos: m.mtime_nsec() as u32,
+                },
+                Stamp {
+                    secs: m.ctime(),
+                    nanos: m.ctime_nsec() as u32,
+                },
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, node.row.mtime, Stamp::now()),
+            Err(e) => return Err(e),
+        };
+        if len == size {
+            continue;
+        }
+        tracing::warn!(%ino, catalog = size, backing = len, "file size out of step after a crash; taking the backing file's");
+        let seq = tree
+            .content_changed(ino, len, mtime, ctime, None)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        rehash.push((ino, seq));
+    }
+    Ok(rehash)
 }
 
 /// The state file of a mount using `data_dir`, if one was written.
