@@ -371,9 +371,15 @@ pub fn mount_with_link(
 /// served from the backing file. Returns the files to hash again.
 fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64)>> {
     use std::os::unix::fs::MetadataExt;
+    // A member's clean mirror keeps its bytes in the block cache, never in the
+    // store (even if its block list did not reach the catalog before a crash:
+    // the next sync installs it again).
     let files: Vec<Ino> = tree
         .files()
-        .filter(|ino| tree.cached_content(*ino).is_none())
+        .filter(|ino| {
+            tree.get(*ino)
+                .is_ok_and(|n| n.row.remote.is_none_or(|r| r.local_edit))
+        })
         .collect();
     let mut rehash = Vec::new();
     for ino in files {
