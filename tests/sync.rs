@@ -11,6 +11,7 @@ use brume::config::Config;
 use brume::fs::{MountOptions, Mounted, mount_with_link};
 use brume::ids::UserName;
 use brume::sync::engine::{BoxFuture, Engine, Link};
+use brume::sync::proto::{MemberToOwner, OwnerToMember};
 use tokio::sync::mpsc;
 
 use crate::harness::{is_mounted, wait_until};
@@ -27,6 +28,8 @@ pub(crate) struct Hub {
     offline: Mutex<HashSet<String>>,
     /// Bytes delivered to each user.
     bytes_to: Mutex<HashMap<String, u64>>,
+    /// While recording: every message delivered, as (to, payload).
+    recorded: Mutex<Option<Vec<(String, Vec<u8>)>>>,
 }
 
 impl Hub {
@@ -40,7 +43,43 @@ impl Hub {
             queues: Mutex::new(HashMap::new()),
             offline: Mutex::new(HashSet::new()),
             bytes_to: Mutex::new(HashMap::new()),
+            recorded: Mutex::new(None),
         })
+    }
+
+    /// Starts keeping a copy of every message delivered.
+    fn record(&self) {
+        *self.recorded.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The messages delivered to `user` since recording started, decoded as
+    /// an owner's.
+    fn recorded_to(&self, user: &str) -> Vec<(Vec<u8>, OwnerToMember)> {
+        self.recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .filter(|(to, _)| to == user)
+            .filter_map(|(_, p)| Some((p.clone(), OwnerToMember::decode(p).ok()?)))
+            .collect()
+    }
+
+    /// A user with no engine: what reaches it is kept, decoded as an owner's
+    /// messages.
+    fn sink(&self, user: &str) -> Arc<Mutex<Vec<OwnerToMember>>> {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = mpsc::channel::<(UserName, Vec<u8>)>(4096);
+        self.queues.lock().unwrap().insert(user.to_owned(), tx);
+        let keep = got.clone();
+        self.runtime.spawn(async move {
+            while let Some((_, payload)) = rx.recv().await {
+                if let Ok(m) = OwnerToMember::decode(&payload) {
+                    keep.lock().unwrap().push(m);
+                }
+            }
+        });
+        got
     }
 
     fn register(self: &Arc<Self>, user: &str, engine: Engine) {
@@ -94,6 +133,9 @@ impl Link for HubLink {
                 .get(to.as_str())
                 .cloned()
                 .ok_or("EBADDEST")?;
+            if let Some(r) = self.hub.recorded.lock().unwrap().as_mut() {
+                r.push((to.to_string(), payload.clone()));
+            }
             *self
                 .hub
                 .bytes_to
@@ -655,4 +697,159 @@ fn filling_many_blocks_never_waits_for_a_request_timeout() {
     // A request that got no answer would have cost the 5 s read timeout.
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
+}
+
+/// Delivers `payload` to `to`'s engine as if `from` had sent it.
+fn inject(hub: &Hub, to: &Peer, from: &str, payload: &[u8]) {
+    let from = UserName::new(from).unwrap();
+    hub.runtime.block_on(to.engine().on_message(&from, payload));
+}
+
+#[test]
+fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
+    let (hub, alice, bob) = shared();
+    hub.record();
+    std::fs::write(alice.path("alice/g/f"), b"version one").unwrap();
+    read_when(&bob.path("alice/g/f"), b"version one");
+    let old = hub.recorded_to("bob");
+    assert!(
+        old.iter()
+            .any(|(_, m)| matches!(m, OwnerToMember::Changes { .. })),
+        "recorded no change"
+    );
+    std::fs::write(alice.path("alice/g/f"), b"version two").unwrap();
+    read_when(&bob.path("alice/g/f"), b"version two");
+    // A full snapshot now, then a file created after it.
+    online(&hub, &bob, "alice");
+    wait_until(Duration::from_secs(10), "a snapshot", || {
+        hub.recorded_to("bob")
+            .iter()
+            .any(|(_, m)| matches!(m, OwnerToMember::Snapshot { last: true, .. }))
+    });
+    let snapshot: Vec<Vec<u8>> = hub
+        .recorded_to("bob")
+        .into_iter()
+        .filter(|(_, m)| matches!(m, OwnerToMember::Snapshot { .. }))
+        .map(|(p, _)| p)
+        .collect();
+    std::fs::write(alice.path("alice/g/later"), b"made after the snapshot").unwrap();
+    std::fs::write(alice.path("alice/g/f"), b"version three").unwrap();
+    read_when(&bob.path("alice/g/f"), b"version three");
+    read_when(&bob.path("alice/g/later"), b"made after the snapshot");
+    let applied = bob.engine().member_status()["alice/g"].applied;
+    // Replay everything old: nothing goes back.
+    for (payload, _) in &old {
+        inject(&hub, &bob, "alice", payload);
+    }
+    for payload in &snapshot {
+        inject(&hub, &bob, "alice", payload);
+    }
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/f")).unwrap(),
+        b"version three"
+    );
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/later")).unwrap(),
+        b"made after the snapshot"
+    );
+    assert_eq!(bob.engine().member_status()["alice/g"].applied, applied);
+}
+
+#[test]
+fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
+    let (hub, alice, bob) = shared();
+    std::fs::create_dir(alice.path("alice/private")).unwrap();
+    std::fs::write(alice.path("alice/private/.members"), b"carol\n").unwrap();
+    std::fs::write(alice.path("alice/private/secret"), b"not for bob").unwrap();
+    hub.record();
+    std::fs::write(alice.path("alice/g/shared"), b"for bob").unwrap();
+    read_when(&bob.path("alice/g/shared"), b"for bob");
+    // What a real request for the shared file looks like.
+    let (id, hash) = hub
+        .recorded_to("bob")
+        .into_iter()
+        .find_map(|(_, m)| match m {
+            OwnerToMember::Changes { changes, .. } => changes.into_iter().find_map(|c| match c {
+                brume::sync::proto::Change::Upsert(n)
+                    if n.name == b"shared" && !n.blocks.is_empty() =>
+                {
+                    Some((n.id, n.blocks[0].hash))
+                }
+                _ => None,
+            }),
+            _ => None,
+        })
+        .expect("the shared file's state");
+    let secret_id = std::fs::metadata(alice.path("alice/private/secret"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let get = |group: &str, id: u64, hash: [u8; 32]| {
+        MemberToOwner::GetBlock {
+            group: group.into(),
+            id,
+            index: 0,
+            hash,
+            urgent: true,
+        }
+        .encode()
+    };
+    let mallory = hub.sink("mallory");
+    // A stranger asks for the shared block, and to subscribe.
+    inject(&hub, &alice, "mallory", &get("g", id, hash));
+    inject(
+        &hub,
+        &alice,
+        "mallory",
+        &MemberToOwner::Subscribe {
+            group: "g".into(),
+            since: 0,
+        }
+        .encode(),
+    );
+    // bob asks for a file of a group he is not in, through his own group, and
+    // for the right file with a hash it does not have.
+    let bob_sink = hub.sink("bob");
+    inject(&hub, &alice, "bob", &get("g", secret_id, hash));
+    inject(&hub, &alice, "bob", &get("private", secret_id, hash));
+    inject(&hub, &alice, "bob", &get("g", id, [7; 32]));
+    // bob claims to be the owner and pushes "changes" to alice's group.
+    let forged = hub
+        .recorded_to("bob")
+        .into_iter()
+        .find(|(_, m)| matches!(m, OwnerToMember::Changes { .. }))
+        .unwrap()
+        .0;
+    std::fs::write(alice.path("alice/g/shared"), b"alice's own").unwrap();
+    inject(&hub, &alice, "bob", &forged);
+    wait_until(Duration::from_secs(10), "every answer", || {
+        mallory.lock().unwrap().len() >= 2 && bob_sink.lock().unwrap().len() >= 3
+    });
+    let blocks = |v: &[OwnerToMember]| {
+        v.iter()
+            .filter(|m| {
+                matches!(
+                    m,
+                    OwnerToMember::Block { .. } | OwnerToMember::Snapshot { .. }
+                )
+            })
+            .count()
+    };
+    let mallory = mallory.lock().unwrap().clone();
+    let bob_got = bob_sink.lock().unwrap().clone();
+    assert_eq!(blocks(&mallory), 0, "{mallory:?}");
+    assert!(
+        mallory
+            .iter()
+            .all(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER")),
+        "{mallory:?}"
+    );
+    assert_eq!(blocks(&bob_got), 0, "{bob_got:?}");
+    assert_eq!(
+        std::fs::read(alice.path("alice/g/shared")).unwrap(),
+        b"alice's own"
+    );
+    assert_eq!(
+        std::fs::read(alice.path("alice/private/secret")).unwrap(),
+        b"not for bob"
+    );
 }

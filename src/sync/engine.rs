@@ -572,7 +572,7 @@ impl Engine {
                             tracing::warn!(node = n.id, cause = %e, "cannot apply node");
                         }
                     }
-                    gone.extend(tree.finish_snapshot(g, &seen, out)?);
+                    gone.extend(tree.finish_snapshot(g, seq, &seen, out)?);
                     Ok(())
                 })
                 .await;
@@ -674,7 +674,7 @@ impl Engine {
         let s = status.entry(g).or_default();
         s.problem = None;
         s.refusals = 0;
-        s.applied = seq;
+        s.applied = s.applied.max(seq);
         drop(status);
         for node in gone {
             // Mirrored files edited locally had their bytes in the store.

@@ -191,7 +191,8 @@ impl Tree {
         let Some(group) = self.groups.get_mut(&g) else {
             return Ok(());
         };
-        group.row.next_seq = Seq(seq);
+        // Never backwards: a replayed or reordered older message changes nothing.
+        group.row.next_seq = Seq(group.row.next_seq.0.max(seq));
         self.catalog.send(Op::PutGroup(group.row.clone()))?;
         Ok(())
     }
@@ -328,6 +329,17 @@ impl Tree {
             Situation::Update => "conflict-update-change",
         };
         let mut existing = self.mirror(g, state.id);
+        if let Some(ino) = existing
+            && self
+                .get(ino)?
+                .row
+                .remote
+                .is_some_and(|r| r.version > state.version)
+        {
+            // An older state than the one applied (a replayed or reordered
+            // message): never roll a node back.
+            return Ok(());
+        }
         // A mirrored file the member edited, whose owner version moved on: the
         // member's version becomes a conflict copy; the owner's is installed anew.
         if let Some(ino) = existing {
@@ -610,14 +622,24 @@ impl Tree {
     pub fn finish_snapshot(
         &mut self,
         g: GroupId,
+        seq: u64,
         seen: &HashSet<u64>,
         out: &mut Vec<Inval>,
     ) -> FsResult<Vec<Node>> {
+        // Nodes newer than the snapshot came in a later change: they stay.
         let stale: Vec<u64> = self
             .remote_ids
-            .keys()
-            .filter(|(group, id)| *group == g && !seen.contains(id))
-            .map(|(_, id)| *id)
+            .iter()
+            .filter(|((group, id), ino)| {
+                *group == g
+                    && !seen.contains(id)
+                    && self
+                        .nodes
+                        .get(ino)
+                        .and_then(|n| n.row.remote)
+                        .is_none_or(|r| r.version <= seq)
+            })
+            .map(|((_, id), _)| *id)
             .collect();
         let mut gone = Vec::new();
         for id in stale {
