@@ -19,6 +19,9 @@ use crate::harness::{is_mounted, wait_until};
 /// A delivery queue: (sender, payload) in order.
 type Queue = mpsc::Sender<(UserName, Vec<u8>)>;
 
+/// A message delivered: (to, payload).
+type Delivered = (String, Vec<u8>);
+
 /// Routes messages between in-process engines, in order, per destination.
 pub(crate) struct Hub {
     runtime: tokio::runtime::Runtime,
@@ -29,7 +32,7 @@ pub(crate) struct Hub {
     /// Bytes delivered to each user.
     bytes_to: Mutex<HashMap<String, u64>>,
     /// While recording: every message delivered, as (to, payload).
-    recorded: Mutex<Option<Vec<(String, Vec<u8>)>>>,
+    recorded: Mutex<Option<Vec<Delivered>>>,
 }
 
 impl Hub {
