@@ -29,6 +29,9 @@ pub struct LiveStatus {
     pub groups: std::collections::BTreeMap<String, crate::sync::engine::MemberGroupStatus>,
     /// Block cache use.
     pub cache: crate::blocks::cache::CacheUsage,
+    /// Owned groups the mass-delete guard holds, with the reason.
+    #[serde(default)]
+    pub held: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything `brume status` shows.
@@ -187,6 +190,9 @@ pub fn render(s: &Status) -> String {
                     );
                 }
             }
+        }
+        for (group, why) in &live.held {
+            let _ = writeln!(out, "HELD {}/{group}: {why}", s.user);
         }
         for (group, g) in &live.groups {
             let state = match &g.problem {

@@ -856,3 +856,74 @@ fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
         b"not for bob"
     );
 }
+
+#[test]
+fn an_owner_whose_backing_store_vanished_publishes_nothing() {
+    let (hub, mut alice, bob) = shared();
+    for name in ["a", "b", "c"] {
+        std::fs::write(alice.path(&format!("alice/g/{name}")), name.repeat(5000)).unwrap();
+    }
+    for name in ["a", "b", "c"] {
+        read_when(
+            &bob.path(&format!("alice/g/{name}")),
+            name.repeat(5000).as_bytes(),
+        );
+    }
+    let objects = alice.dir.path().join("data/objects");
+    let aside = alice.dir.path().join("objects-aside");
+    let check_held = |alice: &Peer| {
+        let held = alice.engine().held_groups();
+        assert!(held["g"].contains("missing"), "{held:?}");
+        online(&hub, &bob, "alice");
+        wait_until(Duration::from_secs(10), "EHELD at bob", || {
+            bob.engine().member_status()["alice/g"].problem.as_deref() == Some("EHELD")
+        });
+        // bob keeps every byte, and alice's later changes do not reach him.
+        std::fs::write(alice.path("alice/g/new"), b"new").unwrap();
+        std::fs::remove_file(alice.path("alice/g/a")).unwrap();
+        for name in ["a", "b", "c"] {
+            assert_eq!(
+                std::fs::read(bob.path(&format!("alice/g/{name}"))).unwrap(),
+                name.repeat(5000).as_bytes()
+            );
+        }
+    };
+    // The store is gone.
+    alice.unmount(&hub);
+    std::fs::rename(&objects, &aside).unwrap();
+    alice.mount(&hub);
+    check_held(&alice);
+    assert!(!bob.path("alice/g/new").exists());
+    // Restored (minus what alice removed while held): published again.
+    alice.unmount(&hub);
+    // What alice wrote while held is in the new store: keep it too.
+    let merged = std::process::Command::new("cp")
+        .arg("-an")
+        .arg(objects.join("."))
+        .arg(&aside)
+        .status()
+        .unwrap();
+    assert!(merged.success());
+    std::fs::remove_dir_all(&objects).unwrap();
+    std::fs::rename(&aside, &objects).unwrap();
+    alice.mount(&hub);
+    assert!(alice.engine().held_groups().is_empty());
+    online(&hub, &bob, "alice");
+    read_when(&bob.path("alice/g/new"), b"new");
+    gone_when(&bob.path("alice/g/a"));
+    read_when(&bob.path("alice/g/b"), "b".repeat(5000).as_bytes());
+}
+
+#[test]
+fn a_file_closed_just_before_unmount_is_published_after_the_next_mount() {
+    let (hub, mut alice, bob) = shared();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    hub.set_offline("bob", true);
+    // Unmounted at once: its hashing (debounced) cannot finish first.
+    std::fs::write(alice.path("alice/g/last-minute"), b"written, then unmount").unwrap();
+    alice.unmount(&hub);
+    alice.mount(&hub);
+    hub.set_offline("bob", false);
+    online(&hub, &bob, "alice");
+    read_when(&bob.path("alice/g/last-minute"), b"written, then unmount");
+}

@@ -215,7 +215,11 @@ pub fn mount_with_link(
             }
         }
     }));
-    for (ino, seq) in rehash {
+    let unhashed = tree
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .unhashed_owned_files();
+    for (ino, seq) in rehash.into_iter().chain(unhashed) {
         hasher.enqueue(ino, store.path(ino), seq);
     }
     let wsserver = serde_json::to_vec_pretty(&serde_json::json!({
@@ -369,8 +373,24 @@ pub fn mount_with_link(
 /// file's bytes and the catalog write recording it (a truncate, an open with
 /// `O_TRUNC`, writes not yet closed or fsynced) leaves them apart, and reads are
 /// served from the backing file. Returns the files to hash again.
+///
+/// The mass-delete guard: a backing file that is missing altogether is never a
+/// crash's doing (it is created with its node and removed only once the
+/// catalog has dropped the node), and neither are most of a group's files
+/// emptied at once. Such an owned group is held instead of repaired: its files
+/// keep their catalog sizes and nothing of it is published, so members keep
+/// their copies, until the store is restored and Brume mounted again.
 fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64)>> {
+    use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
+    struct Found {
+        ino: Ino,
+        group: Option<crate::ids::GroupId>,
+        size: u64,
+        len: u64,
+        missing: bool,
+        times: (Stamp, Stamp),
+    }
     // A member's clean mirror keeps its bytes in the block cache, never in the
     // store (even if its block list did not reach the catalog before a crash:
     // the next sync installs it again).
@@ -381,33 +401,85 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
                 .is_ok_and(|n| n.row.remote.is_none_or(|r| r.local_edit))
         })
         .collect();
-    let mut rehash = Vec::new();
+    let mut found = Vec::new();
+    // Per group: files with bytes, and how many of them lost all their bytes.
+    let mut tally: HashMap<crate::ids::GroupId, (u64, u64, u64)> = HashMap::new();
     for ino in files {
         let Ok(node) = tree.get(ino) else { continue };
         let size = node.row.size;
-        let (len, mtime, ctime) = match std::fs::metadata(store.path(ino)) {
+        let (len, missing, times) = match std::fs::metadata(store.path(ino)) {
             Ok(m) => (
                 m.len(),
-                Stamp {
-                    secs: m.mtime(),
-                    nanos: m.mtime_nsec() as u32,
-                },
-                Stamp {
-                    secs: m.ctime(),
-                    nanos: m.ctime_nsec() as u32,
-                },
+                false,
+                (
+                    Stamp {
+                        secs: m.mtime(),
+                        nanos: m.mtime_nsec() as u32,
+                    },
+                    Stamp {
+                        secs: m.ctime(),
+                        nanos: m.ctime_nsec() as u32,
+                    },
+                ),
             ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, node.row.mtime, Stamp::now()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (0, size > 0, (node.row.mtime, Stamp::now()))
+            }
             Err(e) => return Err(e),
         };
-        if len == size {
+        if let Some(g) = node.row.group
+            && size > 0
+        {
+            let t = tally.entry(g).or_default();
+            t.0 += 1;
+            t.1 += u64::from(missing);
+            t.2 += u64::from(len == 0);
+        }
+        if len != size {
+            found.push(Found {
+                ino,
+                group: node.row.group,
+                size,
+                len,
+                missing,
+                times,
+            });
+        }
+    }
+    for (g, (with_bytes, missing, emptied)) in tally {
+        let owned = tree.group(g).is_some_and(|grp| grp.row.owned);
+        if owned && (missing > 0 || (emptied >= 2 && emptied * 2 >= with_bytes)) {
+            let why = format!(
+                "{missing} of its {with_bytes} files with content are missing from the \
+                 backing store and {} are empty: publishing nothing from it until the \
+                 store ({}) is restored and Brume mounted again",
+                emptied - missing,
+                store.root().display()
+            );
+            let name = tree
+                .group(g)
+                .map(|grp| grp.row.name.clone())
+                .unwrap_or_default();
+            tracing::error!(group = %name, "{why}");
+            tree.hold(g, why);
+        }
+    }
+    let mut rehash = Vec::new();
+    for f in found {
+        if f.group
+            .and_then(|g| tree.group(g))
+            .is_some_and(|grp| grp.held.is_some())
+        {
             continue;
         }
-        tracing::warn!(%ino, catalog = size, backing = len, "file size out of step after a crash; taking the backing file's");
+        if f.missing {
+            tracing::warn!(ino = %f.ino, "backing file missing");
+        }
+        tracing::warn!(ino = %f.ino, catalog = f.size, backing = f.len, "file size out of step after a crash; taking the backing file's");
         let seq = tree
-            .content_changed(ino, len, mtime, ctime, None)
+            .content_changed(f.ino, f.len, f.times.0, f.times.1, None)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        rehash.push((ino, seq));
+        rehash.push((f.ino, seq));
     }
     Ok(rehash)
 }

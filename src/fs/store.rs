@@ -23,6 +23,11 @@ impl Store {
         Ok(Self { root })
     }
 
+    /// The folder holding every backing file.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where `ino`'s bytes live. Fanned out over 256 folders.
     pub fn path(&self, ino: Ino) -> PathBuf {
         self.root

@@ -110,6 +110,9 @@ pub struct Group {
     pub row: GroupRow,
     /// Members from `.members`.
     pub members: Vec<String>,
+    /// Owned groups whose bytes went missing from the backing store: why
+    /// nothing of them is published for the life of this mount.
+    pub held: Option<String>,
 }
 
 /// Where a directory sits in Brume's layout.
@@ -268,6 +271,7 @@ impl Tree {
                 Group {
                     row,
                     members: Vec::new(),
+                    held: None,
                 },
             );
         }
@@ -479,6 +483,30 @@ impl Tree {
     /// A group.
     pub fn group(&self, g: GroupId) -> Option<&Group> {
         self.groups.get(&g)
+    }
+
+    /// Files of owned groups whose block list is unknown (their hashing had
+    /// not reached the catalog when the last mount ended), with their content
+    /// sequence: to hash now, or they would not be published until changed.
+    pub fn unhashed_owned_files(&self) -> Vec<(Ino, u64)> {
+        self.nodes
+            .values()
+            .filter(|n| n.row.kind == NodeKind::File && n.blocks.is_none())
+            .filter(|n| {
+                n.row
+                    .group
+                    .and_then(|g| self.groups.get(&g))
+                    .is_some_and(|g| g.row.owned && g.held.is_none())
+            })
+            .map(|n| (n.row.ino, n.content_seq))
+            .collect()
+    }
+
+    /// Holds owned group `g`: nothing of it is published until the next mount.
+    pub fn hold(&mut self, g: GroupId, why: String) {
+        if let Some(group) = self.groups.get_mut(&g) {
+            group.held = Some(why);
+        }
     }
 
     /// All groups.
@@ -718,6 +746,7 @@ impl Tree {
                 Group {
                     row: grow,
                     members: Vec::new(),
+                    held: None,
                 },
             );
             if joined {

@@ -202,6 +202,14 @@ impl Engine {
         self.inner.tree.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Owned groups held by the mass-delete guard, by name, with the reason.
+    pub fn held_groups(&self) -> std::collections::BTreeMap<String, String> {
+        self.tree_read()
+            .groups()
+            .filter_map(|g| Some((g.row.name.clone(), g.held.clone()?)))
+            .collect()
+    }
+
     /// Block cache usage.
     pub fn cache_usage(&self) -> crate::blocks::cache::CacheUsage {
         self.inner.cache.usage()
@@ -271,6 +279,9 @@ impl Engine {
             let Some(g) = tree.group(group) else {
                 return;
             };
+            if g.held.is_some() {
+                return;
+            }
             // A member removed from `.members` gets nothing more.
             let (members, revoked): (Vec<UserName>, Vec<UserName>) = members
                 .into_iter()
@@ -338,6 +349,9 @@ impl Engine {
             let Some(group) = tree.group(g) else {
                 return;
             };
+            if group.held.is_some() {
+                return;
+            }
             let Ok((nodes, pending)) = tree.group_snapshot(g) else {
                 return;
             };
@@ -396,6 +410,14 @@ impl Engine {
                     tracing::info!(peer = %from, %group, "refused: not a member");
                     return self.refuse(from, &group, "ENOTMEMBER").await;
                 };
+                if self
+                    .tree_read()
+                    .group(g)
+                    .is_some_and(|grp| grp.held.is_some())
+                {
+                    tracing::warn!(peer = %from, %group, "refused: the group is held");
+                    return self.refuse(from, &group, "EHELD").await;
+                }
                 tracing::info!(peer = %from, %group, since, "member subscribed");
                 lock(&self.inner.subscribers)
                     .entry(g)

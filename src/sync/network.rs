@@ -173,6 +173,7 @@ async fn write_live_status(
             peers: serde_json::to_value(peers.status()).unwrap_or_default(),
             groups,
             cache: engine.cache_usage(),
+            held: engine.held_groups(),
         };
         let Ok(text) = serde_json::to_vec_pretty(&live) else {
             continue;
