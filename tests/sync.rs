@@ -33,6 +33,8 @@ pub(crate) struct Hub {
     bytes_to: Mutex<HashMap<String, u64>>,
     /// While recording: every message delivered, as (to, payload).
     recorded: Mutex<Option<Vec<Delivered>>>,
+    /// Blocks on their way to these users get one byte flipped; counts them.
+    corrupt_to: Mutex<HashMap<String, u64>>,
 }
 
 impl Hub {
@@ -47,6 +49,7 @@ impl Hub {
             offline: Mutex::new(HashSet::new()),
             bytes_to: Mutex::new(HashMap::new()),
             recorded: Mutex::new(None),
+            corrupt_to: Mutex::new(HashMap::new()),
         })
     }
 
@@ -136,6 +139,19 @@ impl Link for HubLink {
                 .get(to.as_str())
                 .cloned()
                 .ok_or("EBADDEST")?;
+            let mut payload = payload;
+            if let Some(n) = self.hub.corrupt_to.lock().unwrap().get_mut(to.as_str())
+                && let Ok(OwnerToMember::Block {
+                    group,
+                    hash,
+                    mut data,
+                }) = OwnerToMember::decode(&payload)
+            {
+                let at = data.len() / 2;
+                data[at] ^= 0x20;
+                payload = OwnerToMember::Block { group, hash, data }.encode();
+                *n += 1;
+            }
             if let Some(r) = self.hub.recorded.lock().unwrap().as_mut() {
                 r.push((to.to_string(), payload.clone()));
             }
@@ -168,7 +184,12 @@ impl Peer {
         Self::start_with_cache(hub, user, 1 << 30, true)
     }
 
-    fn start_with_cache(hub: &Arc<Hub>, user: &str, cache_bytes: u64, full_copy: bool) -> Self {
+    pub(crate) fn start_with_cache(
+        hub: &Arc<Hub>,
+        user: &str,
+        cache_bytes: u64,
+        full_copy: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("brume-sync-")
             .tempdir()
@@ -926,4 +947,86 @@ fn a_file_closed_just_before_unmount_is_published_after_the_next_mount() {
     hub.set_offline("bob", false);
     online(&hub, &bob, "alice");
     read_when(&bob.path("alice/g/last-minute"), b"written, then unmount");
+}
+
+/// Flips one byte in the middle of a file.
+fn flip_byte(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+}
+
+#[test]
+fn corrupted_cached_blocks_are_refetched_or_refused_never_served() {
+    let (hub, alice, mut bob) = shared();
+    let one: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+    let two: Vec<u8> = (0..300_000u32).map(|i| (i % 229) as u8).collect();
+    std::fs::write(alice.path("alice/g/one"), &one).unwrap();
+    std::fs::write(alice.path("alice/g/two"), &two).unwrap();
+    read_when(&bob.path("alice/g/one"), &one);
+    read_when(&bob.path("alice/g/two"), &two);
+    wait_until(Duration::from_secs(10), "both files cached", || {
+        cached_xattr(&bob.path("alice/g/one")).as_deref() == Some("2/2")
+            && cached_xattr(&bob.path("alice/g/two")).as_deref() == Some("2/2")
+    });
+    // Every block file in bob's cache gets a byte flipped, behind his back.
+    bob.unmount(&hub);
+    let mut flipped = 0;
+    for dir in std::fs::read_dir(bob.dir.path().join("data/cache")).unwrap() {
+        let dir = dir.unwrap().path();
+        if dir.is_dir() {
+            for f in std::fs::read_dir(&dir).unwrap() {
+                flip_byte(&f.unwrap().path());
+                flipped += 1;
+            }
+        }
+    }
+    assert!(flipped >= 4, "only {flipped} blocks cached");
+    bob.mount(&hub);
+    // With alice there: the right bytes, fetched again.
+    online(&hub, &bob, "alice");
+    assert_eq!(std::fs::read(bob.path("alice/g/one")).unwrap(), one);
+    // With alice away: an error, never the flipped bytes.
+    hub.set_offline("alice", true);
+    match std::fs::read(bob.path("alice/g/two")) {
+        Ok(d) => assert_eq!(d, two, "served corrupted bytes"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    hub.set_offline("alice", false);
+    assert_eq!(std::fs::read(bob.path("alice/g/two")).unwrap(), two);
+    assert!(bob.engine().cache_usage().corrupt_dropped >= 2);
+}
+
+#[test]
+fn blocks_corrupted_on_the_wire_are_all_refused() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let bob = Peer::start_with_cache(&hub, "bob", 1 << 30, false);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 233) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &data).unwrap();
+    hub.corrupt_to.lock().unwrap().insert("bob".into(), 0);
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    wait_until(Duration::from_secs(10), "the file at bob", || {
+        std::fs::metadata(bob.path("alice/g/f")).is_ok_and(|m| m.len() == 1_000_000)
+    });
+    // Every block arrives corrupted: every read fails, none returns wrong bytes.
+    for _ in 0..3 {
+        let err = std::fs::read(bob.path("alice/g/f")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    }
+    let corrupted = hub.corrupt_to.lock().unwrap()["bob"];
+    assert!(corrupted >= 3, "{corrupted} blocks corrupted");
+    assert_eq!(cached_xattr(&bob.path("alice/g/f")).as_deref(), Some("0/4"));
+    // The line is clean again: the right bytes.
+    hub.corrupt_to.lock().unwrap().clear();
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), data);
 }
