@@ -437,7 +437,16 @@ fn run_seed(
     }
     tally.settling += t1.elapsed();
     // Leave and delete the group, so that the next seed starts clean.
-    std::fs::remove_dir_all(&member_root).map_err(|e| format!("leave: {e}"))?;
+    // A late message from the owner may add an entry while `rm -r` runs, as it
+    // may for a person: try again, as they would.
+    let mut tries = 0;
+    while let Err(e) = std::fs::remove_dir_all(&member_root) {
+        tries += 1;
+        if tries == 20 {
+            return Err(format!("seed {seed}: leave: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::fs::remove_dir_all(&owner_root).map_err(|e| format!("rm group: {e}"))?;
     Ok(())
 }

@@ -1030,3 +1030,31 @@ fn blocks_corrupted_on_the_wire_are_all_refused() {
     hub.corrupt_to.lock().unwrap().clear();
     assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), data);
 }
+
+#[test]
+fn a_handle_opened_before_an_update_never_brings_old_bytes_back() {
+    use std::os::unix::fs::FileExt;
+    let (_hub, alice, bob) = shared();
+    let v1 = vec![b'1'; 100_000];
+    let v2 = vec![b'2'; 100_000];
+    std::fs::write(alice.path("alice/g/f"), &v1).unwrap();
+    read_when(&bob.path("alice/g/f"), &v1);
+    // A reader holds the file open across the owner's update.
+    let old = std::fs::File::open(bob.path("alice/g/f")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    old.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, v1[..4096]);
+    std::fs::write(alice.path("alice/g/f"), &v2).unwrap();
+    read_when(&bob.path("alice/g/f"), &v2);
+    // Reading through the old handle (parts not read before) gets the new
+    // bytes, and does not leave old ones in the kernel's cache for later opens.
+    old.read_exact_at(&mut buf, 50_000).unwrap();
+    assert_eq!(buf, v2[..4096]);
+    let mut fresh = vec![0u8; 4096];
+    std::fs::File::open(bob.path("alice/g/f"))
+        .unwrap()
+        .read_exact_at(&mut fresh, 50_000)
+        .unwrap();
+    assert_eq!(fresh, v2[..4096]);
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), v2);
+}

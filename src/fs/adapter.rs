@@ -110,6 +110,8 @@ pub(crate) struct BrumeFs {
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
     /// Handles of mirrored files read from the block cache, by fh.
     cached: Mutex<HashMap<u64, CachedHandle>>,
+    /// Mirrored files: the content sequence their kernel pages were read at.
+    page_seq: Mutex<HashMap<Ino, u64>>,
     /// Directory handles by fh.
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: Arc<AtomicU64>,
@@ -173,6 +175,7 @@ impl BrumeFs {
             open: Arc::new(Mutex::new(HashMap::new())),
             handles: Arc::new(Mutex::new(HashMap::new())),
             cached: Mutex::new(HashMap::new()),
+            page_seq: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: Arc::new(AtomicU64::new(1)),
             store,
@@ -1055,11 +1058,27 @@ impl fuser::Filesystem for BrumeFs {
         let mirrored = self.mirrored(ino);
         if let Some(h) = mirrored {
             if !writable {
-                return match self.tree_read().opened(ino) {
+                let tree = self.tree_read();
+                return match tree.opened(ino) {
                     Ok(()) => {
+                        // Keep the kernel's pages only if the content is the one
+                        // they were read from.
+                        let seq = tree.get(ino).map_or(0, |n| n.content_seq);
+                        drop(tree);
+                        let same = self
+                            .page_seq
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(ino, seq)
+                            == Some(seq);
                         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                         self.cached_map().insert(fh, h);
-                        reply.opened(FileHandle(fh), OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE)
+                        let keep = if same {
+                            FopenFlags::FOPEN_KEEP_CACHE
+                        } else {
+                            FopenFlags::empty()
+                        };
+                        reply.opened(FileHandle(fh), OPEN_FLAGS | keep)
                     }
                     Err(e) => reply.error(e.errno()),
                 };
@@ -1146,6 +1165,10 @@ impl fuser::Filesystem for BrumeFs {
             return reply.data(&self.wsserver[start..end]);
         }
         if let Some(h) = self.cached_map().get(&fh.0).cloned() {
+            // The owner's current version, even through a handle opened on an
+            // older one: a read racing an update must not put old bytes into
+            // the page cache after the update invalidated it.
+            let h = self.mirrored(h.ino).unwrap_or(h);
             return self.read_cached(h, offset, size, reply);
         }
         let file = match self.handle(fh) {
