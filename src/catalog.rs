@@ -307,6 +307,9 @@ pub enum Op {
         /// Number of blocks the file now has (later ones are dropped).
         count: u64,
     },
+    /// The ops of one filesystem operation, delivered as one message so that a
+    /// commit holds all of them or none.
+    Batch(Vec<Op>),
     /// Count one more conflict copy made in a joined group.
     CountConflict(GroupId),
     /// Set a counter in `meta`.
@@ -493,13 +496,13 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         // everything queued, so a burst of small operations costs one transaction
         // and one wake-up instead of one each.
         let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. } | Op::Close);
-        batch.push(first);
+        push_op(&mut batch, first);
         if !urgent {
             std::thread::park_timeout(GROUP_COMMIT_WINDOW);
         }
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => push_op(&mut batch, op),
                 Err(_) => break,
             }
         }
@@ -551,6 +554,18 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         }
     }
     tracing::debug!("catalog actor stopped");
+}
+
+/// Adds `op` to the batch, the ops of an [`Op::Batch`] in their order.
+fn push_op(batch: &mut Vec<Op>, op: Op) {
+    match op {
+        Op::Batch(ops) => {
+            for op in ops {
+                push_op(batch, op);
+            }
+        }
+        op => batch.push(op),
+    }
 }
 
 /// Drops node writes that a later write or delete of the same node in the batch
@@ -774,6 +789,8 @@ fn apply(
             Op::RemoveFile(path) => removals.push(path),
             Op::Barrier(b) => barriers.push(Answer::Barrier(b)),
             Op::Close => {}
+            // Flattened on receipt (push_op): never here.
+            Op::Batch(ops) => tracing::error!(ops = ops.len(), "unflattened catalog batch dropped"),
         }
     }
     tx.commit()

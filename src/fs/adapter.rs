@@ -197,8 +197,8 @@ impl BrumeFs {
         self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tree_write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
-        self.tree.write().unwrap_or_else(|e| e.into_inner())
+    fn tree_write(&self) -> crate::fs::tree::TreeWrite<'_> {
+        crate::fs::tree::write(&self.tree)
     }
 
     fn open_map(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, OpenInode>> {
@@ -540,7 +540,9 @@ impl BrumeFs {
         let unused = self.tree_read().closed(h.ino)?;
         if unused {
             // Re-checked under the write lock: another handle may have gone first.
-            if let Ok(gone) = self.tree_write().release_if_unused(h.ino) {
+            // The lock (and its catalog ops) ends before the bytes go.
+            let gone = self.tree_write().release_if_unused(h.ino);
+            if let Ok(gone) = gone {
                 self.drop_node(gone);
             }
         }
@@ -696,7 +698,7 @@ impl Opener {
         reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
     ) -> FsResult<()> {
         if writable {
-            let mut tree = self.tree.write().unwrap_or_else(|e| e.into_inner());
+            let mut tree = crate::fs::tree::write(&self.tree);
             self.copy_up(&mut tree, ino)?;
         }
         let tree = self.tree.read().unwrap_or_else(|e| e.into_inner());
@@ -1269,10 +1271,11 @@ impl fuser::Filesystem for BrumeFs {
         let cached = self.cached_map().remove(&fh.0);
         if let Some(h) = cached {
             let r = (|| {
-                if self.tree_read().closed(h.ino)?
-                    && let Ok(gone) = self.tree_write().release_if_unused(h.ino)
-                {
-                    self.drop_node(gone);
+                if self.tree_read().closed(h.ino)? {
+                    let gone = self.tree_write().release_if_unused(h.ino);
+                    if let Ok(gone) = gone {
+                        self.drop_node(gone);
+                    }
                 }
                 Ok(())
             })();

@@ -209,7 +209,7 @@ pub fn mount_with_link(
     let hasher = Hasher::start(Box::new({
         let tree = tree.clone();
         move |ino, seq, blocks| {
-            let mut tree = tree.write().unwrap_or_else(|e| e.into_inner());
+            let mut tree = crate::fs::tree::write(&tree);
             if let Err(e) = tree.set_blocks(ino, seq, blocks) {
                 tracing::debug!(%ino, cause = ?e, "hashed file is gone");
             }

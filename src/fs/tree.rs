@@ -155,12 +155,92 @@ pub struct Tree {
     reserved_ino: u64,
     next_group: u64,
     me: UserName,
-    catalog: Catalog,
+    catalog: Journal,
     /// Tells the sync engine what changed. Bounded: a receiver that falls behind
     /// sees `Lagged` and resynchronizes everything instead.
     events: tokio::sync::broadcast::Sender<TreeEvent>,
     /// In joined groups: the local node mirroring each of the owner's nodes.
     remote_ids: HashMap<(GroupId, u64), Ino>,
+}
+
+/// The tree's way to the catalog. Under a [`TreeWrite`] guard it holds the ops
+/// of the operation in progress and sends them as one [`Op::Batch`] when the
+/// guard drops, so that no commit holds half an operation (a rename's removed
+/// entry without its new one, say), whatever a crash then cuts off.
+#[derive(Debug)]
+struct Journal {
+    catalog: Catalog,
+    /// Ops held while a write guard is alive.
+    pending: std::sync::Mutex<Vec<Op>>,
+    /// Whether a write guard is alive.
+    holding: std::sync::atomic::AtomicBool,
+}
+
+impl Journal {
+    fn new(catalog: Catalog) -> Self {
+        Self {
+            catalog,
+            pending: std::sync::Mutex::new(Vec::new()),
+            holding: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn send(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
+        if self.holding.load(Ordering::Relaxed) {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(op);
+            Ok(())
+        } else {
+            self.catalog.send(op)
+        }
+    }
+
+    fn hold(&self) {
+        self.holding.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends what is held, as one message, and stops holding.
+    fn release(&self) {
+        self.holding.store(false, Ordering::Relaxed);
+        let ops = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if !ops.is_empty()
+            && let Err(e) = self.catalog.send(Op::Batch(ops))
+        {
+            tracing::warn!(cause = %e, "catalog writes lost");
+        }
+    }
+}
+
+/// Exclusive access to the tree for one operation; its catalog ops are sent
+/// together when this drops. Take the tree's write lock only through [`write`].
+pub struct TreeWrite<'a>(std::sync::RwLockWriteGuard<'a, Tree>);
+
+/// Locks `tree` for one operation.
+pub fn write(tree: &std::sync::RwLock<Tree>) -> TreeWrite<'_> {
+    let guard = tree.write().unwrap_or_else(|e| e.into_inner());
+    guard.catalog.hold();
+    TreeWrite(guard)
+}
+
+impl std::ops::Deref for TreeWrite<'_> {
+    type Target = Tree;
+    fn deref(&self) -> &Tree {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TreeWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Tree {
+        &mut self.0
+    }
+}
+
+impl Drop for TreeWrite<'_> {
+    fn drop(&mut self) {
+        self.0.catalog.release();
+    }
 }
 
 /// How many tree events may wait for a slow receiver before it must resync.
@@ -297,7 +377,7 @@ impl Tree {
             reserved_ino: snapshot.next_ino.max(3),
             next_group,
             me,
-            catalog,
+            catalog: Journal::new(catalog),
             events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
             remote_ids: HashMap::new(),
         };
@@ -1277,6 +1357,54 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names in the catalog file under directory `parent`.
+    fn entries(db: &std::path::Path, parent: Ino) -> Vec<Vec<u8>> {
+        let c = rusqlite::Connection::open(db).unwrap();
+        let mut q = c
+            .prepare("SELECT name FROM dirents WHERE parent = ?1 ORDER BY name")
+            .unwrap();
+        q.query_map([parent.0 as i64], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_operation_reaches_the_catalog_whole_when_its_write_guard_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("catalog.db");
+        let (catalog, snapshot, _thread) = Catalog::open(&db).unwrap();
+        let (tree, _) = Tree::load(
+            snapshot,
+            UserName::new("alice").unwrap(),
+            0,
+            0,
+            catalog.clone(),
+        )
+        .unwrap();
+        let lock = std::sync::RwLock::new(tree);
+        let (me, g) = {
+            let mut t = write(&lock);
+            let me = t.lookup(ROOT, b"alice").unwrap();
+            let g = t
+                .create(me, b"g", NodeKind::Dir, 0o755, 0, 0, 0, None)
+                .unwrap();
+            t.create(g, b"old", NodeKind::File, 0o644, 0, 0, 0, None)
+                .unwrap();
+            (me, g)
+        };
+        catalog.barrier().unwrap();
+        assert_eq!(entries(&db, me), vec![b"g".to_vec()]);
+        let mut t = write(&lock);
+        t.rename(g, b"old", g, b"new", false, false).unwrap();
+        // Held while the operation's guard lives, even across a commit.
+        catalog.barrier().unwrap();
+        assert_eq!(entries(&db, g), vec![b"old".to_vec()]);
+        drop(t);
+        catalog.barrier().unwrap();
+        assert_eq!(entries(&db, g), vec![b"new".to_vec()]);
+    }
 
     #[test]
     fn members_parse_comments_blanks_and_bad_names() {

@@ -198,8 +198,8 @@ impl Engine {
         self.inner.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tree_write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
-        self.inner.tree.write().unwrap_or_else(|e| e.into_inner())
+    fn tree_write(&self) -> crate::fs::tree::TreeWrite<'_> {
+        crate::fs::tree::write(&self.inner.tree)
     }
 
     /// Owned groups held by the mass-delete guard, by name, with the reason.
