@@ -190,10 +190,23 @@ impl Peer {
         cache_bytes: u64,
         full_copy: bool,
     ) -> Self {
+        Self::start_prepared(hub, user, cache_bytes, full_copy, |_| {})
+    }
+
+    /// Starts a client after `prepare` has had its (still empty) data dir.
+    fn start_prepared(
+        hub: &Arc<Hub>,
+        user: &str,
+        cache_bytes: u64,
+        full_copy: bool,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("brume-sync-")
             .tempdir()
             .unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        prepare(&dir.path().join("data"));
         let mut p = Self {
             mnt: dir.path().join("mnt"),
             dir,
@@ -1057,4 +1070,90 @@ fn a_handle_opened_before_an_update_never_brings_old_bytes_back() {
         .unwrap();
     assert_eq!(fresh, v2[..4096]);
     assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), v2);
+}
+
+/// A size-limited filesystem (tmpfs) mounted for a test, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> Self {
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "brume-test-small",
+            ])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot mount a tmpfs at {}", at.display());
+        Self(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot resize {}", self.0.display());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_at_the_member_is_reported_loses_nothing_and_sync_resumes() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let mut small = None;
+    let mut bob = Peer::start_prepared(&hub, "bob", 1 << 30, true, |data| {
+        small = Some(SmallFs::mount(data, "3m"));
+    });
+    let small = small.unwrap();
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 227) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &data).unwrap();
+    std::fs::write(alice.path("alice/g/small"), b"fits").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    // The tree arrives whole; the blocks do not fit: status says why.
+    wait_until(
+        Duration::from_secs(20),
+        "a local problem in bob's status",
+        || {
+            bob.engine().member_status()["alice/g"]
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.starts_with("ELOCAL") && p.contains("No space left"))
+        },
+    );
+    assert_eq!(
+        std::fs::metadata(bob.path("alice/g/big")).unwrap().len(),
+        6_000_000,
+        "nothing truncated"
+    );
+    let s = bob.engine().member_status()["alice/g"].clone();
+    assert!(s.bytes_done < s.bytes_total, "{s:?}");
+    // Room again: the fill resumes by itself and completes.
+    small.resize("64m");
+    wait_until(Duration::from_secs(30), "every block at bob", || {
+        let s = bob.engine().member_status()["alice/g"].clone();
+        s.bytes_done == s.bytes_total && s.problem.is_none()
+    });
+    assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
+    assert_eq!(std::fs::read(bob.path("alice/g/small")).unwrap(), b"fits");
+    bob.unmount(&hub);
+    drop(small);
 }

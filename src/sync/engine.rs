@@ -113,6 +113,8 @@ pub struct MemberGroupStatus {
 
 /// First delay before asking a refusing owner again; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// How often blocks missing from joined groups are asked for again.
+const REFILL_EVERY: Duration = Duration::from_secs(2);
 /// Longest delay between two requests to a refusing owner.
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
@@ -191,6 +193,7 @@ impl Engine {
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
         // the tree (and so the mount) is gone.
         tokio::spawn(engine.clone().follow(events));
+        tokio::spawn(Self::refill(Arc::downgrade(&engine.inner)));
         engine
     }
 
@@ -625,10 +628,22 @@ impl Engine {
                 .await;
                 self.request_fill(g);
             }
-            OwnerToMember::Block { hash, data, .. } => {
+            OwnerToMember::Block { group, hash, data } => {
                 let hash = BlockHash(hash);
                 let result = match self.inner.cache.insert(&hash, &data) {
-                    Ok(()) => Ok(Arc::from(data)),
+                    Ok(()) => {
+                        self.local_problem(from, &group, None);
+                        Ok(Arc::from(data))
+                    }
+                    Err(e @ crate::blocks::cache::CacheError::Io { .. }) => {
+                        // Our side failed (a full disk, say): nothing is lost, the
+                        // block is fetched again once the retry finds room.
+                        tracing::error!(cause = %e, "cannot store a block; will retry");
+                        self.local_problem(from, &group, Some(format!("ELOCAL {e}")));
+                        Err(FetchError::Unreachable {
+                            reason: e.to_string(),
+                        })
+                    }
                     Err(e) => {
                         tracing::warn!(peer = %from, cause = %e, "rejecting a block");
                         Err(FetchError::Stale { hash })
@@ -797,6 +812,65 @@ impl Engine {
                 lock(&self.inner.waiters).remove(&hash);
                 Err(FetchError::Timeout { hash })
             }
+        }
+    }
+
+    /// Records (or clears) a problem on this side with joined group
+    /// `owner/group`, for `brume status`.
+    fn local_problem(&self, owner: &UserName, group: &str, problem: Option<String>) {
+        let Some(g) = self.joined(owner, group) else {
+            return;
+        };
+        let mut groups = lock(&self.inner.groups);
+        let s = groups.entry(g).or_default();
+        match problem {
+            Some(p) => s.problem = Some(p),
+            None if s
+                .problem
+                .as_deref()
+                .is_some_and(|p| p.starts_with("ELOCAL")) =>
+            {
+                s.problem = None;
+            }
+            None => {}
+        }
+    }
+
+    /// Every [`REFILL_EVERY`], starts a fill of each joined group that misses
+    /// blocks: background fetches that failed (a full disk, an owner away, a
+    /// timeout) are tried again without waiting for the owner's next change.
+    /// Ends when the engine is gone.
+    async fn refill(inner: std::sync::Weak<Inner>) {
+        let mut tick = tokio::time::interval(REFILL_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let engine = Self { inner };
+            engine.refill_once();
+        }
+    }
+
+    fn refill_once(&self) {
+        if !self.inner.config.full_copy {
+            return;
+        }
+        let missing: Vec<GroupId> = {
+            let tree = self.tree_read();
+            tree.joined_groups()
+                .into_iter()
+                .map(|(g, ..)| g)
+                .filter(|g| {
+                    tree.mirrored_files(*g).iter().any(|(_, _, blocks)| {
+                        blocks.iter().any(|(h, _)| !self.inner.cache.contains(h))
+                    })
+                })
+                .collect()
+        };
+        for g in missing {
+            self.request_fill(g);
         }
     }
 
