@@ -21,8 +21,10 @@ command -v pjdfstest >/dev/null || cargo install --locked --quiet pjdfstest@0.2.
 command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
 
 # A test run killed half-way may have left mounts behind; they would break this one.
+# Only dead ones (their daemon gone: "Transport endpoint is not connected") are
+# detached, so that a soak running alongside keeps its mounts.
 { grep -oE ' [^ ]*brume-(test|sync)-[^ ]*/mnt ' /proc/mounts || true; } | while read -r m; do
-  fusermount3 -uz "$m" || true
+  stat "$m" >/dev/null 2>&1 || fusermount3 -uz "$m" || true
 done
 
 cargo build --tests --bins --quiet
