@@ -759,6 +759,11 @@ impl Engine {
         }
     }
 
+    /// How long a reader waits for a missing block.
+    pub fn read_timeout(&self) -> Duration {
+        self.inner.config.read_timeout
+    }
+
     /// Gets block `index` (hash `hash`) of mirrored file `ino` of group `g`: from
     /// the cache, or from the owner, waiting at most the read timeout.
     pub async fn fetch(
