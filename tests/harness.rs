@@ -218,7 +218,20 @@ impl Drop for Client {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
-            let _ = child.wait();
+            // A daemon with a thread stuck in the kernel (a FUSE deadlock) cannot
+            // exit even on SIGKILL: report it rather than hang the whole run.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(child.try_wait(), Ok(Some(_))) {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "brume mount (pid {}) of {} did not exit after SIGKILL; left behind",
+                        child.id(),
+                        self.mnt.display()
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         if is_mounted(&self.mnt) {
             let _ = Command::new("fusermount3")
