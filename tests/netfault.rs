@@ -7,10 +7,12 @@
 //!
 //! * The link to bob is cut mid-transfer (the bridge's port to bob goes down), held cut, restored:
 //!   the transfer resumes, the bytes match, and little is sent twice.
+//! * The daemons run with skewed wall clocks (libfaketime): tokens, ordering,
+//!   versions and conflict copies are unaffected.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::{Client, brume_bin, in_netns, wait_until};
 
@@ -462,4 +464,279 @@ fn a_short_cut_mid_transfer_resumes_without_sending_it_again() {
 #[test]
 fn a_long_cut_mid_transfer_resumes_on_a_new_link() {
     cut_mid_transfer(Duration::from_secs(10), true);
+}
+
+/// The libfaketime library `faketime` installs (Debian: the `faketime` package).
+fn libfaketime() -> PathBuf {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("faketime/libfaketimeMT.so.1"))
+    .find(|p| p.exists());
+    found.expect("libfaketime is missing: `apt-get install faketime` (tests/run.sh does)")
+}
+
+/// Environment that runs a daemon with its wall clock moved by `offset` (libfaketime
+/// syntax: `+3d`, `-2y`). Its monotonic clock, which timers use, stays true.
+fn skewed(offset: &str) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), libfaketime().display().to_string()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
+/// Days from now to `t` (negative: in the past).
+fn days_from_now(t: SystemTime) -> f64 {
+    let now = SystemTime::now();
+    match t.duration_since(now) {
+        Ok(d) => d.as_secs_f64() / 86400.0,
+        Err(e) => -e.duration().as_secs_f64() / 86400.0,
+    }
+}
+
+/// Waits until `path` reads `want`.
+fn read_when(path: &Path, want: &[u8]) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!(
+            "{} to read {:?}",
+            path.display(),
+            String::from_utf8_lossy(want)
+        ),
+        || std::fs::read(path).is_ok_and(|d| d == want),
+    );
+}
+
+/// Names under `dir`, relative to it, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// alice's change log of `alice/g`: (seq, op, ino, at_ns), in log order.
+fn owner_log(alice: &Client) -> Vec<(i64, String, i64, i64)> {
+    let db = alice.db();
+    let mut st = db
+        .prepare(
+            "SELECT c.seq, c.op, c.ino, c.at_ns FROM changes c JOIN groups g ON g.id = c.group_id
+             WHERE g.owner = 'alice' AND g.name = 'g' AND g.owned = 1 ORDER BY c.seq",
+        )
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Versions of `alice/g`'s regular files: owner's inode -> version, as alice has
+/// them (`owner` true) or as bob holds them (`remote_version` by `remote_id`).
+fn file_versions(c: &Client, owner: bool) -> std::collections::BTreeMap<i64, i64> {
+    let sql = if owner {
+        "SELECT n.ino, n.version FROM nodes n JOIN groups g ON g.id = n.group_id
+         WHERE g.owner = 'alice' AND g.name = 'g' AND g.owned = 1 AND n.kind = ?1"
+    } else {
+        "SELECT n.remote_id, n.remote_version FROM nodes n JOIN groups g ON g.id = n.group_id
+         WHERE g.owner = 'alice' AND g.name = 'g' AND g.owned = 0 AND n.kind = ?1
+           AND n.remote_id IS NOT NULL"
+    };
+    let db = c.db();
+    let mut st = db.prepare(sql).unwrap();
+    st.query_map([brume::catalog::NodeKind::File as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// alice's clock runs two years slow and bob's three days fast (libfaketime).
+/// Tokens are minted and checked by the server alone, so both connect; versions are
+/// log positions, not times, so owner changes arrive in order, a member edit meets
+/// an owner change in exactly the conflict copy SPEC §3 names, and every version
+/// and log position is what it would be with true clocks.
+#[test]
+fn skewed_clocks_change_no_order_version_or_conflict() {
+    let mut w = World::new(skewed("-2y"), skewed("+3d"));
+
+    // The skew is real: each daemon stamps what it creates with its own clock
+    // (directories: a file's data writes may go straight to the kernel, which
+    // stamps them with the true time).
+    std::fs::create_dir(w.a("probe")).unwrap();
+    let mtime = |p: PathBuf| days_from_now(std::fs::metadata(p).unwrap().modified().unwrap());
+    let alice_days = mtime(w.a("probe"));
+    std::fs::create_dir(w.bob.mnt.join("bob/mine")).unwrap();
+    let bob_days = mtime(w.bob.mnt.join("bob/mine"));
+    println!("netfault: alice's clock {alice_days:+.2} days, bob's {bob_days:+.2} days");
+    assert!(
+        (-735.0..-725.0).contains(&alice_days),
+        "alice's clock is not 2 years slow"
+    );
+    assert!(
+        (2.9..3.1).contains(&bob_days),
+        "bob's clock is not 3 days fast"
+    );
+
+    // Order: 40 versions of one file, while bob keeps reading his copy; what he
+    // sees never goes back, and ends at the last.
+    std::fs::write(w.a("first.txt"), "1").unwrap();
+    read_when(&w.b("first.txt"), b"1");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let reader = {
+        let (path, stop, seen) = (w.b("counter.txt"), stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            // Failed reads (other than not there yet) and the slowest read.
+            let (mut errors, mut slowest) = (Vec::new(), Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = std::fs::read_to_string(&path);
+                slowest = slowest.max(t.elapsed());
+                match r {
+                    Ok(text) => {
+                        if let Ok(n) = text.trim().parse() {
+                            let mut seen = seen.lock().unwrap();
+                            if seen.last() != Some(&n) {
+                                seen.push(n);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => errors.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (errors, slowest)
+        })
+    };
+    for i in 1..=40 {
+        std::fs::write(w.a("counter.txt"), format!("{i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(Duration::from_secs(30), "bob to read version 40", || {
+        seen.lock().unwrap().last() == Some(&40)
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (errors, slowest) = reader.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    println!("netfault: bob saw counter.txt go through {seen:?}; slowest read {slowest:?}");
+    // A file being rewritten reads as one version or another: never an error,
+    // never a wait for the read timeout.
+    assert!(errors.is_empty(), "bob's reads failed: {errors:?}");
+    assert!(slowest < Duration::from_secs(2), "a read took {slowest:?}");
+    assert!(
+        seen.windows(2).all(|p| p[0] < p[1]),
+        "bob saw owner versions out of order: {seen:?}"
+    );
+    assert!(
+        seen.len() >= 5,
+        "bob saw too few versions to tell: {seen:?}"
+    );
+    // Renames over a name that is then reused: applied out of order, these end
+    // differently.
+    std::fs::rename(w.a("counter.txt"), w.a("moved.txt")).unwrap();
+    std::fs::write(w.a("counter.txt"), "new\n").unwrap();
+    std::fs::create_dir(w.a("d")).unwrap();
+    std::fs::rename(w.a("moved.txt"), w.a("d/moved.txt")).unwrap();
+    read_when(&w.b("counter.txt"), b"new\n");
+    read_when(&w.b("d/moved.txt"), b"40\n");
+    assert!(!w.b("moved.txt").exists());
+
+    // update/change: bob's edit meets alice's change.
+    std::fs::write(w.a("c.txt"), "owner v1").unwrap();
+    read_when(&w.b("c.txt"), b"owner v1");
+    std::fs::write(w.b("c.txt"), "bob's edit").unwrap();
+    std::fs::write(w.a("c.txt"), "owner v2").unwrap();
+    read_when(&w.b("c.txt"), b"owner v2");
+    read_when(&w.b("c.txt-conflict-update-change"), b"bob's edit");
+    // sync/change: bob edits, goes offline, alice changes it, bob comes back.
+    std::fs::write(w.a("s.txt"), "owner s1").unwrap();
+    read_when(&w.b("s.txt"), b"owner s1");
+    std::fs::write(w.b("s.txt"), "bob's s").unwrap();
+    w.bob.unmount();
+    std::fs::write(w.a("s.txt"), "owner s2").unwrap();
+    w.bob.mount();
+    read_when(&w.b("s.txt"), b"owner s2");
+    read_when(&w.b("s.txt-conflict-sync"), b"bob's s");
+    let conflicts: Vec<String> = tree(&w.b(""))
+        .into_iter()
+        .filter(|n| n.contains("-conflict-"))
+        .collect();
+    assert_eq!(
+        conflicts,
+        ["c.txt-conflict-update-change", "s.txt-conflict-sync"],
+        "conflict copies"
+    );
+    assert_eq!(
+        std::fs::read(w.a("c.txt")).unwrap(),
+        b"owner v2",
+        "a member edit reached the owner"
+    );
+
+    // Versions are log positions: the log runs 1, 2, 3, … with no gap, each file's
+    // version is the position of its last change, and bob holds exactly those.
+    let log = owner_log(&w.alice);
+    let first = log.first().expect("a change log").0;
+    for (i, (seq, ..)) in log.iter().enumerate() {
+        assert_eq!(
+            *seq,
+            first + i as i64,
+            "gap or disorder in the log: {log:?}"
+        );
+    }
+    // The log's timestamps are alice's (two years back), yet they order nothing.
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let day_ns = 86_400_000_000_000i64;
+    assert!(
+        log.iter()
+            .all(|c| (now_ns - c.3) / day_ns >= 725 && (now_ns - c.3) / day_ns <= 735),
+        "change times are not alice's skewed clock's"
+    );
+    let owner = file_versions(&w.alice, true);
+    for (ino, version) in &owner {
+        let last = log.iter().filter(|c| c.2 == *ino).map(|c| c.0).max();
+        assert_eq!(Some(*version), last, "version of inode {ino}: {log:?}");
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "bob's catalog to hold alice's versions",
+        || {
+            let held = file_versions(&w.bob, false);
+            held == owner
+        },
+    );
+    let last = log.last().unwrap().0;
+    wait_until(
+        Duration::from_secs(30),
+        "bob's applied log position",
+        || status(&w.bob)["live"]["groups"]["alice/g"]["applied"].as_i64() == Some(last),
+    );
+    println!(
+        "netfault: alice's log {first}..={last}, {} files at their versions on both sides",
+        owner.len()
+    );
+    // And no token trouble on either side.
+    for c in [&w.alice, &w.bob] {
+        let s = status(c);
+        let signal = &s["live"]["signal"];
+        println!("netfault: {}'s signaling: {signal}", c.user);
+        assert!(signal["last_error"].is_null(), "{}: {signal}", c.user);
+    }
 }
