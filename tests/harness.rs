@@ -37,6 +37,11 @@ pub struct Client {
     pub data: PathBuf,
     pub config: PathBuf,
     pub passthrough: bool,
+    /// Network namespace (a name under `/run/netns`) the daemon runs in; `None`:
+    /// the test's own.
+    pub netns: Option<String>,
+    /// Extra environment for the daemon (e.g. libfaketime's), set after the defaults.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -65,6 +70,8 @@ impl Client {
             data,
             config,
             passthrough: true,
+            netns: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -94,6 +101,12 @@ impl Client {
             .stdin(Stdio::null());
         if !self.passthrough {
             cmd.arg("--no-passthrough");
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(ns) = &self.netns {
+            in_netns(&mut cmd, ns);
         }
         let mut child = cmd.spawn().expect("spawn brume mount");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,7 +218,20 @@ impl Drop for Client {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
-            let _ = child.wait();
+            // A daemon with a thread stuck in the kernel (a FUSE deadlock) cannot
+            // exit even on SIGKILL: report it rather than hang the whole run.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(child.try_wait(), Ok(Some(_))) {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "brume mount (pid {}) of {} did not exit after SIGKILL; left behind",
+                        child.id(),
+                        self.mnt.display()
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         if is_mounted(&self.mnt) {
             let _ = Command::new("fusermount3")
@@ -213,6 +239,26 @@ impl Drop for Client {
                 .arg(&self.mnt)
                 .status();
         }
+    }
+}
+
+/// Makes `cmd` run in network namespace `name` (under `/run/netns`, as `ip netns add`
+/// makes them). Only the network namespace changes: unlike `ip netns exec`, the
+/// process stays in this mount namespace, so a FUSE mount it makes is visible here.
+pub fn in_netns(cmd: &mut Command, name: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let path = Path::new("/run/netns").join(name);
+    let ns = std::fs::File::open(&path)
+        .unwrap_or_else(|e| panic!("network namespace {}: {e}", path.display()));
+    // SAFETY: setns(2) is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

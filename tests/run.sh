@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 
-packages=(fuse3 rsync git tar python3 bindfs)
+packages=(fuse3 rsync git tar python3 bindfs iproute2 faketime)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -25,6 +25,11 @@ command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
 # detached, so that a soak running alongside keeps its mounts.
 { grep -oE ' [^ ]*brume-(test|sync)-[^ ]*/mnt ' /proc/mounts || true; } | while read -r m; do
   stat "$m" >/dev/null 2>&1 || fusermount3 -uz "$m" || true
+done
+
+# Network namespaces the netfault tests made, if a killed run left them behind.
+{ ip netns list 2>/dev/null || true; } | grep -oE '^brume-t-[0-9]+-[0-9]+-[a-z]+' | while read -r ns; do
+  ip netns del "$ns" || true
 done
 
 cargo build --tests --bins --quiet

@@ -1157,3 +1157,35 @@ fn a_full_disk_at_the_member_is_reported_loses_nothing_and_sync_resumes() {
     bob.unmount(&hub);
     drop(small);
 }
+
+#[test]
+fn a_handle_opened_before_the_owner_rewrote_the_file_reads_the_new_version() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // bob's cache holds about one block, so what he read of v1 is soon evicted.
+    let bob = Peer::start_with_cache(&hub, "bob", 300_000, false);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let v1: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+    let v2: Vec<u8> = (0..1_000_000u32).map(|i| (i % 239) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &v1).unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    read_when(&bob.path("alice/g/f"), &v1);
+    // bob opens v1; alice then rewrites the file in place, and her old blocks are
+    // gone: she can only send v2's.
+    let f = std::fs::File::open(bob.path("alice/g/f")).unwrap();
+    std::fs::write(alice.path("alice/g/f"), &v2).unwrap();
+    read_when(&bob.path("alice/g/f"), &v2);
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+        0
+    );
+    // The old handle reads what the file holds now (as a local file rewritten in
+    // place would), not EIO.
+    let mut buf = vec![0u8; 4096];
+    let n = f.read_at(&mut buf, 0).expect("read through the old handle");
+    assert_eq!(&buf[..n], &v2[..n]);
+    assert!(n > 0);
+}

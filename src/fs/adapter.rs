@@ -28,7 +28,7 @@ use crate::fs::error::{FsError, FsResult};
 use crate::fs::store::Store;
 use crate::fs::tree::{self, Blocks, Node, ROOT, SetAttr, Tree, WSSERVER};
 use crate::ids::{GroupId, Ino};
-use crate::sync::engine::Engine;
+use crate::sync::engine::{Engine, FetchError};
 
 /// How long the kernel may cache entries and attributes. Brume is the only writer
 /// of its namespace and the kernel invalidates what it changes itself.
@@ -75,6 +75,67 @@ struct CachedHandle {
     group: GroupId,
     blocks: Blocks,
     size: u64,
+}
+
+/// Bytes `offset..offset + size` of the mirrored file `h`, from the block cache or
+/// the owner; on failure, the index of the block that could not be had and why.
+async fn fetch_range(
+    engine: &Engine,
+    h: &CachedHandle,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, (usize, FetchError)> {
+    let end = (offset + u64::from(size)).min(h.size);
+    let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+    if offset >= end {
+        return Ok(out);
+    }
+    let first = (offset / crate::blocks::BLOCK_SIZE) as usize;
+    let last = ((end - 1) / crate::blocks::BLOCK_SIZE) as usize;
+    for i in first..=last {
+        let Some((hash, _)) = h.blocks.get(i) else {
+            // A size beyond its blocks: nothing more to read.
+            break;
+        };
+        let data = engine
+            .fetch(h.group, h.ino, i as u32, *hash, true)
+            .await
+            .map_err(|e| (i, e))?;
+        let block_start = i as u64 * crate::blocks::BLOCK_SIZE;
+        let from = offset.saturating_sub(block_start) as usize;
+        let to = ((end - block_start) as usize).min(data.len());
+        if from < to {
+            out.extend_from_slice(&data[from..to]);
+        }
+    }
+    Ok(out)
+}
+
+/// Waits (until `deadline`) for the mirrored file of `h` to get content other than
+/// `h`'s from its owner; `None` if it does not, or is no longer a mirrored file.
+async fn newer_content(
+    tree: &RwLock<Tree>,
+    h: &CachedHandle,
+    deadline: tokio::time::Instant,
+) -> Option<CachedHandle> {
+    loop {
+        {
+            let tree = tree.read().unwrap_or_else(|e| e.into_inner());
+            let blocks = tree.cached_content(h.ino)?;
+            if blocks != h.blocks {
+                return Some(CachedHandle {
+                    ino: h.ino,
+                    group: h.group,
+                    blocks,
+                    size: tree.get(h.ino).ok()?.row.size,
+                });
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// What finishing an open needs, detached from `BrumeFs` so that a task can do it
@@ -482,27 +543,28 @@ impl BrumeFs {
             return reply.error(Errno::EIO);
         };
         let engine = engine.clone();
+        let tree = self.tree.clone();
         // Owns the reply until the missing blocks arrive or the wait times out.
         runtime.spawn(async move {
-            let mut full = Vec::with_capacity(parts.len());
-            for (k, part) in parts.into_iter().enumerate() {
-                let data = match part {
-                    Some(d) => d,
-                    None => {
-                        let i = first + k;
-                        let hash = h.blocks[i].0;
-                        match engine.fetch(h.group, h.ino, i as u32, hash, true).await {
-                            Ok(d) => d,
-                            Err(e) => {
-                                tracing::error!(ino = %h.ino, block = i, cause = %e, "read failed");
-                                return reply.error(Errno::EIO);
-                            }
-                        }
-                    }
+            let mut h = h;
+            let deadline = tokio::time::Instant::now() + engine.read_timeout();
+            loop {
+                let (i, e) = match fetch_range(&engine, &h, offset, size).await {
+                    Ok(data) => return reply.data(&data),
+                    Err(failed) => failed,
                 };
-                full.push(data);
+                // The owner has moved on from the version this handle started with
+                // and no longer has its blocks; its newer version is on its way.
+                // Read that one, as from a local file rewritten in place.
+                if matches!(e, FetchError::Stale { .. })
+                    && let Some(newer) = newer_content(&tree, &h, deadline).await
+                {
+                    h = newer;
+                    continue;
+                }
+                tracing::error!(ino = %h.ino, block = i, cause = %e, "read failed");
+                return reply.error(Errno::EIO);
             }
-            reply.data(&assemble(full));
         });
     }
 

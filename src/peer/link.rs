@@ -29,8 +29,8 @@ use tracing::{Instrument, debug, info_span, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidateInit, RTCIceConnectionState, RTCIceServer, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
+    RTCIceCandidate, RTCIceCandidateInit, RTCIceConnectionState, RTCIceServer,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
 };
 
 use super::handshake::{self, Party, Role};
@@ -250,9 +250,24 @@ struct Handler {
     incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
 }
 
+/// Whether the peer could send to a local candidate. With no interface of a
+/// family (IPv6 disabled, say), a wildcard socket is bound as it is and offered as
+/// `::` or `0.0.0.0`: the peer's checks to it could only fail, each logged as an
+/// error on both sides.
+fn dialable(candidate: &RTCIceCandidate) -> bool {
+    candidate
+        .address
+        .parse::<std::net::IpAddr>()
+        .map_or(true, |ip| !ip.is_unspecified())
+}
+
 #[async_trait::async_trait]
 impl PeerConnectionEventHandler for Handler {
     async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if !dialable(&event.candidate) {
+            debug!(peer = %self.peer, address = %event.candidate.address, "candidate not offered");
+            return;
+        }
         match event.candidate.to_json() {
             Ok(candidate) => {
                 let msg = SignalMessage::Candidate {
@@ -1146,6 +1161,20 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn unspecified_candidates_are_not_offered() {
+        let at = |address: &str| RTCIceCandidate {
+            address: address.into(),
+            ..Default::default()
+        };
+        assert!(!dialable(&at("::")));
+        assert!(!dialable(&at("0.0.0.0")));
+        assert!(dialable(&at("10.231.0.2")));
+        assert!(dialable(&at("2001:db8::1")));
+        // mDNS names and anything else not an address are the peer's to judge.
+        assert!(dialable(&at("a1b2.local")));
+    }
 
     fn signal_message() -> impl Strategy<Value = SignalMessage> {
         prop_oneof![

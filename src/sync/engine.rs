@@ -111,6 +111,26 @@ pub struct MemberGroupStatus {
     pub eta_secs: Option<u64>,
 }
 
+/// Batches of kernel invalidations queued for the invalidation thread.
+const INVALIDATION_QUEUE: usize = 1024;
+
+/// Tells the kernel to drop what it cached of these entries and inodes.
+fn invalidate(n: &fuser::Notifier, invals: Vec<Inval>) {
+    for inv in invals {
+        let r = match &inv {
+            Inval::Entry { parent, name } => {
+                n.inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::from_bytes(name))
+            }
+            Inval::Inode(ino) => n.inval_inode(fuser::INodeNo(ino.0), 0, 0),
+        };
+        if let Err(e) = r
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(?inv, cause = ?e, "kernel invalidation failed");
+        }
+    }
+}
+
 /// First delay before asking a refusing owner again; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// How often blocks missing from joined groups are asked for again.
@@ -125,6 +145,10 @@ struct Inner {
     cache: Arc<BlockCache>,
     link: Arc<dyn Link>,
     notifier: Option<fuser::Notifier>,
+    /// Kernel cache invalidations, done in order by a thread of their own: the
+    /// kernel's inode invalidation waits for reads of that inode in flight, which
+    /// may be waiting for a block that only the message loop can deliver.
+    invalidations: Option<std::sync::mpsc::SyncSender<Vec<Inval>>>,
     config: EngineConfig,
     /// Readers and fills waiting for a block, by hash. A request goes out once
     /// per hash; every waiter gets the answer.
@@ -173,6 +197,20 @@ impl Engine {
         config: EngineConfig,
     ) -> Self {
         let events = tree.read().unwrap_or_else(|e| e.into_inner()).subscribe();
+        let invalidations = notifier.clone().and_then(|n| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Inval>>(INVALIDATION_QUEUE);
+            // Ends when the engine, and with it the sender, is gone.
+            std::thread::Builder::new()
+                .name("brume-inval".into())
+                .spawn(move || {
+                    while let Ok(batch) = rx.recv() {
+                        invalidate(&n, batch);
+                    }
+                })
+                .map_err(|e| tracing::warn!(cause = %e, "no invalidation thread"))
+                .ok()
+                .map(|_| tx)
+        });
         let inner = Arc::new(Inner {
             me,
             tree,
@@ -180,6 +218,7 @@ impl Engine {
             cache,
             link,
             notifier,
+            invalidations,
             fill_slots: Arc::new(Semaphore::new(config.fill_parallelism.max(1))),
             config,
             waiters: Mutex::new(HashMap::new()),
@@ -730,20 +769,23 @@ impl Engine {
             };
             self.inner.cache.pin_exactly(&wanted);
         }
+        if invals.is_empty() {
+            return;
+        }
+        // Queued for the invalidation thread; inline only if it is missing or
+        // far behind (the queue is bounded).
+        let invals = match &self.inner.invalidations {
+            Some(tx) => match tx.try_send(invals) {
+                Ok(()) => return,
+                Err(
+                    std::sync::mpsc::TrySendError::Full(b)
+                    | std::sync::mpsc::TrySendError::Disconnected(b),
+                ) => b,
+            },
+            None => invals,
+        };
         if let Some(n) = &self.inner.notifier {
-            for inv in invals {
-                let r = match &inv {
-                    Inval::Entry { parent, name } => {
-                        n.inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::from_bytes(name))
-                    }
-                    Inval::Inode(ino) => n.inval_inode(fuser::INodeNo(ino.0), 0, 0),
-                };
-                if let Err(e) = r
-                    && e.raw_os_error() != Some(libc::ENOENT)
-                {
-                    tracing::debug!(?inv, cause = ?e, "kernel invalidation failed");
-                }
-            }
+            invalidate(n, invals);
         }
     }
 
@@ -752,6 +794,11 @@ impl Engine {
         for w in waiters {
             let _ = w.send(result.clone());
         }
+    }
+
+    /// How long a reader waits for a missing block.
+    pub fn read_timeout(&self) -> Duration {
+        self.inner.config.read_timeout
     }
 
     /// Gets block `index` (hash `hash`) of mirrored file `ino` of group `g`: from
