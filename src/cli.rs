@@ -97,6 +97,15 @@ fn init_logging(default: &str) {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("fuser")) {
         filter = filter.add_directive("fuser::session=error".parse().expect("static directive"));
     }
+    // The WebRTC stack warns when a connectivity check arrives a moment before
+    // the answer that carries its credentials, which is normal on a fast link.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rtc")) {
+        filter = filter.add_directive(
+            "rtc::peer_connection::handler=error"
+                .parse()
+                .expect("static directive"),
+        );
+    }
     // Under systemd (journald on stderr) or when not on a terminal: no colours.
     let ansi = std::env::var_os("JOURNAL_STREAM").is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stderr());
