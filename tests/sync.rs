@@ -782,6 +782,11 @@ fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
 #[test]
 fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
     let (hub, alice, bob) = shared();
+    // bob's join is complete (subscribed, `.members` filled): what is recorded
+    // below comes as changes, and no fill of bob's is still waiting for an answer.
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
     std::fs::create_dir(alice.path("alice/private")).unwrap();
     std::fs::write(alice.path("alice/private/.members"), b"carol\n").unwrap();
     std::fs::write(alice.path("alice/private/secret"), b"not for bob").unwrap();
@@ -1057,4 +1062,89 @@ fn a_handle_opened_before_an_update_never_brings_old_bytes_back() {
         .unwrap();
     assert_eq!(fresh, v2[..4096]);
     assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), v2);
+}
+
+#[test]
+fn many_new_files_arrive_complete_in_few_messages() {
+    let (hub, alice, bob) = shared();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    hub.record();
+    let (dirs, per_dir) = (20, 100);
+    for d in 0..dirs {
+        std::fs::create_dir(alice.path(&format!("alice/g/d{d:02}"))).unwrap();
+        for f in 0..per_dir {
+            let data = format!("{d}/{f}").repeat(100);
+            std::fs::write(alice.path(&format!("alice/g/d{d:02}/f{f:03}")), data).unwrap();
+        }
+    }
+    wait_until(Duration::from_secs(60), "every file cached at bob", || {
+        (0..dirs).all(|d| {
+            (0..per_dir).all(|f| {
+                cached_xattr(&bob.path(&format!("alice/g/d{d:02}/f{f:03}"))).as_deref()
+                    == Some("1/1")
+            })
+        })
+    });
+    for (d, f) in [(0, 0), (7, 42), (19, 99)] {
+        let want = format!("{d}/{f}").repeat(100);
+        assert_eq!(
+            std::fs::read(bob.path(&format!("alice/g/d{d:02}/f{f:03}"))).unwrap(),
+            want.as_bytes()
+        );
+    }
+    // Changes queued together travel together: far fewer messages than nodes.
+    let changes = hub
+        .recorded_to("bob")
+        .iter()
+        .filter(|(_, m)| matches!(m, OwnerToMember::Changes { .. }))
+        .count();
+    let nodes = dirs * (per_dir + 1);
+    assert!(
+        changes < nodes / 4,
+        "{changes} Changes messages for {nodes} new nodes"
+    );
+}
+
+#[test]
+fn full_copy_pins_what_changes_bring_and_releases_what_they_replace() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // A budget below one block: whatever is not pinned is evicted at once.
+    let bob = Peer::start_with_cache(&hub, "bob", 100_000, true);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    // Files that arrive as live changes, not in the joining snapshot.
+    let v1: Vec<u8> = (0..1_000_000u32).map(|i| (i % 233) as u8).collect();
+    for name in ["a", "b", "c"] {
+        std::fs::write(alice.path(&format!("alice/g/{name}")), &v1).unwrap();
+    }
+    std::fs::write(alice.path("alice/g/d"), vec![7u8; 600_000]).unwrap();
+    for name in ["a", "b", "c"] {
+        wait_until(Duration::from_secs(20), "full copy of v1", || {
+            cached_xattr(&bob.path(&format!("alice/g/{name}"))).as_deref() == Some("4/4")
+        });
+    }
+    wait_until(Duration::from_secs(20), "full copy of d", || {
+        cached_xattr(&bob.path("alice/g/d")).as_deref() == Some("3/3")
+    });
+    // a, b and c share their 4 blocks; d has 3 (two of them the same); and the
+    // 4 bytes of `.members`.
+    let v1_bytes = 1_000_000 + 600_000 - 262_144 + 4;
+    assert_eq!(bob.engine().cache_usage().pinned_bytes, v1_bytes);
+    // Replacing d's content pins the new blocks and, soon after, releases the old.
+    std::fs::write(alice.path("alice/g/d"), vec![9u8; 300_000]).unwrap();
+    wait_until(Duration::from_secs(20), "full copy of d v2", || {
+        cached_xattr(&bob.path("alice/g/d")).as_deref() == Some("2/2")
+    });
+    wait_until(Duration::from_secs(20), "d v1 released", || {
+        bob.engine().cache_usage().pinned_bytes == 1_000_000 + 300_000 + 4
+    });
+    hub.set_offline("alice", true);
+    assert_eq!(std::fs::read(bob.path("alice/g/a")).unwrap(), v1);
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/d")).unwrap(),
+        vec![9u8; 300_000]
+    );
 }
