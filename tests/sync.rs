@@ -35,6 +35,10 @@ pub(crate) struct Hub {
     recorded: Mutex<Option<Vec<Delivered>>>,
     /// Blocks on their way to these users get one byte flipped; counts them.
     corrupt_to: Mutex<HashMap<String, u64>>,
+    /// While `false`, every block waits before delivery (a congested bulk lane).
+    blocks_open: tokio::sync::watch::Sender<bool>,
+    /// Blocks waiting for `blocks_open`.
+    blocks_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -50,7 +54,23 @@ impl Hub {
             bytes_to: Mutex::new(HashMap::new()),
             recorded: Mutex::new(None),
             corrupt_to: Mutex::new(HashMap::new()),
+            blocks_open: tokio::sync::watch::Sender::new(true),
+            blocks_waiting: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Holds every block on its way (`true`) or lets them through.
+    fn hold_blocks(&self, hold: bool) {
+        self.blocks_open.send_replace(!hold);
+    }
+
+    /// Delivers `payload` to `to` as if `from` had sent it, in order with the
+    /// rest of what `to` receives.
+    fn deliver(&self, to: &str, from: &str, payload: Vec<u8>) {
+        let tx = self.queues.lock().unwrap().get(to).cloned().unwrap();
+        self.runtime
+            .block_on(tx.send((UserName::new(from).unwrap(), payload)))
+            .unwrap();
     }
 
     /// Starts keeping a copy of every message delivered.
@@ -139,6 +159,15 @@ impl Link for HubLink {
                 .get(to.as_str())
                 .cloned()
                 .ok_or("EBADDEST")?;
+            if matches!(payload.as_slice(), [b'O', 3, ..]) {
+                let mut open = self.hub.blocks_open.subscribe();
+                if !*open.borrow() {
+                    use std::sync::atomic::Ordering;
+                    self.hub.blocks_waiting.fetch_add(1, Ordering::SeqCst);
+                    let _ = open.wait_for(|open| *open).await;
+                    self.hub.blocks_waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
             let mut payload = payload;
             if let Some(n) = self.hub.corrupt_to.lock().unwrap().get_mut(to.as_str())
                 && let Ok(OwnerToMember::Block {
@@ -1147,4 +1176,44 @@ fn full_copy_pins_what_changes_bring_and_releases_what_they_replace() {
         std::fs::read(bob.path("alice/g/d")).unwrap(),
         vec![9u8; 300_000]
     );
+}
+
+#[test]
+fn the_owner_answers_other_messages_while_blocks_are_on_their_way() {
+    let (hub, alice, bob) = shared();
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
+    // The bulk lane is congested: blocks leave the owner but do not arrive.
+    hub.hold_blocks(true);
+    let data: Vec<u8> = (0..900_000u32).map(|i| (i % 247) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &data).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "alice sending a block of big",
+        || hub.blocks_waiting.load(std::sync::atomic::Ordering::SeqCst) > 0,
+    );
+    // A stranger's request, behind bob's in alice's queue, is still answered.
+    let mallory = hub.sink("mallory");
+    hub.deliver(
+        "alice",
+        "mallory",
+        MemberToOwner::Subscribe {
+            group: "g".into(),
+            since: 0,
+        }
+        .encode(),
+    );
+    wait_until(Duration::from_secs(10), "alice to refuse mallory", || {
+        mallory
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER"))
+    });
+    hub.hold_blocks(false);
+    wait_until(Duration::from_secs(20), "big complete at bob", || {
+        cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("4/4")
+    });
+    assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
 }

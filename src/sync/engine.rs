@@ -80,7 +80,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             read_timeout: Duration::from_secs(5),
-            fill_parallelism: 16,
+            fill_parallelism: 32,
             full_copy: true,
         }
     }
@@ -137,6 +137,10 @@ struct Inner {
     groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
     /// Bounds background block requests.
     fill_slots: Arc<Semaphore>,
+    /// Owner side: bounds the block requests being served at once.
+    serve_slots: Arc<Semaphore>,
+    /// Member side: bounds the blocks being verified and written at once.
+    insert_slots: Semaphore,
     /// Per group, what its filler task is still to look at; a group is in the
     /// map while its filler runs.
     filling: Mutex<HashMap<GroupId, FillWork>>,
@@ -201,6 +205,12 @@ const REPIN_DELAY: Duration = Duration::from_millis(300);
 const COALESCE: Duration = Duration::from_millis(3);
 /// Longest the owner holds back the changes of a burst.
 const COALESCE_MAX: Duration = Duration::from_millis(25);
+/// Owner side: block requests served at once.
+const SERVE_PARALLELISM: usize = 8;
+
+/// Member side: blocks verified and written to the cache at once.
+const INSERT_PARALLELISM: usize = 2;
+
 /// Most tree events handled at once.
 const DRAIN_MOST: usize = 4096;
 
@@ -246,6 +256,8 @@ impl Engine {
             link,
             notifier,
             fill_slots: Arc::new(Semaphore::new(config.fill_parallelism.max(1))),
+            serve_slots: Arc::new(Semaphore::new(SERVE_PARALLELISM)),
+            insert_slots: Semaphore::new(INSERT_PARALLELISM),
             config,
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
@@ -598,12 +610,23 @@ impl Engine {
                 let Some(g) = self.member_group(from, &group) else {
                     return self.refuse(from, &group, "ENOTMEMBER").await;
                 };
-                let reply = self.read_block(g, Ino(id), index, BlockHash(hash)).await;
-                let msg = match reply {
-                    Some(data) => OwnerToMember::Block { group, hash, data },
-                    None => OwnerToMember::NoBlock { group, hash },
+                // Served in a task of its own, a few at once: reading, hashing and
+                // sending one block overlaps with the next, and the messages behind
+                // this one are not held up.
+                let Ok(permit) = self.inner.serve_slots.clone().acquire_owned().await else {
+                    return;
                 };
-                let _ = self.inner.link.send(from, urgent, msg.encode()).await;
+                let engine = self.clone();
+                let from = from.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let reply = engine.read_block(g, Ino(id), index, BlockHash(hash)).await;
+                    let msg = match reply {
+                        Some(data) => OwnerToMember::Block { group, hash, data },
+                        None => OwnerToMember::NoBlock { group, hash },
+                    };
+                    let _ = engine.inner.link.send(&from, urgent, msg.encode()).await;
+                });
             }
             MemberToOwner::Ack { .. } => {}
         }
@@ -801,15 +824,34 @@ impl Engine {
                 self.request_fill(g, FillWork::nodes(ids));
             }
             OwnerToMember::Block { hash, data, .. } => {
+                // Verified and written off the message loop: the next block's
+                // message need not wait for this one's disk.
                 let hash = BlockHash(hash);
-                let result = match self.inner.cache.insert(&hash, &data) {
-                    Ok(()) => Ok(Arc::from(data)),
-                    Err(e) => {
-                        tracing::warn!(peer = %from, cause = %e, "rejecting a block");
-                        Err(FetchError::Stale { hash })
-                    }
-                };
-                self.wake(&hash, result);
+                let engine = self.clone();
+                let from = from.clone();
+                tokio::spawn(async move {
+                    // Few at once: each blocking thread costs memory of its own.
+                    let Ok(_slot) = engine.inner.insert_slots.acquire().await else {
+                        return;
+                    };
+                    let cache = engine.inner.cache.clone();
+                    let inserted = tokio::task::spawn_blocking(move || {
+                        cache.insert(&hash, &data).map(|()| data)
+                    })
+                    .await;
+                    let result = match inserted {
+                        Ok(Ok(data)) => Ok(Arc::from(data)),
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %from, cause = %e, "rejecting a block");
+                            Err(FetchError::Stale { hash })
+                        }
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "block insert task failed");
+                            Err(FetchError::Stale { hash })
+                        }
+                    };
+                    engine.wake(&hash, result);
+                });
             }
             OwnerToMember::NoBlock { hash, .. } => {
                 let hash = BlockHash(hash);
