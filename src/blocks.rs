@@ -14,13 +14,59 @@ use crate::ids::{BlockHash, Ino};
 /// Size of one block: the unit of hashing, transfer and caching.
 pub const BLOCK_SIZE: u64 = 256 * 1024;
 
-/// Hashes of every block of `file` (its current length), in order.
+/// Files of at least this many blocks are hashed by several threads at once.
+const PARALLEL_MIN_BLOCKS: u64 = 16;
+/// Most threads hashing one file.
+const PARALLEL_MAX_THREADS: usize = 4;
+
+/// Hashes of every block of `file` (its current length), in order. A large file
+/// is cut into as many runs of blocks as there are CPUs (up to four), hashed side
+/// by side: a one-byte change to a 1 GiB file rehashes all of it, and that time
+/// is part of how soon members see the change.
 pub fn hash_file(file: &File) -> std::io::Result<Vec<(BlockHash, u32)>> {
     let len = file.metadata()?.len();
-    let mut out = Vec::with_capacity(len.div_ceil(BLOCK_SIZE) as usize);
+    let blocks = len.div_ceil(BLOCK_SIZE);
+    let threads = if blocks >= PARALLEL_MIN_BLOCKS {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(PARALLEL_MAX_THREADS)
+    } else {
+        1
+    };
+    if threads <= 1 {
+        return hash_blocks(file, len, 0..blocks);
+    }
+    let per = blocks.div_ceil(threads as u64);
+    std::thread::scope(|s| {
+        // Threads made here share the caller's (background) priority.
+        let runs: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let run = t * per..((t + 1) * per).min(blocks);
+                s.spawn(move || hash_blocks(file, len, run))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(blocks as usize);
+        for run in runs {
+            let hashed = run
+                .join()
+                .map_err(|_| std::io::Error::other("a hashing thread panicked"))?;
+            out.extend(hashed?);
+        }
+        Ok(out)
+    })
+}
+
+/// Hashes blocks `run` of `file`, whose length was `len`.
+fn hash_blocks(
+    file: &File,
+    len: u64,
+    run: std::ops::Range<u64>,
+) -> std::io::Result<Vec<(BlockHash, u32)>> {
+    let mut out = Vec::with_capacity((run.end - run.start) as usize);
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    let mut off = 0u64;
-    while off < len {
+    let mut off = run.start * BLOCK_SIZE;
+    let end = (run.end * BLOCK_SIZE).min(len);
+    while off < end {
         let want = (len - off).min(BLOCK_SIZE) as usize;
         let mut got = 0;
         while got < want {
@@ -226,5 +272,20 @@ mod tests {
             hash_block(&data[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize])
         );
         assert_ne!(blocks[0].0, blocks[1].0);
+    }
+
+    #[test]
+    fn large_files_hashed_in_parallel_runs_give_every_block_in_order() {
+        let mut f = tempfile::tempfile().unwrap();
+        // 37 blocks and a short one: runs of uneven length, one ending short.
+        let len = BLOCK_SIZE * 37 + 1000;
+        let data: Vec<u8> = (0..len).map(|i| ((i / 7) % 253) as u8).collect();
+        f.write_all(&data).unwrap();
+        let blocks = hash_file(&f).unwrap();
+        let want: Vec<(BlockHash, u32)> = data
+            .chunks(BLOCK_SIZE as usize)
+            .map(|c| (hash_block(c), c.len() as u32))
+            .collect();
+        assert_eq!(blocks, want);
     }
 }

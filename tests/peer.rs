@@ -246,9 +246,13 @@ fn log_to_test_output() {
 }
 
 async fn start(server: &TestServer, account: &Account, opts: Options) -> Client {
+    start_at(server.url(), account, opts).await
+}
+
+async fn start_at(server_url: String, account: &Account, opts: Options) -> Client {
     log_to_test_output();
     let config = ClientConfig {
-        server_url: server.url(),
+        server_url,
         username: account.user.clone(),
         credential: account.credential.clone(),
         identity: account.identity.clone(),
@@ -523,6 +527,77 @@ async fn the_link_comes_back_after_a_peer_restarts() {
         .unwrap();
     assert_eq!(message_from(&mut bob, &a.user).await.1, b"again");
     assert!(alice.peers.status()[&b.user].connects >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_without_closing_its_link_is_relinked_at_once() {
+    let server = TestServer::start().await;
+    let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
+    let mut alice = start(&server, &a, Options::default()).await;
+    // bob runs on a runtime of its own and exits as a daemon does: the runtime is
+    // shut down, so its end of the link disappears without a word.
+    let (url, b2) = (server.url(), b.clone());
+    let (bob_rt, bob) = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt.block_on(start_at(url, &b2, Options::default()));
+        (rt, client)
+    })
+    .join()
+    .unwrap();
+    within(alice.peers.connect(&b.user)).await.unwrap();
+    within(alice.peers.send(&b.user, Lane::Control, b"hello"))
+        .await
+        .unwrap();
+    // carol watches bob on the signaling server, to know when bob's session is gone.
+    let (carol_user, carol_credential) = server.add_user("carol");
+    let (carol, mut carol_events) = client::connect(ClientConfig {
+        server_url: server.url(),
+        username: carol_user,
+        credential: carol_credential,
+        identity: random_identity(),
+        token_ttl: 600,
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+    });
+    within(carol.connected()).await.unwrap();
+    within(carol.watch([b.user.clone()])).await.unwrap();
+    std::thread::spawn(move || {
+        bob_rt.shutdown_timeout(Duration::from_secs(2));
+        drop(bob);
+    })
+    .join()
+    .unwrap();
+    within(async {
+        loop {
+            match carol_events.recv().await.expect("carol's events") {
+                SignalEvent::Presence { user, online } if user == b.user && !online => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+
+    // bob starts again and sends first: alice's old link still looks alive (ICE has
+    // not timed out), but bob's call replaces it at once.
+    let mut bob = start(&server, &b, Options::default()).await;
+    let t = std::time::Instant::now();
+    within(bob.peers.send(&a.user, Lane::Control, b"back"))
+        .await
+        .unwrap();
+    assert_eq!(message_from(&mut alice, &b.user).await.1, b"back");
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "relinked after {:?}: waited for the old link to time out",
+        t.elapsed()
+    );
+    within(alice.peers.send(&b.user, Lane::Control, b"again"))
+        .await
+        .unwrap();
+    assert_eq!(message_from(&mut bob, &a.user).await.1, b"again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,10 @@ pub(crate) struct Hub {
     recorded: Mutex<Option<Vec<Delivered>>>,
     /// Blocks on their way to these users get one byte flipped; counts them.
     corrupt_to: Mutex<HashMap<String, u64>>,
+    /// While `false`, every block waits before delivery (a congested bulk lane).
+    blocks_open: tokio::sync::watch::Sender<bool>,
+    /// Blocks waiting for `blocks_open`.
+    blocks_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -50,7 +54,23 @@ impl Hub {
             bytes_to: Mutex::new(HashMap::new()),
             recorded: Mutex::new(None),
             corrupt_to: Mutex::new(HashMap::new()),
+            blocks_open: tokio::sync::watch::Sender::new(true),
+            blocks_waiting: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Holds every block on its way (`true`) or lets them through.
+    fn hold_blocks(&self, hold: bool) {
+        self.blocks_open.send_replace(!hold);
+    }
+
+    /// Delivers `payload` to `to` as if `from` had sent it, in order with the
+    /// rest of what `to` receives.
+    fn deliver(&self, to: &str, from: &str, payload: Vec<u8>) {
+        let tx = self.queues.lock().unwrap().get(to).cloned().unwrap();
+        self.runtime
+            .block_on(tx.send((UserName::new(from).unwrap(), payload)))
+            .unwrap();
     }
 
     /// Starts keeping a copy of every message delivered.
@@ -139,6 +159,15 @@ impl Link for HubLink {
                 .get(to.as_str())
                 .cloned()
                 .ok_or("EBADDEST")?;
+            if matches!(payload.as_slice(), [b'O', 3, ..]) {
+                let mut open = self.hub.blocks_open.subscribe();
+                if !*open.borrow() {
+                    use std::sync::atomic::Ordering;
+                    self.hub.blocks_waiting.fetch_add(1, Ordering::SeqCst);
+                    let _ = open.wait_for(|open| *open).await;
+                    self.hub.blocks_waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
             let mut payload = payload;
             if let Some(n) = self.hub.corrupt_to.lock().unwrap().get_mut(to.as_str())
                 && let Ok(OwnerToMember::Block {
@@ -795,6 +824,11 @@ fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
 #[test]
 fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
     let (hub, alice, bob) = shared();
+    // bob's join is complete (subscribed, `.members` filled): what is recorded
+    // below comes as changes, and no fill of bob's is still waiting for an answer.
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
     std::fs::create_dir(alice.path("alice/private")).unwrap();
     std::fs::write(alice.path("alice/private/.members"), b"carol\n").unwrap();
     std::fs::write(alice.path("alice/private/secret"), b"not for bob").unwrap();
@@ -1188,4 +1222,129 @@ fn a_handle_opened_before_the_owner_rewrote_the_file_reads_the_new_version() {
     let n = f.read_at(&mut buf, 0).expect("read through the old handle");
     assert_eq!(&buf[..n], &v2[..n]);
     assert!(n > 0);
+}
+
+#[test]
+fn many_new_files_arrive_complete_in_few_messages() {
+    let (hub, alice, bob) = shared();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    hub.record();
+    let (dirs, per_dir) = (20, 100);
+    for d in 0..dirs {
+        std::fs::create_dir(alice.path(&format!("alice/g/d{d:02}"))).unwrap();
+        for f in 0..per_dir {
+            let data = format!("{d}/{f}").repeat(100);
+            std::fs::write(alice.path(&format!("alice/g/d{d:02}/f{f:03}")), data).unwrap();
+        }
+    }
+    wait_until(Duration::from_secs(60), "every file cached at bob", || {
+        (0..dirs).all(|d| {
+            (0..per_dir).all(|f| {
+                cached_xattr(&bob.path(&format!("alice/g/d{d:02}/f{f:03}"))).as_deref()
+                    == Some("1/1")
+            })
+        })
+    });
+    for (d, f) in [(0, 0), (7, 42), (19, 99)] {
+        let want = format!("{d}/{f}").repeat(100);
+        assert_eq!(
+            std::fs::read(bob.path(&format!("alice/g/d{d:02}/f{f:03}"))).unwrap(),
+            want.as_bytes()
+        );
+    }
+    // Changes queued together travel together: far fewer messages than nodes.
+    let changes = hub
+        .recorded_to("bob")
+        .iter()
+        .filter(|(_, m)| matches!(m, OwnerToMember::Changes { .. }))
+        .count();
+    let nodes = dirs * (per_dir + 1);
+    assert!(
+        changes < nodes / 4,
+        "{changes} Changes messages for {nodes} new nodes"
+    );
+}
+
+#[test]
+fn full_copy_pins_what_changes_bring_and_releases_what_they_replace() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // A budget below one block: whatever is not pinned is evicted at once.
+    let bob = Peer::start_with_cache(&hub, "bob", 100_000, true);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    read_when(&bob.path("alice/g/.members"), b"bob\n");
+    // Files that arrive as live changes, not in the joining snapshot.
+    let v1: Vec<u8> = (0..1_000_000u32).map(|i| (i % 233) as u8).collect();
+    for name in ["a", "b", "c"] {
+        std::fs::write(alice.path(&format!("alice/g/{name}")), &v1).unwrap();
+    }
+    std::fs::write(alice.path("alice/g/d"), vec![7u8; 600_000]).unwrap();
+    for name in ["a", "b", "c"] {
+        wait_until(Duration::from_secs(20), "full copy of v1", || {
+            cached_xattr(&bob.path(&format!("alice/g/{name}"))).as_deref() == Some("4/4")
+        });
+    }
+    wait_until(Duration::from_secs(20), "full copy of d", || {
+        cached_xattr(&bob.path("alice/g/d")).as_deref() == Some("3/3")
+    });
+    // a, b and c share their 4 blocks; d has 3 (two of them the same); and the
+    // 4 bytes of `.members`.
+    let v1_bytes = 1_000_000 + 600_000 - 262_144 + 4;
+    assert_eq!(bob.engine().cache_usage().pinned_bytes, v1_bytes);
+    // Replacing d's content pins the new blocks and, soon after, releases the old.
+    std::fs::write(alice.path("alice/g/d"), vec![9u8; 300_000]).unwrap();
+    wait_until(Duration::from_secs(20), "full copy of d v2", || {
+        cached_xattr(&bob.path("alice/g/d")).as_deref() == Some("2/2")
+    });
+    wait_until(Duration::from_secs(20), "d v1 released", || {
+        bob.engine().cache_usage().pinned_bytes == 1_000_000 + 300_000 + 4
+    });
+    hub.set_offline("alice", true);
+    assert_eq!(std::fs::read(bob.path("alice/g/a")).unwrap(), v1);
+    assert_eq!(
+        std::fs::read(bob.path("alice/g/d")).unwrap(),
+        vec![9u8; 300_000]
+    );
+}
+
+#[test]
+fn the_owner_answers_other_messages_while_blocks_are_on_their_way() {
+    let (hub, alice, bob) = shared();
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
+    // The bulk lane is congested: blocks leave the owner but do not arrive.
+    hub.hold_blocks(true);
+    let data: Vec<u8> = (0..900_000u32).map(|i| (i % 247) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &data).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "alice sending a block of big",
+        || hub.blocks_waiting.load(std::sync::atomic::Ordering::SeqCst) > 0,
+    );
+    // A stranger's request, behind bob's in alice's queue, is still answered.
+    let mallory = hub.sink("mallory");
+    hub.deliver(
+        "alice",
+        "mallory",
+        MemberToOwner::Subscribe {
+            group: "g".into(),
+            since: 0,
+        }
+        .encode(),
+    );
+    wait_until(Duration::from_secs(10), "alice to refuse mallory", || {
+        mallory
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER"))
+    });
+    hub.hold_blocks(false);
+    wait_until(Duration::from_secs(20), "big complete at bob", || {
+        cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("4/4")
+    });
+    assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
 }

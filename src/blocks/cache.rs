@@ -316,6 +316,27 @@ impl BlockCache {
         self.evict();
     }
 
+    /// Pins every block of `hashes` not pinned yet (cached ones move out of the LRU,
+    /// the others are pinned when they arrive); pin counts already there stay as
+    /// they are. Costs O(`hashes`), so that what a change brings can be pinned before
+    /// its blocks arrive while [`pin_exactly`](Self::pin_exactly), O(all pins), runs
+    /// now and then.
+    pub fn pin_at_least(&self, hashes: impl IntoIterator<Item = BlockHash>) {
+        let mut s = self.state();
+        for h in hashes {
+            if s.pinned.contains_key(&h) || s.pending_pins.contains_key(&h) {
+                continue;
+            }
+            if let Some(len) = s.evictable.pop(&h) {
+                s.evictable_bytes -= len;
+                s.pinned.insert(h, (len, 1));
+                s.pinned_bytes += len;
+            } else {
+                s.pending_pins.insert(h, 1);
+            }
+        }
+    }
+
     /// Makes exactly `wanted` the pinned blocks: those cached move out of the LRU,
     /// those not yet cached are pinned when they arrive, and blocks no longer
     /// wanted become evictable.
@@ -463,6 +484,35 @@ mod tests {
         c.pin_exactly(&[b].into_iter().collect());
         assert_eq!(c.usage().pinned_bytes, 800);
         assert!(c.usage().evictable_bytes <= 1000);
+    }
+
+    #[test]
+    fn pin_at_least_adds_pins_that_pin_exactly_later_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), 1000, 1 << 20).unwrap();
+        let (a, da) = block(1, 800);
+        let (b, db) = block(2, 800);
+        let (x, dx) = block(3, 800);
+        c.insert(&a, &da).unwrap();
+        c.pin_exactly(&[a].into_iter().collect());
+        // b is pinned before it arrives, a keeps its single pin.
+        c.pin_at_least([a, b, b]);
+        c.insert(&b, &db).unwrap();
+        c.insert(&x, &dx).unwrap();
+        c.insert(&block(4, 800).0, &block(4, 800).1).unwrap();
+        assert!(
+            c.contains(&a) && c.contains(&b),
+            "pinned blocks are never evicted"
+        );
+        assert!(!c.contains(&x), "the unpinned one went first");
+        assert_eq!(c.usage().pinned_bytes, 1600);
+        // One unpin releases a: pin_at_least did not count it twice.
+        c.unpin(&a);
+        assert_eq!(c.usage().pinned_bytes, 800);
+        // pin_exactly puts the set back to what is wanted.
+        c.pin_exactly(&[a].into_iter().collect());
+        assert_eq!(c.usage().pinned_bytes, 800);
+        assert!(c.contains(&a));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(crate) struct Supervisor {
     watching: bool,
     /// Fingerprint of the key the last established link authenticated.
     key_fp: Option<String>,
+    /// The peer left the signaling server since the current link came up: a call
+    /// from it now comes from a restarted peer, whose end of that link is gone.
+    peer_left: bool,
 }
 
 /// Records a problem in `peer`'s status.
@@ -216,6 +219,7 @@ impl Supervisor {
             status,
             watching: false,
             key_fp: None,
+            peer_left: false,
         }
     }
 
@@ -298,6 +302,9 @@ impl Supervisor {
                     self.set(|s| s.state = PeerState::Idle);
                 }
                 Input::Presence { online } => {
+                    if !online && current.is_some() {
+                        self.peer_left = true;
+                    }
                     if online && wanted && current.is_none() {
                         attempt = 0;
                         retry_at = Some(Instant::now());
@@ -312,14 +319,16 @@ impl Supervisor {
                         wanted = true;
                         self.watch_presence().await;
                     }
-                    if current.as_ref().is_some_and(|l| !l.is_dead()) {
+                    if current.as_ref().is_some_and(|l| !l.is_dead()) && !self.peer_left {
                         // Sent while our offer was on its way (both sides wanted a link at
-                        // once), or by a restarted peer whose old connection has not been
-                        // noticed dead yet: redialing would replace a working link in the
-                        // first case; in the second the old link dies within the ICE
-                        // timeout and, wanted, is redialed then.
+                        // once): redialing would replace a working link. (A restarted
+                        // peer left the signaling server first, which `peer_left` saw:
+                        // its old link is dead even if ICE has not noticed yet.)
                         debug!("call ignored: the link is up");
                         continue;
+                    }
+                    if current.is_some() {
+                        info!("call from a peer that restarted: replacing the link");
                     }
                     let result = self.attempt(None).await;
                     self.settle(result, &mut current, &mut attempt, &mut retry_at, wanted)
@@ -397,6 +406,7 @@ impl Supervisor {
                     s.key_changed = None;
                 });
                 let old = current.replace(link.clone());
+                self.peer_left = false;
                 self.link_tx.send_replace(Some(link));
                 if let Some(old) = old {
                     old.close().await;

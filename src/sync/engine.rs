@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, broadcast, oneshot};
 use crate::blocks::BLOCK_SIZE;
 use crate::blocks::cache::BlockCache;
 use crate::fs::store::Store;
-use crate::fs::tree::{Inval, Situation, Tree, TreeEvent};
+use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent};
 use crate::ids::{BlockHash, GroupId, Ino, UserName};
 use crate::sync::proto::{
     Change, MemberToOwner, NodeState, OwnerToMember, SNAPSHOT_CHUNK, VERSION,
@@ -80,7 +80,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             read_timeout: Duration::from_secs(5),
-            fill_parallelism: 16,
+            fill_parallelism: 32,
             full_copy: true,
         }
     }
@@ -163,9 +163,86 @@ struct Inner {
     groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
     /// Bounds background block requests.
     fill_slots: Arc<Semaphore>,
-    /// Groups being filled; `true` if asked to look again when done.
-    filling: Mutex<HashMap<GroupId, bool>>,
+    /// Owner side: bounds the block requests being served at once.
+    serve_slots: Arc<Semaphore>,
+    /// Member side: bounds the blocks being verified and written at once.
+    insert_slots: Semaphore,
+    /// Per group, what its filler task is still to look at; a group is in the
+    /// map while its filler runs.
+    filling: Mutex<HashMap<GroupId, FillWork>>,
+    /// Groups where a background fetch failed: their next fill looks at every file.
+    fill_failed: Mutex<HashSet<GroupId>>,
+    /// Full copy: whether a recomputation of the exact pin set is scheduled.
+    repin_scheduled: Mutex<bool>,
 }
+
+/// What a group's filler looks at for missing blocks.
+#[derive(Debug, Default)]
+enum FillWork {
+    /// Nothing (left): the filler ends.
+    #[default]
+    Nothing,
+    /// The mirrors of these owner node ids, in the order they changed.
+    Nodes(Vec<u64>, HashSet<u64>),
+    /// Every mirrored file of the group (after a snapshot, or a failed fetch).
+    All,
+}
+
+impl FillWork {
+    fn add(&mut self, more: FillWork) {
+        match more {
+            FillWork::Nothing => {}
+            FillWork::All => *self = FillWork::All,
+            FillWork::Nodes(ids, _) => match self {
+                FillWork::All => {}
+                FillWork::Nothing => *self = FillWork::nodes(ids),
+                FillWork::Nodes(order, seen) => {
+                    for id in ids {
+                        if seen.insert(id) {
+                            order.push(id);
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    fn nodes(ids: impl IntoIterator<Item = u64>) -> Self {
+        let mut w = FillWork::Nodes(Vec::new(), HashSet::new());
+        if let FillWork::Nodes(order, seen) = &mut w {
+            for id in ids {
+                if seen.insert(id) {
+                    order.push(id);
+                }
+            }
+        }
+        w
+    }
+}
+
+/// How long after a change the exact set of pinned blocks is recomputed (full
+/// copy). Until then blocks a change replaced stay pinned; new ones are pinned at
+/// once.
+const REPIN_DELAY: Duration = Duration::from_millis(300);
+
+/// How long the owner waits for more changes once a burst of them is under way,
+/// to send them together; it goes on while they keep coming, up to
+/// [`COALESCE_MAX`].
+const COALESCE: Duration = Duration::from_millis(3);
+/// Longest the owner holds back the changes of a burst.
+const COALESCE_MAX: Duration = Duration::from_millis(25);
+/// Owner side: block requests served at once.
+const SERVE_PARALLELISM: usize = 8;
+
+/// Member side: blocks verified and written to the cache at once.
+const INSERT_PARALLELISM: usize = 2;
+
+/// Most tree events handled at once.
+const DRAIN_MOST: usize = 4096;
+
+/// Rough bound on a `Changes` message built from several changes (one larger
+/// change still goes alone).
+const CHANGES_BYTES: usize = 192 * 1024;
 
 /// A client's sync engine. Cheap to clone.
 #[derive(Clone)]
@@ -220,6 +297,8 @@ impl Engine {
             notifier,
             invalidations,
             fill_slots: Arc::new(Semaphore::new(config.fill_parallelism.max(1))),
+            serve_slots: Arc::new(Semaphore::new(SERVE_PARALLELISM)),
+            insert_slots: Semaphore::new(INSERT_PARALLELISM),
             config,
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
@@ -227,6 +306,8 @@ impl Engine {
             snapshots: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
+            fill_failed: Mutex::new(HashSet::new()),
+            repin_scheduled: Mutex::new(false),
         });
         let engine = Self { inner };
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
@@ -286,37 +367,91 @@ impl Engine {
 
     async fn follow(self, mut events: broadcast::Receiver<TreeEvent>) {
         loop {
-            match events.recv().await {
-                Ok(TreeEvent::Changed { group, ino }) => self.push_change(group, ino).await,
-                Ok(TreeEvent::Hashed { group, ino }) => {
-                    if lock(&self.inner.unhashed).remove(&ino) {
-                        self.push_change(group, ino).await;
+            let mut batch = vec![events.recv().await];
+            drain(&mut events, &mut batch);
+            if batch.len() > 1 {
+                // A burst is under way: what follows within a few milliseconds goes
+                // in the same messages, for as long as it keeps coming (bounded).
+                let until = tokio::time::Instant::now() + COALESCE_MAX;
+                loop {
+                    tokio::time::sleep(COALESCE).await;
+                    let had = batch.len();
+                    drain(&mut events, &mut batch);
+                    if batch.len() == had
+                        || batch.len() >= DRAIN_MOST
+                        || tokio::time::Instant::now() >= until
+                    {
+                        break;
                     }
                 }
-                Ok(TreeEvent::Joined { group }) => self.subscribe(group).await,
-                Ok(TreeEvent::Left { owner, name }) => {
-                    if let Ok(owner) = UserName::new(&owner) {
-                        let msg = MemberToOwner::Unsubscribe { group: name };
-                        let _ = self.inner.link.send(&owner, false, msg.encode()).await;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "sync fell behind the tree; resending snapshots");
-                    self.resend_all_snapshots().await;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
             }
+            // Changes in event order; other events flush them first.
+            let mut pushes: Vec<(GroupId, Ino)> = Vec::new();
+            for event in batch {
+                match event {
+                    Ok(TreeEvent::Changed { group, ino }) => pushes.push((group, ino)),
+                    Ok(TreeEvent::Hashed { group, ino }) => {
+                        // If its `Changed` is in this batch, that one sends it.
+                        if lock(&self.inner.unhashed).remove(&ino) {
+                            pushes.push((group, ino));
+                        }
+                    }
+                    other => {
+                        self.push_changes(std::mem::take(&mut pushes)).await;
+                        match other {
+                            Ok(TreeEvent::Joined { group }) => self.subscribe(group).await,
+                            Ok(TreeEvent::Left { owner, name }) => {
+                                if let Ok(owner) = UserName::new(&owner) {
+                                    let msg = MemberToOwner::Unsubscribe { group: name };
+                                    let _ = self.inner.link.send(&owner, false, msg.encode()).await;
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Lagged(n)) => {
+                                tracing::warn!(
+                                    missed = n,
+                                    "sync fell behind the tree; resending snapshots"
+                                );
+                                self.resend_all_snapshots().await;
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return,
+                            Ok(TreeEvent::Changed { .. } | TreeEvent::Hashed { .. }) => {}
+                        }
+                    }
+                }
+            }
+            self.push_changes(pushes).await;
         }
     }
 
     // ----- owner side -----
 
-    async fn push_change(&self, group: GroupId, ino: Ino) {
+    /// Pushes the current state of changed nodes, one group at a time, as few
+    /// `Changes` messages as fit. Order within a group is kept (a parent is sent
+    /// before the child made in it); a node changed several times in a row is sent
+    /// once.
+    async fn push_changes(&self, pushes: Vec<(GroupId, Ino)>) {
+        let mut by_group: Vec<(GroupId, Vec<Ino>)> = Vec::new();
+        for (g, ino) in pushes {
+            match by_group.iter_mut().find(|(x, _)| *x == g) {
+                Some((_, inos)) => {
+                    if inos.last() != Some(&ino) {
+                        inos.push(ino);
+                    }
+                }
+                None => by_group.push((g, vec![ino])),
+            }
+        }
+        for (g, inos) in by_group {
+            self.push_group(g, inos).await;
+        }
+    }
+
+    async fn push_group(&self, group: GroupId, inos: Vec<Ino>) {
         let members: Vec<UserName> = match lock(&self.inner.subscribers).get(&group) {
             Some(s) if !s.is_empty() => s.iter().cloned().collect(),
             _ => return,
         };
-        let (msg, group_name, members) = {
+        let (msgs, group_name, mut members) = {
             let tree = self.tree_read();
             let Some(g) = tree.group(group) else {
                 return;
@@ -338,32 +473,64 @@ impl Engine {
                 }
             }
             let name = g.row.name.clone();
-            let change = match tree.node_state(ino) {
-                Some(state) => Change::Upsert(state),
-                None => match tree.get(ino) {
-                    // Exists but is not hashed yet: sent when it is.
-                    Ok(n) if n.row.nlink > 0 && n.row.group == Some(group) => {
-                        if tree.group_root(group).ok() != Some(ino) {
-                            lock(&self.inner.unhashed).insert(ino);
+            let root = tree.group_root(group).ok();
+            let mut changes = Vec::new();
+            for ino in inos {
+                changes.push(match tree.node_state(ino) {
+                    Some(state) => Change::Upsert(state),
+                    None => match tree.get(ino) {
+                        // Exists but is not hashed yet: sent when it is.
+                        Ok(n) if n.row.nlink > 0 && n.row.group == Some(group) => {
+                            if root != Some(ino) {
+                                lock(&self.inner.unhashed).insert(ino);
+                            }
+                            continue;
                         }
-                        return;
-                    }
-                    _ => Change::Remove { id: ino.0 },
-                },
-            };
-            let msg = OwnerToMember::Changes {
-                group: name.clone(),
-                seq: tree.log_position(group),
-                changes: vec![change],
-            };
-            (msg, name, members)
-        };
-        let bytes = msg.encode();
-        for m in members {
-            if let Err(e) = self.inner.link.send(&m, false, bytes.clone()).await {
-                tracing::info!(peer = %m, group = %group_name, cause = %e, "member unreachable; it resyncs when back");
-                self.drop_subscriber(&m);
+                        _ => Change::Remove { id: ino.0 },
+                    },
+                });
             }
+            let seq = tree.log_position(group);
+            let mut msgs = Vec::new();
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            for c in changes {
+                let size = change_size(&c);
+                if !batch.is_empty() && bytes + size > CHANGES_BYTES {
+                    msgs.push(std::mem::take(&mut batch));
+                    bytes = 0;
+                }
+                bytes += size;
+                batch.push(c);
+            }
+            if !batch.is_empty() {
+                msgs.push(batch);
+            }
+            let msgs: Vec<Vec<u8>> = msgs
+                .into_iter()
+                .map(|changes| {
+                    OwnerToMember::Changes {
+                        group: name.clone(),
+                        seq,
+                        changes,
+                    }
+                    .encode()
+                })
+                .collect();
+            (msgs, name, members)
+        };
+        for bytes in msgs {
+            let mut reached = Vec::with_capacity(members.len());
+            for m in members {
+                match self.inner.link.send(&m, false, bytes.clone()).await {
+                    Ok(()) => reached.push(m),
+                    Err(e) => {
+                        tracing::info!(peer = %m, group = %group_name, cause = %e, "member unreachable; it resyncs when back");
+                        self.drop_subscriber(&m);
+                    }
+                }
+            }
+            members = reached;
         }
     }
 
@@ -485,12 +652,23 @@ impl Engine {
                 let Some(g) = self.member_group(from, &group) else {
                     return self.refuse(from, &group, "ENOTMEMBER").await;
                 };
-                let reply = self.read_block(g, Ino(id), index, BlockHash(hash)).await;
-                let msg = match reply {
-                    Some(data) => OwnerToMember::Block { group, hash, data },
-                    None => OwnerToMember::NoBlock { group, hash },
+                // Served in a task of its own, a few at once: reading, hashing and
+                // sending one block overlaps with the next, and the messages behind
+                // this one are not held up.
+                let Ok(permit) = self.inner.serve_slots.clone().acquire_owned().await else {
+                    return;
                 };
-                let _ = self.inner.link.send(from, urgent, msg.encode()).await;
+                let engine = self.clone();
+                let from = from.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let reply = engine.read_block(g, Ino(id), index, BlockHash(hash)).await;
+                    let msg = match reply {
+                        Some(data) => OwnerToMember::Block { group, hash, data },
+                        None => OwnerToMember::NoBlock { group, hash },
+                    };
+                    let _ = engine.inner.link.send(&from, urgent, msg.encode()).await;
+                });
             }
             MemberToOwner::Ack { .. } => {}
         }
@@ -640,7 +818,8 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                self.request_fill(g);
+                self.repin();
+                self.request_fill(g, FillWork::All);
             }
             OwnerToMember::Changes {
                 group,
@@ -665,30 +844,68 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                self.request_fill(g);
+                if self.inner.config.full_copy {
+                    // What the changed files hold now is pinned before any of it
+                    // arrives; what they held before is released by the next
+                    // recomputation.
+                    self.inner.cache.pin_at_least(
+                        changes
+                            .iter()
+                            .flat_map(|c| match c {
+                                Change::Upsert(n) => n.blocks.as_slice(),
+                                Change::Remove { .. } => &[],
+                            })
+                            .map(|b| BlockHash(b.hash)),
+                    );
+                    self.schedule_repin();
+                }
+                let ids = changes.iter().filter_map(|c| match c {
+                    Change::Upsert(n) => Some(n.id),
+                    Change::Remove { .. } => None,
+                });
+                self.request_fill(g, FillWork::nodes(ids));
             }
             OwnerToMember::Block { group, hash, data } => {
+                // Verified and written off the message loop: the next block's
+                // message need not wait for this one's disk.
                 let hash = BlockHash(hash);
-                let result = match self.inner.cache.insert(&hash, &data) {
-                    Ok(()) => {
-                        self.local_problem(from, &group, None);
-                        Ok(Arc::from(data))
-                    }
-                    Err(e @ crate::blocks::cache::CacheError::Io { .. }) => {
-                        // Our side failed (a full disk, say): nothing is lost, the
-                        // block is fetched again once the retry finds room.
-                        tracing::error!(cause = %e, "cannot store a block; will retry");
-                        self.local_problem(from, &group, Some(format!("ELOCAL {e}")));
-                        Err(FetchError::Unreachable {
-                            reason: e.to_string(),
-                        })
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %from, cause = %e, "rejecting a block");
-                        Err(FetchError::Stale { hash })
-                    }
-                };
-                self.wake(&hash, result);
+                let engine = self.clone();
+                let from = from.clone();
+                tokio::spawn(async move {
+                    // Few at once: each blocking thread costs memory of its own.
+                    let Ok(_slot) = engine.inner.insert_slots.acquire().await else {
+                        return;
+                    };
+                    let cache = engine.inner.cache.clone();
+                    let inserted = tokio::task::spawn_blocking(move || {
+                        cache.insert(&hash, &data).map(|()| data)
+                    })
+                    .await;
+                    let result = match inserted {
+                        Ok(Ok(data)) => {
+                            engine.local_problem(&from, &group, None);
+                            Ok(Arc::from(data))
+                        }
+                        Ok(Err(e @ crate::blocks::cache::CacheError::Io { .. })) => {
+                            // Our side failed (a full disk, say): nothing is lost,
+                            // the block is fetched again once the retry finds room.
+                            tracing::error!(cause = %e, "cannot store a block; will retry");
+                            engine.local_problem(&from, &group, Some(format!("ELOCAL {e}")));
+                            Err(FetchError::Unreachable {
+                                reason: e.to_string(),
+                            })
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(peer = %from, cause = %e, "rejecting a block");
+                            Err(FetchError::Stale { hash })
+                        }
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "block insert task failed");
+                            Err(FetchError::Stale { hash })
+                        }
+                    };
+                    engine.wake(&hash, result);
+                });
             }
             OwnerToMember::NoBlock { hash, .. } => {
                 let hash = BlockHash(hash);
@@ -756,19 +973,6 @@ impl Engine {
             // Mirrored files edited locally had their bytes in the store.
             self.inner.store.remove(node.row.ino);
         }
-        if self.inner.config.full_copy {
-            // Full copy: what the joined groups hold now is pinned; replaced
-            // versions become evictable.
-            let wanted: HashSet<BlockHash> = {
-                let tree = self.tree_read();
-                tree.joined_groups()
-                    .into_iter()
-                    .flat_map(|(g, ..)| tree.mirrored_files(g))
-                    .flat_map(|(_, _, blocks)| blocks.iter().map(|(h, _)| *h).collect::<Vec<_>>())
-                    .collect()
-            };
-            self.inner.cache.pin_exactly(&wanted);
-        }
         if invals.is_empty() {
             return;
         }
@@ -787,6 +991,41 @@ impl Engine {
         if let Some(n) = &self.inner.notifier {
             invalidate(n, invals);
         }
+    }
+
+    /// Full copy: makes what the joined groups hold now exactly the pinned blocks;
+    /// replaced versions become evictable. O(blocks of all joined groups).
+    fn repin(&self) {
+        if !self.inner.config.full_copy {
+            return;
+        }
+        // The tree stays read-locked until the cache has the new set: a change
+        // applied meanwhile pins its blocks after this, not before.
+        let tree = self.tree_read();
+        let wanted: HashSet<BlockHash> = tree
+            .joined_groups()
+            .into_iter()
+            .flat_map(|(g, ..)| tree.mirrored_files(g))
+            .flat_map(|(_, _, blocks)| blocks.iter().map(|(h, _)| *h).collect::<Vec<_>>())
+            .collect();
+        self.inner.cache.pin_exactly(&wanted);
+    }
+
+    /// Runs [`repin`](Self::repin) a little later, once for all changes until then.
+    fn schedule_repin(&self) {
+        {
+            let mut scheduled = lock(&self.inner.repin_scheduled);
+            if *scheduled {
+                return;
+            }
+            *scheduled = true;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REPIN_DELAY).await;
+            *lock(&engine.inner.repin_scheduled) = false;
+            engine.repin();
+        });
     }
 
     fn wake(&self, hash: &BlockHash, result: Fetched) {
@@ -850,6 +1089,7 @@ impl Engine {
             if let Err(reason) = self.inner.link.send(&owner, urgent, msg.encode()).await {
                 let err = FetchError::Unreachable { reason };
                 self.wake(&hash, Err(err.clone()));
+                lock(&self.inner.fill_failed).insert(g);
                 return Err(err);
             }
         }
@@ -857,6 +1097,8 @@ impl Engine {
             Ok(Ok(r)) => r,
             _ => {
                 lock(&self.inner.waiters).remove(&hash);
+                // The group's next fill looks at every file again.
+                lock(&self.inner.fill_failed).insert(g);
                 Err(FetchError::Timeout { hash })
             }
         }
@@ -917,43 +1159,68 @@ impl Engine {
                 .collect()
         };
         for g in missing {
-            self.request_fill(g);
+            self.request_fill(g, FillWork::All);
         }
     }
 
-    /// Starts filling group `g`'s cache in a task of its own, or, if one runs,
-    /// has it look again when done. Never waits: the caller is the loop that
-    /// delivers the owner's answers, which the fill's fetches wait for.
-    fn request_fill(&self, g: GroupId) {
+    /// Has group `g`'s filler look at `work`: starts the filler in a task of its
+    /// own, or adds to what the running one has still to do. Never waits: the
+    /// caller is the loop that delivers the owner's answers, which the fill's
+    /// fetches wait for.
+    fn request_fill(&self, g: GroupId, work: FillWork) {
+        let work = if lock(&self.inner.fill_failed).remove(&g) {
+            FillWork::All
+        } else {
+            work
+        };
         {
             let mut filling = lock(&self.inner.filling);
-            if let Some(again) = filling.get_mut(&g) {
-                *again = true;
+            if let Some(pending) = filling.get_mut(&g) {
+                pending.add(work);
                 return;
             }
-            filling.insert(g, false);
+            filling.insert(g, work);
         }
         let engine = self.clone();
         tokio::spawn(async move {
             loop {
-                engine.fill(g).await;
-                let mut filling = lock(&engine.inner.filling);
-                match filling.get_mut(&g) {
-                    Some(again) if *again => *again = false,
-                    _ => {
-                        filling.remove(&g);
-                        return;
+                let work = {
+                    let mut filling = lock(&engine.inner.filling);
+                    match filling.get_mut(&g) {
+                        Some(w) if !matches!(w, FillWork::Nothing) => std::mem::take(w),
+                        _ => {
+                            filling.remove(&g);
+                            return;
+                        }
                     }
-                }
+                };
+                engine.fill(g, work).await;
             }
         });
     }
 
-    /// Fetches, in the background, every block of group `g` not in the cache
-    /// (or already asked for).
-    async fn fill(&self, g: GroupId) {
-        let files = self.tree_read().mirrored_files(g);
-        for (ino, _, blocks) in files {
+    /// Fetches, in the background, the blocks of the files `work` names that are
+    /// neither in the cache nor already asked for.
+    async fn fill(&self, g: GroupId, work: FillWork) {
+        let files: Vec<(Ino, Blocks)> = {
+            let tree = self.tree_read();
+            match work {
+                FillWork::Nothing => return,
+                FillWork::All => tree
+                    .mirrored_files(g)
+                    .into_iter()
+                    .map(|(ino, _, blocks)| (ino, blocks))
+                    .collect(),
+                FillWork::Nodes(ids, _) => ids
+                    .into_iter()
+                    .filter_map(|id| {
+                        let ino = tree.mirror(g, id)?;
+                        Some((ino, tree.cached_content(ino)?))
+                    })
+                    .collect(),
+            }
+        };
+        for (ino, blocks) in files {
             for (i, (hash, _)) in blocks.iter().enumerate() {
                 if self.inner.cache.contains(hash) || lock(&self.inner.waiters).contains_key(hash) {
                     continue;
@@ -976,3 +1243,33 @@ impl Engine {
 }
 
 use std::os::unix::ffi::OsStrExt;
+
+/// Takes the events already queued, without waiting.
+fn drain(
+    events: &mut broadcast::Receiver<TreeEvent>,
+    batch: &mut Vec<Result<TreeEvent, broadcast::error::RecvError>>,
+) {
+    while batch.len() < DRAIN_MOST {
+        match events.try_recv() {
+            Ok(e) => batch.push(Ok(e)),
+            Err(broadcast::error::TryRecvError::Empty) => return,
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                batch.push(Err(broadcast::error::RecvError::Lagged(n)));
+            }
+            Err(broadcast::error::TryRecvError::Closed) => {
+                batch.push(Err(broadcast::error::RecvError::Closed));
+                return;
+            }
+        }
+    }
+}
+
+/// About how many bytes `c` takes in a message.
+fn change_size(c: &Change) -> usize {
+    match c {
+        Change::Upsert(n) => {
+            64 + n.name.len() + n.target.as_ref().map_or(0, Vec::len) + 40 * n.blocks.len()
+        }
+        Change::Remove { .. } => 16,
+    }
+}

@@ -206,6 +206,7 @@ pub enum OwnerToMember {
         /// Its hash (the member verifies it).
         hash: [u8; 32],
         /// The bytes.
+        #[serde(with = "byte_string")]
         data: Vec<u8>,
     },
     /// Tag 4: the block is no longer part of the file (it changed since).
@@ -223,6 +224,45 @@ pub enum OwnerToMember {
         /// Error code name.
         code: String,
     },
+}
+
+/// A `Vec<u8>` as one byte string. In postcard that is the same encoding as a
+/// sequence of `u8` (a varint length, then the bytes), but copied at once
+/// instead of one element at a time.
+mod byte_string {
+    use serde::{Deserializer, Serializer, de};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> de::Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
 }
 
 fn check(bytes: &[u8]) -> Result<(), ProtoError> {
@@ -304,6 +344,40 @@ impl OwnerToMember {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn block_data_is_encoded_as_a_plain_sequence_of_bytes() {
+        // The encoding of `Block` before its data became one byte string.
+        #[derive(Serialize)]
+        enum Before {
+            _Hello,
+            _Snapshot,
+            _Changes,
+            Block {
+                group: String,
+                hash: [u8; 32],
+                data: Vec<u8>,
+            },
+        }
+        for len in [0usize, 1, 127, 128, 300, 262_144] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let now = OwnerToMember::Block {
+                group: "g".into(),
+                hash: [9; 32],
+                data: data.clone(),
+            };
+            let before = encode(
+                FROM_OWNER,
+                &Before::Block {
+                    group: "g".into(),
+                    hash: [9; 32],
+                    data,
+                },
+            );
+            assert_eq!(now.encode(), before, "{len} bytes");
+            assert_eq!(OwnerToMember::decode(&before).unwrap(), now);
+        }
+    }
 
     fn node(name: &[u8]) -> NodeState {
         NodeState {
