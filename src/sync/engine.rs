@@ -157,6 +157,12 @@ struct Inner {
     subscribers: Mutex<HashMap<GroupId, HashSet<UserName>>>,
     /// Owner side: files changed before they were hashed; pushed once hashed.
     unhashed: Mutex<HashSet<Ino>>,
+    /// Owner side: members a snapshot is on its way to (how many snapshots), with
+    /// the pushes held back until it has gone. A push read after a snapshot must
+    /// not overtake it: the member would apply the push, then the older
+    /// snapshot, which removes what it does not name (such as a file still being
+    /// hashed when the snapshot was read, which that push had just brought).
+    snapshotting: Mutex<HashMap<UserName, HeldBack>>,
     /// Member side: snapshot chunks received so far, per group.
     snapshots: Mutex<HashMap<GroupId, Vec<NodeState>>>,
     /// Member side: per-group status.
@@ -174,6 +180,15 @@ struct Inner {
     fill_failed: Mutex<HashSet<GroupId>>,
     /// Full copy: whether a recomputation of the exact pin set is scheduled.
     repin_scheduled: Mutex<bool>,
+}
+
+/// Owner side: the pushes held back for a member while snapshots go to it.
+#[derive(Debug, Default)]
+struct HeldBack {
+    /// Snapshots on their way.
+    snapshots: u32,
+    /// Encoded `Changes` messages, in order.
+    pushes: Vec<Vec<u8>>,
 }
 
 /// What a group's filler looks at for missing blocks.
@@ -303,6 +318,7 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             unhashed: Mutex::new(HashSet::new()),
+            snapshotting: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
@@ -522,6 +538,12 @@ impl Engine {
         for bytes in msgs {
             let mut reached = Vec::with_capacity(members.len());
             for m in members {
+                // Behind a snapshot on its way: sent once it has gone.
+                if let Some(held) = lock(&self.inner.snapshotting).get_mut(&m) {
+                    held.pushes.push(bytes.clone());
+                    reached.push(m);
+                    continue;
+                }
                 match self.inner.link.send(&m, false, bytes.clone()).await {
                     Ok(()) => reached.push(m),
                     Err(e) => {
@@ -567,8 +589,50 @@ impl Engine {
             // Recorded under the tree lock: a file's `Hashed` event comes from
             // under the write lock, so it cannot slip in before this and be missed.
             lock(&self.inner.unhashed).extend(pending);
+            // Likewise, every push read after this waits for the snapshot.
+            lock(&self.inner.snapshotting)
+                .entry(to.clone())
+                .or_default()
+                .snapshots += 1;
             (group.row.name.clone(), tree.log_position(g), nodes)
         };
+        let mut delivered = self.send_chunks(to, name, seq, nodes).await;
+        // Then the pushes held back meanwhile, in order, until none is left; by
+        // the last of several snapshots on their way at once.
+        loop {
+            let held = {
+                let mut snapshotting = lock(&self.inner.snapshotting);
+                let Some(entry) = snapshotting.get_mut(to) else {
+                    return;
+                };
+                if entry.pushes.is_empty() || entry.snapshots > 1 || !delivered {
+                    entry.snapshots -= 1;
+                    if entry.snapshots == 0 {
+                        snapshotting.remove(to);
+                    }
+                    return;
+                }
+                std::mem::take(&mut entry.pushes)
+            };
+            for bytes in held {
+                if let Err(e) = self.inner.link.send(to, false, bytes).await {
+                    tracing::info!(peer = %to, cause = %e, "member unreachable; it resyncs when back");
+                    self.drop_subscriber(to);
+                    delivered = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sends a snapshot's chunks to `to`; false if they did not all go.
+    async fn send_chunks(
+        &self,
+        to: &UserName,
+        name: String,
+        seq: u64,
+        nodes: Vec<NodeState>,
+    ) -> bool {
         let mut chunks: Vec<Vec<NodeState>> = nodes
             .chunks(SNAPSHOT_CHUNK)
             .map(<[NodeState]>::to_vec)
@@ -587,9 +651,10 @@ impl Engine {
             if let Err(e) = self.inner.link.send(to, false, msg.encode()).await {
                 tracing::info!(peer = %to, cause = %e, "snapshot not delivered");
                 self.drop_subscriber(to);
-                return;
+                return false;
             }
         }
+        true
     }
 
     async fn refuse(&self, to: &UserName, group: &str, code: &str) {
