@@ -28,7 +28,7 @@ command -v fsx >/dev/null || cargo install --locked --quiet fsx@0.3.2
 done
 
 # Network namespaces the netfault tests made, if a killed run left them behind.
-{ ip netns list 2>/dev/null || true; } | grep -oE '^brume-t-[0-9]+-[0-9]+-[a-z]+' | while read -r ns; do
+{ ip netns list 2>/dev/null | grep -oE '^brume-t-[0-9]+-[0-9]+-[a-z]+' || true; } | while read -r ns; do
   ip netns del "$ns" || true
 done
 
