@@ -453,13 +453,7 @@ fn run_seed(
 
 #[test]
 fn random_owner_operations_converge_at_the_member() {
-    // Logs to the test's output with `RUST_LOG` set (nothing otherwise).
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
+    crate::harness::log_to_test_output();
     let seeds = seeds();
     let hub = Hub::new();
     let alice = Peer::start(&hub, "alice");

@@ -306,3 +306,14 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Logs to the test's output, filtered by `RUST_LOG` (nothing unless it is set).
+pub fn log_to_test_output() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        // Another test of this binary may have installed it already.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -234,23 +234,12 @@ impl Default for Options {
     }
 }
 
-/// Logs to the test's output, filtered by `RUST_LOG` (nothing unless it is set).
-fn log_to_test_output() {
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
-        // Another test of this binary may have installed it already.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
-}
-
 async fn start(server: &TestServer, account: &Account, opts: Options) -> Client {
     start_at(server.url(), account, opts).await
 }
 
 async fn start_at(server_url: String, account: &Account, opts: Options) -> Client {
-    log_to_test_output();
+    crate::harness::log_to_test_output();
     let config = ClientConfig {
         server_url,
         username: account.user.clone(),
