@@ -823,16 +823,37 @@ fn a_member_killed_during_sync_recovers_and_catches_up() {
                 (p, data)
             })
             .collect();
-        wait_until(
-            Duration::from_secs(60),
-            &format!("point {point} (seed {s}): bob to catch up"),
-            || {
-                tree(&w.b("")) == tree(&w.a(""))
-                    && want
-                        .iter()
-                        .all(|(p, d)| std::fs::read(w.b(p)).is_ok_and(|got| got == *d))
-            },
-        );
+        let caught_up = || {
+            tree(&w.b("")) == tree(&w.a(""))
+                && want
+                    .iter()
+                    .all(|(p, d)| std::fs::read(w.b(p)).is_ok_and(|got| got == *d))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !caught_up() {
+            if std::time::Instant::now() > deadline {
+                let differs: Vec<String> = want
+                    .iter()
+                    .filter(|(p, d)| !std::fs::read(w.b(p)).is_ok_and(|got| got == *d))
+                    .map(|(p, d)| {
+                        let got = std::fs::read(w.b(p));
+                        format!(
+                            "{p}: owner {} bytes, member {:?}, cached {:?}",
+                            d.len(),
+                            got.map(|g| g.len()),
+                            cached(&w.b(p))
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "point {point} (seed {s}): bob did not catch up in 60 s\nowner {:?}\nmember {:?}\ndiffering: {differs:#?}\nbob's status: {}",
+                    tree(&w.a("")),
+                    tree(&w.b("")),
+                    status(&w.bob)["live"]["groups"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     eprintln!(
         "{points} member kill points (seeds {seed}..{}) in {:.0} s",

@@ -155,6 +155,10 @@ struct Inner {
     waiters: Mutex<HashMap<BlockHash, Vec<oneshot::Sender<Fetched>>>>,
     /// Owner side: which members are subscribed to which owned groups.
     subscribers: Mutex<HashMap<GroupId, HashSet<UserName>>>,
+    /// Owner side: how many times each member has subscribed. A send that
+    /// fails drops the member's subscriptions only if it has not subscribed
+    /// again since the send began (its new link must not lose them).
+    subscriptions: Mutex<HashMap<UserName, u64>>,
     /// Owner side: files changed before they were hashed; pushed once hashed.
     unhashed: Mutex<HashSet<Ino>>,
     /// Owner side: members a snapshot is on its way to (how many snapshots), with
@@ -317,6 +321,7 @@ impl Engine {
             config,
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
             unhashed: Mutex::new(HashSet::new()),
             snapshotting: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
@@ -544,15 +549,32 @@ impl Engine {
                     reached.push(m);
                     continue;
                 }
+                let generation = self.subscription(&m);
                 match self.inner.link.send(&m, false, bytes.clone()).await {
                     Ok(()) => reached.push(m),
                     Err(e) => {
                         tracing::info!(peer = %m, group = %group_name, cause = %e, "member unreachable; it resyncs when back");
-                        self.drop_subscriber(&m);
+                        self.drop_subscriber_since(&m, generation);
                     }
                 }
             }
             members = reached;
+        }
+    }
+
+    /// How many times `member` has subscribed so far.
+    fn subscription(&self, member: &UserName) -> u64 {
+        lock(&self.inner.subscriptions)
+            .get(member)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Drops `member`'s subscriptions after a failed send begun at subscription
+    /// `generation`, unless the member has subscribed again since.
+    fn drop_subscriber_since(&self, member: &UserName, generation: u64) {
+        if self.subscription(member) == generation {
+            self.drop_subscriber(member);
         }
     }
 
@@ -615,9 +637,10 @@ impl Engine {
                 std::mem::take(&mut entry.pushes)
             };
             for bytes in held {
+                let generation = self.subscription(to);
                 if let Err(e) = self.inner.link.send(to, false, bytes).await {
                     tracing::info!(peer = %to, cause = %e, "member unreachable; it resyncs when back");
-                    self.drop_subscriber(to);
+                    self.drop_subscriber_since(to, generation);
                     delivered = false;
                     break;
                 }
@@ -648,9 +671,10 @@ impl Engine {
                 nodes,
                 last: i + 1 == count,
             };
+            let generation = self.subscription(to);
             if let Err(e) = self.inner.link.send(to, false, msg.encode()).await {
                 tracing::info!(peer = %to, cause = %e, "snapshot not delivered");
-                self.drop_subscriber(to);
+                self.drop_subscriber_since(to, generation);
                 return false;
             }
         }
@@ -693,6 +717,9 @@ impl Engine {
                     return self.refuse(from, &group, "EHELD").await;
                 }
                 tracing::info!(peer = %from, %group, since, "member subscribed");
+                *lock(&self.inner.subscriptions)
+                    .entry(from.clone())
+                    .or_default() += 1;
                 lock(&self.inner.subscribers)
                     .entry(g)
                     .or_default()
