@@ -855,9 +855,12 @@ impl Engine {
         }
     }
 
-    /// A peer went away: forget its subscriptions, fail reads waiting on it.
+    /// A peer's link went down. Its subscriptions stay: the news may be of a
+    /// link already replaced by one on which it subscribed again, and the next
+    /// push that cannot reach it drops them (only if it has not subscribed
+    /// since).
     pub fn peer_offline(&self, peer: &UserName) {
-        self.drop_subscriber(peer);
+        tracing::debug!(%peer, "peer link down; its subscriptions go with the next failed push");
     }
 
     /// Handles one message from `from`.
