@@ -26,31 +26,14 @@ const STEPS: usize = 40;
 /// Every member write starts with this, and no owner write does.
 const MEMBER_MARK: &[u8] = b"member-";
 
-/// SplitMix64: small, seedable, and the same on every machine.
-struct Rng(u64);
+use crate::harness::Rng;
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
     fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
         (!items.is_empty()).then(|| &items[self.below(items.len() as u64) as usize])
     }
 
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
+    fn letters(&mut self, len: usize) -> Vec<u8> {
         // Printable, and never starting with MEMBER_MARK.
         (0..len).map(|_| b'A' + self.below(26) as u8).collect()
     }
@@ -221,7 +204,7 @@ fn owner_step(rng: &mut Rng, root: &Path) -> String {
                 rng.below(5_000) as usize
             };
             let p = dir.join(name);
-            let _ = std::fs::write(at(&p), rng.bytes(len));
+            let _ = std::fs::write(at(&p), rng.letters(len));
             format!("write {} ({len} bytes)", p.display())
         }
         25..=39 if file.is_some() => {
@@ -229,7 +212,7 @@ fn owner_step(rng: &mut Rng, root: &Path) -> String {
             let size = std::fs::metadata(at(&p)).map(|m| m.len()).unwrap_or(0);
             let off = rng.below(size + 1_000);
             let len = 1 + rng.below(5_000) as usize;
-            let data = rng.bytes(len);
+            let data = rng.letters(len);
             if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(at(&p)) {
                 let _ = f
                     .seek(SeekFrom::Start(off))
@@ -330,7 +313,7 @@ fn member_step(
     }
     let mut data = format!("member-{tag}-{}-", written.len()).into_bytes();
     let len = rng.below(3_000) as usize;
-    data.extend(rng.bytes(len));
+    data.extend(rng.letters(len));
     touched.insert(p.clone());
     match std::fs::write(root.join(&p), &data) {
         Ok(()) => {
