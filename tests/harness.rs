@@ -97,7 +97,10 @@ impl Client {
             .arg("--data")
             .arg(&self.data)
             .arg("-f")
-            .env("RUST_LOG", "error,brume::fs=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BRUME_DAEMON_LOG").unwrap_or_else(|_| "error,brume::fs=warn".into()),
+            )
             .stdin(Stdio::null());
         if !self.passthrough {
             cmd.arg("--no-passthrough");

@@ -770,7 +770,7 @@ fn check_member_store(c: &Client, point: usize, seed: u64) {
 }
 
 /// kill -9 of a member at random points while the owner's changes stream in,
-/// `BRUME_MEMBER_CRASH_POINTS` times (default 4): after each restart the catalog
+/// `BRUME_MEMBER_CRASH_POINTS` times (default 8): after each restart the catalog
 /// is intact, every cached block is right, the member catches up and its copy
 /// equals the owner's, byte for byte.
 #[test]
@@ -778,7 +778,7 @@ fn a_member_killed_during_sync_recovers_and_catches_up() {
     let points: usize = std::env::var("BRUME_MEMBER_CRASH_POINTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(8);
     let seed: u64 = std::env::var("BRUME_MEMBER_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -327,8 +327,12 @@ pub(crate) struct Shared {
     counters: Arc<Counters>,
     /// Why the link died; `None` while it lives. Written by whichever task notices first.
     dead: watch::Sender<Option<String>>,
-    /// Set once both sides are authenticated; readers deliver nothing before.
+    /// Set once both sides are authenticated.
     authed: watch::Sender<bool>,
+    /// Set once the link is the one sends to the peer go on; readers deliver no
+    /// application message before, so that whatever answers a message goes on
+    /// the link it came in on, not on the one this link replaces.
+    live: watch::Sender<bool>,
     closing: AtomicBool,
 }
 
@@ -447,6 +451,12 @@ impl Link {
     /// Whether the link has died.
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.borrow().is_some()
+    }
+
+    /// Starts delivering the peer's messages: called once sends to the peer go
+    /// on this link.
+    pub(crate) fn go_live(&self) {
+        self.shared.live.send_replace(true);
     }
 
     /// Closes the connection.
@@ -569,6 +579,7 @@ fn wire(
 ) -> Wired {
     let (dead_tx, dead) = watch::channel(None);
     let (authed, _) = watch::channel(false);
+    let (live, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         peer: params.peer.clone(),
         lanes: channels.clone().map(|channel| LaneTx {
@@ -580,6 +591,7 @@ fn wire(
         counters: params.counters.clone(),
         dead: dead_tx,
         authed,
+        live,
         closing: AtomicBool::new(false),
     });
     // Handshake frames, from the control channel's reader to `establish`.
@@ -1059,7 +1071,7 @@ impl Reader {
 
     async fn message(&mut self, data: &[u8], assembler: &mut Assembler) -> Result<(), LinkError> {
         let frame = wire::decode(data)?;
-        if !*self.shared.authed.borrow() {
+        if !*self.shared.live.borrow() {
             let owned = match frame {
                 Frame::Hello {
                     version,
@@ -1076,17 +1088,20 @@ impl Reader {
                 Frame::Refuse { reason } => Some(HandshakeFrame::Refuse(reason.to_owned())),
                 _ => None,
             };
-            if let (Some(owned), Some(tx)) = (owned, &self.handshake) {
+            if let (Some(owned), Some(tx)) = (owned, &self.handshake)
+                && !*self.shared.authed.borrow()
+            {
                 return tx.send(owned).await.map_err(|_| LinkError::Closed {
                     state: "handshake over".into(),
                 });
             }
             // Application data may arrive as soon as the peer has verified us, before
-            // we have verified it: hold this channel until we have.
-            let mut authed = self.shared.authed.subscribe();
+            // we have verified it and made this link the one we send on: hold this
+            // channel until then.
+            let mut live = self.shared.live.subscribe();
             let mut dead = self.shared.dead.subscribe();
             tokio::select! {
-                r = authed.wait_for(|a| *a) => { r.map_err(|_| LinkError::Closed { state: "link gone".into() })?; }
+                r = live.wait_for(|a| *a) => { r.map_err(|_| LinkError::Closed { state: "link gone".into() })?; }
                 _ = dead.wait_for(Option::is_some) => return Err(LinkError::Closed { state: "not authenticated".into() }),
             }
         }

@@ -407,7 +407,9 @@ impl Supervisor {
                 });
                 let old = current.replace(link.clone());
                 self.peer_left = false;
-                self.link_tx.send_replace(Some(link));
+                self.link_tx.send_replace(Some(link.clone()));
+                // Only now: a message the peer sent on the new link is answered on it.
+                link.go_live();
                 if let Some(old) = old {
                     old.close().await;
                 }
