@@ -791,6 +791,10 @@ fn inject(hub: &Hub, to: &Peer, from: &str, payload: &[u8]) {
 #[test]
 fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
     let (hub, alice, bob) = shared();
+    // bob's join is complete: `f` below comes as a change, not in the snapshot.
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
     hub.record();
     std::fs::write(alice.path("alice/g/f"), b"version one").unwrap();
     read_when(&bob.path("alice/g/f"), b"version one");

@@ -360,12 +360,19 @@ impl Shared {
         let frames = wire::encode(kind, payload)?;
         let tx = &self.lanes[lane.index()];
         let _whole_message = tx.lock.lock().await;
+        // A send waiting for room in a dead link's buffer fails at once: a link
+        // being replaced is declared dead before its connection is closed, and
+        // the tasks sending on it hold what others wait for.
+        let mut dead = self.dead.subscribe();
         for frame in frames {
             let n = frame.len() as u64;
-            tx.channel.send(frame).await.map_err(|e| {
-                let err = LinkError::Closed {
-                    state: format!("send failed: {e}"),
-                };
+            let sent = tokio::select! {
+                biased;
+                r = tx.channel.send(frame) => r.map_err(|e| format!("send failed: {e}")),
+                _ = dead.wait_for(Option::is_some) => Err("link closed".to_owned()),
+            };
+            sent.map_err(|state| {
+                let err = LinkError::Closed { state };
                 self.die(err.to_string());
                 err
             })?;
