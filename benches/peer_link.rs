@@ -3,7 +3,9 @@
 //! use, next to raw TCP loopback measured in the same run.
 //!
 //! `cargo bench --bench peer_link` (env `PEER_BENCH_MIB`, default 512: MiB per
-//! throughput run; `PEER_BENCH_SETUPS`, default 20; `RUST_LOG` for logs on stderr).
+//! throughput run; `PEER_BENCH_SETUPS`, default 20; `PEER_BENCH_PAIRS`, e.g. `2,3,4`:
+//! also bulk of that many pairs at once, the same MiB in all; `RUST_LOG` for logs on
+//! stderr).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +157,105 @@ async fn tcp_loopback(bytes: usize) -> f64 {
     bytes as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
+/// The kernel's count of UDP datagrams dropped for want of receive buffer, for the
+/// whole machine (other programs' sockets included).
+fn udp_receive_buffer_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one bulk run measured.
+struct Bulk {
+    secs: f64,
+    /// The longest time a receiver waited for its next message: a lost datagram that
+    /// SCTP had to time out shows as a second or more.
+    longest_gap: Duration,
+    drops: u64,
+    rss_before: f64,
+    max_rss: f64,
+}
+
+/// Fresh `pairs` sender/receiver pairs, all linked first, then each sender pushes its
+/// share of `mib` MiB as 1 MiB messages on the bulk lane as fast as backpressure allows;
+/// timed until every receiver has its share.
+async fn bulk(url: &str, accounts: &Accounts, tag: &str, pairs: usize, mib: usize) -> Bulk {
+    let mut linked = Vec::new();
+    for k in 0..pairs {
+        let a = client(url, accounts, &format!("{tag}-sender{k}")).await;
+        let b = client(url, accounts, &format!("{tag}-receiver{k}")).await;
+        let to = UserName::new(&format!("{tag}-receiver{k}")).expect("name");
+        a.peers.connect(&to).await.expect("connect");
+        linked.push((a, b, to));
+    }
+    let share = (mib << 20) / pairs;
+    let rss_before = rss_mib();
+    let drops_before = udp_receive_buffer_errors();
+    let start = Instant::now();
+    let mut runs = Vec::new();
+    for (a, mut b, to) in linked {
+        let peers = a.peers.clone();
+        // Pushes this pair's share.
+        let sender = tokio::spawn(async move {
+            let msg = vec![0x5au8; 1 << 20];
+            let mut sent = 0;
+            while sent < share {
+                peers.send(&to, Lane::Bulk, &msg).await.expect("send");
+                sent += msg.len();
+            }
+        });
+        // Receives it; returns the longest wait and the largest RSS seen.
+        runs.push(tokio::spawn(async move {
+            let (mut got, mut last) = (0usize, Instant::now());
+            let (mut longest, mut max_rss) = (Duration::ZERO, rss_before);
+            while got < share {
+                match b.events.recv().await {
+                    Some(PeerEvent::Message { payload, .. }) => {
+                        got += payload.len();
+                        longest = longest.max(last.elapsed());
+                        last = Instant::now();
+                        if got % (64 << 20) < (1 << 20) {
+                            max_rss = max_rss.max(rss_mib());
+                        }
+                    }
+                    Some(_) => {}
+                    None => panic!("events closed"),
+                }
+            }
+            sender.await.expect("sender");
+            (a, b, longest, max_rss)
+        }));
+    }
+    let mut done = Vec::new();
+    for run in runs {
+        done.push(run.await.expect("pair"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let drops = udp_receive_buffer_errors().saturating_sub(drops_before);
+    let (mut longest_gap, mut max_rss) = (Duration::ZERO, rss_before);
+    for (a, b, longest, rss) in done {
+        longest_gap = longest_gap.max(longest);
+        max_rss = max_rss.max(rss);
+        a.peers.shutdown().await;
+        b.peers.shutdown().await;
+    }
+    Bulk {
+        secs,
+        longest_gap,
+        drops,
+        rss_before,
+        max_rss,
+    }
+}
+
 fn main() {
     // Logs to stderr, filtered by RUST_LOG (default: warnings), so a failed setup
     // says why.
@@ -221,49 +322,36 @@ async fn run() {
     );
 
     // Bulk throughput of one pair.
-    let a = client(&url, &accounts, "sender").await;
-    let mut b = client(&url, &accounts, "receiver").await;
-    let to = UserName::new("receiver").expect("name");
-    a.peers.connect(&to).await.expect("connect");
-    let rss_before = rss_mib();
-    let total = mib << 20;
-    let msg = vec![0x5au8; 1 << 20];
-    let start = Instant::now();
-    let sender = {
-        let peers = a.peers.clone();
-        let to = to.clone();
-        // Pushes the payload as fast as backpressure allows.
-        tokio::spawn(async move {
-            let mut sent = 0;
-            while sent < total {
-                peers.send(&to, Lane::Bulk, &msg).await.expect("send");
-                sent += msg.len();
-            }
-        })
-    };
-    let mut got = 0usize;
-    let mut max_rss = rss_before;
-    while got < total {
-        match b.events.recv().await {
-            Some(PeerEvent::Message { payload, .. }) => {
-                got += payload.len();
-                if got % (64 << 20) < (1 << 20) {
-                    max_rss = max_rss.max(rss_mib());
-                }
-            }
-            Some(_) => {}
-            None => panic!("events closed"),
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    sender.await.expect("sender");
+    let one = bulk(&url, &accounts, "bulk", 1, mib).await;
     println!(
-        "bulk: {mib} MiB in {secs:.2} s = {:.1} MB/s; RSS {rss_before:.0} MiB before, max {max_rss:.0} MiB during, peak {:.0} MiB",
-        total as f64 / secs / 1e6,
-        peak_rss_mib()
+        "bulk: {mib} MiB in {:.2} s = {:.1} MB/s; RSS {:.0} MiB before, max {:.0} MiB during, peak {:.0} MiB; longest wait for a message {:.0} ms; UDP receive-buffer drops (whole machine) {}",
+        one.secs,
+        (mib << 20) as f64 / one.secs / 1e6,
+        one.rss_before,
+        one.max_rss,
+        peak_rss_mib(),
+        one.longest_gap.as_secs_f64() * 1e3,
+        one.drops
     );
-    a.peers.shutdown().await;
-    b.peers.shutdown().await;
+    // Several pairs at once: as many associations as striping one pair's bulk lane
+    // over that many would use, without anything shared between them: the most such
+    // striping could give.
+    for pairs in std::env::var("PEER_BENCH_PAIRS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        let run = bulk(&url, &accounts, &format!("pairs{pairs}"), pairs, mib).await;
+        println!(
+            "bulk, {pairs} pairs at once: {mib} MiB in all in {:.2} s = {:.1} MB/s; peak RSS {:.0} MiB; longest wait for a message {:.0} ms; UDP receive-buffer drops (whole machine) {}",
+            run.secs,
+            (mib << 20) as f64 / run.secs / 1e6,
+            peak_rss_mib(),
+            run.longest_gap.as_secs_f64() * 1e3,
+            run.drops
+        );
+    }
 
     let tcp = tcp_loopback(1 << 30).await;
     println!("raw TCP loopback: 1024 MiB at {tcp:.0} MB/s");

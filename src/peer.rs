@@ -12,10 +12,12 @@
 //! - [`handshake`]: the signed transcript that authenticates a link.
 //! - `link`: one WebRTC connection: setup, channels, readers.
 //! - `supervisor`: one task per peer: dialing, answering, reconnecting, status.
+//! - `udp`: socket receive buffers, and the SCTP window sized to what they hold.
 
 pub mod handshake;
 mod link;
 mod supervisor;
+mod udp;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};

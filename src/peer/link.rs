@@ -34,6 +34,7 @@ use webrtc::peer_connection::{
 };
 
 use super::handshake::{self, Party, Role};
+use super::udp;
 use super::wire::{self, Assembler, Frame, Inbound, Outbound, ResponseStatus};
 use super::{Lane, Membership, PeerEvent, Responder, Signaling};
 use crate::ids::{GroupName, UserName};
@@ -41,8 +42,6 @@ use crate::ids::{GroupName, UserName};
 /// The `kind` of every signaling payload of the peer link.
 pub(crate) const SIGNAL_KIND: &str = "brume-peer/1";
 
-/// SCTP receive window: large enough to keep a fast path full.
-const SCTP_RECEIVE_BUFFER: u32 = 8 << 20;
 /// Bytes one data channel may have handed to SCTP but not yet acknowledged; `send`
 /// waits beyond this. This is what bounds the sender's memory.
 const SEND_BUFFER_LIMIT: usize = 8 << 20;
@@ -505,7 +504,8 @@ fn rtc(step: &'static str) -> impl FnOnce(webrtc::error::Error) -> LinkError {
 }
 
 /// Builds a peer connection tuned for Brume: host candidates plus the configured
-/// STUN/TURN servers, no mDNS, fast ICE checks, large SCTP windows, bounded send buffers.
+/// STUN/TURN servers, no mDNS, fast ICE checks, SCTP windows as large as the UDP
+/// receive buffers hold, bounded send buffers.
 async fn build_pc(
     params: &LinkParams,
     sid: u64,
@@ -526,7 +526,8 @@ async fn build_pc(
             Some(Duration::from_secs(6)),
             Some(Duration::from_millis(500)),
         )
-        .with_sctp_max_receive_buffer_size(SCTP_RECEIVE_BUFFER)
+        // No larger than the UDP socket can hold: see `super::udp`.
+        .with_sctp_max_receive_buffer_size(udp::receive_window())
         .build();
     let config = RTCConfigurationBuilder::new()
         .with_ice_servers(params.ice_servers.clone())
@@ -545,6 +546,7 @@ async fn build_pc(
         .with_handler(Arc::new(handler))
         .with_udp_addrs(params.udp_addrs.clone())
         .with_data_channel_send_buffer_limit(SEND_BUFFER_LIMIT)
+        .with_runtime(Arc::new(udp::SizedSockets))
         .build()
         .await
         .map_err(rtc("build"))?;

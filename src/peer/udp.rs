@@ -1,0 +1,224 @@
+//! The peer link's UDP sockets: a webrtc runtime that asks the kernel for a large
+//! receive buffer on every socket a connection binds, and the SCTP receive window that
+//! such a buffer can hold.
+//!
+//! SCTP lets the peer have one receive window of data in flight. When the path is faster
+//! than this side reads (loopback, a fast LAN, a busy machine), those datagrams wait in
+//! the socket's kernel buffer until the connection's driver reads them, so a window
+//! larger than that buffer overflows it. With Linux's default buffer (208 KiB, charged
+//! about twice per datagram's payload) and the 8 MiB window the link advertised, every
+//! bulk transfer lost datagrams this way, and each loss that SCTP could not repair by fast
+//! retransmit stalled the channel for a retransmission timeout of at least one second
+//! (webrtc 0.21's `RTO_MIN`): a 512 MiB transfer spent up to half of its 4–9 s in such
+//! stalls.
+//!
+//! So every socket asks for [`WANTED_RECEIVE_BUFFER`] (the kernel grants at most
+//! `net.core.rmem_max`, doubled for its bookkeeping), and the window this side advertises
+//! is half of what a socket is granted, within [`MIN_WINDOW`]..=[`MAX_WINDOW`]. On a
+//! machine whose `rmem_max` is the default, that is a 208 KiB window: enough for loopback
+//! and LAN, but a path with a long round trip then carries at most a window per round trip
+//! (about 20 MB/s at 10 ms). Raising `net.core.rmem_max` to 8 MiB lifts it to
+//! [`MAX_WINDOW`].
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+use webrtc::runtime::{
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
+    TokioRuntime,
+};
+
+/// The kernel receive buffer every socket asks for: what [`MAX_WINDOW`] needs once the
+/// kernel has doubled it.
+const WANTED_RECEIVE_BUFFER: usize = 8 << 20;
+/// Largest SCTP receive window: large enough to keep a fast path full.
+const MAX_WINDOW: usize = 8 << 20;
+/// Smallest SCTP receive window: two of the largest frames (64 KiB each), so that a
+/// whole frame always fits.
+const MIN_WINDOW: usize = 128 << 10;
+const _: () = assert!(MIN_WINDOW >= 2 * super::wire::MAX_FRAME);
+/// What a socket is assumed to be granted when the probe fails: Linux's default, doubled.
+const DEFAULT_GRANTED: usize = 2 * 212_992;
+
+/// The SCTP receive window of every connection: half of the receive buffer a socket is
+/// granted (each datagram costs the kernel about twice its payload), so the peer can
+/// never have more in flight than the socket holds. Probed once per process.
+pub(crate) fn receive_window() -> u32 {
+    static WINDOW: OnceLock<u32> = OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        let granted = probe().unwrap_or_else(|err| {
+            debug!(cause = %err, "cannot probe the UDP receive buffer; assuming the default");
+            DEFAULT_GRANTED
+        });
+        let window = window_for(granted);
+        if (window as usize) < MAX_WINDOW {
+            info!(
+                granted,
+                window,
+                "UDP receive buffers are limited by net.core.rmem_max: the peer link's \
+                 window is smaller than it could be (raise net.core.rmem_max to {WANTED_RECEIVE_BUFFER} \
+                 for fast links with long round trips)"
+            );
+        }
+        window
+    })
+}
+
+/// The window a socket granted `granted` bytes of receive buffer can hold.
+fn window_for(granted: usize) -> u32 {
+    let window = (granted / 2).clamp(MIN_WINDOW, MAX_WINDOW);
+    // MAX_WINDOW is far below u32::MAX.
+    window as u32
+}
+
+/// The receive buffer a fresh socket is granted when it asks for
+/// [`WANTED_RECEIVE_BUFFER`], on a throwaway loopback socket.
+fn probe() -> io::Result<usize> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    enlarge_receive_buffer(&socket)
+}
+
+/// Asks for [`WANTED_RECEIVE_BUFFER`] on `socket`; returns what the kernel granted.
+fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> io::Result<usize> {
+    let fd = socket.as_raw_fd();
+    let wanted = libc::c_int::try_from(WANTED_RECEIVE_BUFFER).unwrap_or(libc::c_int::MAX);
+    let int_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket for the duration of the call, and the option value
+    // points to a c_int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&wanted as *const libc::c_int).cast(),
+            int_len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut granted: libc::c_int = 0;
+    let mut len = int_len;
+    // SAFETY: as above; the kernel writes at most `len` bytes into `granted`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut granted as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(granted).unwrap_or(0))
+}
+
+/// webrtc's tokio runtime, except that every UDP socket a connection binds first asks
+/// for a large receive buffer (see the module's documentation).
+#[derive(Debug)]
+pub(crate) struct SizedSockets;
+
+impl Runtime for SizedSockets {
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) -> Box<dyn JoinHandle> {
+        TokioRuntime.spawn(future)
+    }
+
+    fn spawn_reactor(
+        &self,
+        reactor_pool_size: usize,
+        future: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Box<dyn JoinHandle> {
+        TokioRuntime.spawn_reactor(reactor_pool_size, future)
+    }
+
+    fn wrap_udp_socket(&self, socket: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+        // Without it the socket still works, with the default buffer and losses as
+        // described above; the window was sized from the same request.
+        if let Err(err) = enlarge_receive_buffer(&socket) {
+            debug!(cause = %err, "cannot enlarge a UDP receive buffer");
+        }
+        TokioRuntime.wrap_udp_socket(socket)
+    }
+
+    fn wrap_tcp_listener(
+        &self,
+        listener: std::net::TcpListener,
+    ) -> io::Result<Arc<dyn AsyncTcpListener>> {
+        TokioRuntime.wrap_tcp_listener(listener)
+    }
+
+    fn connect_tcp<'a>(
+        &'a self,
+        remote_addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Arc<dyn AsyncTcpStream>>> + Send + 'a>> {
+        TokioRuntime.connect_tcp(remote_addr)
+    }
+
+    fn resolve_host<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        TokioRuntime.resolve_host(host)
+    }
+
+    fn now(&self) -> Instant {
+        TokioRuntime.now()
+    }
+
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        TokioRuntime.sleep(duration)
+    }
+
+    fn interval(&self, period: Duration) -> Box<dyn AsyncInterval> {
+        TokioRuntime.interval(period)
+    }
+
+    fn block_on(&self, future: Pin<Box<dyn Future<Output = ()> + '_>>) {
+        TokioRuntime.block_on(future)
+    }
+
+    fn yield_now(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        TokioRuntime.yield_now()
+    }
+
+    fn name(&self) -> &'static str {
+        TokioRuntime.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_half_the_granted_buffer_within_bounds() {
+        // Linux's default buffer, doubled by the kernel.
+        assert_eq!(window_for(2 * 212_992), 212_992);
+        assert_eq!(window_for(2 * MAX_WINDOW), MAX_WINDOW as u32);
+        assert_eq!(window_for(usize::MAX), MAX_WINDOW as u32);
+        assert_eq!(window_for(0), MIN_WINDOW as u32);
+    }
+
+    #[test]
+    fn the_window_fits_in_what_a_socket_is_granted() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let granted = enlarge_receive_buffer(&socket).unwrap();
+        // At least what the kernel grants without asking, at most what was asked for
+        // (doubled by the kernel).
+        assert!(granted >= 4096, "{granted}");
+        assert!(granted <= 2 * WANTED_RECEIVE_BUFFER, "{granted}");
+        let window = receive_window() as usize;
+        assert!(
+            window == MIN_WINDOW || 2 * window <= granted,
+            "{window} / {granted}"
+        );
+    }
+}
