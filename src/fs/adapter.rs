@@ -1190,17 +1190,16 @@ impl fuser::Filesystem for BrumeFs {
             |fh, backing| {
                 if let Some(r) = reply.borrow_mut().take() {
                     match backing {
-                        Some(b) => r.created_passthrough(
+                        Some(b) => {
+                            r.created_passthrough(&TTL, &attr, Generation(0), fh, OPEN_FLAGS, b)
+                        }
+                        None => r.created(
                             &TTL,
                             &attr,
                             Generation(0),
                             fh,
-                            FopenFlags::empty(),
-                            b,
+                            OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE,
                         ),
-                        None => {
-                            r.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
-                        }
                     }
                 }
             },
