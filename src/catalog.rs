@@ -25,6 +25,10 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 const BATCH: usize = 4096;
 /// How long the actor gathers ops before committing them together.
 const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+/// First wait before a failed commit is tried again; doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between two tries of a failed commit.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Errors of the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -490,15 +494,35 @@ impl Catalog {
 
 fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(BATCH);
-    while let Ok(first) = rx.recv() {
+    // After a failed commit (a full disk, say): its ops are kept, in order, and
+    // tried again after this delay, with whatever came meanwhile.
+    let mut retry: Option<std::time::Duration> = None;
+    let mut gone = false;
+    loop {
+        let first = match retry {
+            None => match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => break,
+            },
+            Some(delay) => match rx.recv_timeout(delay) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    gone = true;
+                    None
+                }
+            },
+        };
         // Group commit: after the first op of a batch, sleep through a short window
         // (senders do not wake us; only a barrier does, via unpark) and then take
         // everything queued, so a burst of small operations costs one transaction
         // and one wake-up instead of one each.
-        let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. } | Op::Close);
-        push_op(&mut batch, first);
-        if !urgent {
-            std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+        if let Some(first) = first {
+            let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. } | Op::Close);
+            push_op(&mut batch, first);
+            if !urgent {
+                std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+            }
         }
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -523,7 +547,7 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         }
         let mut barriers = Vec::new();
         let mut removals = Vec::new();
-        let result = apply(&mut conn, &mut batch, &mut barriers, &mut removals);
+        let result = apply(&mut conn, &batch, &mut barriers, &mut removals);
         match &result {
             // Only now that the rows naming them are gone for good.
             Ok(()) => {
@@ -536,7 +560,11 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 }
             }
             // The files stay; the sweep at the next mount removes those no node owns.
-            Err(e) => tracing::error!(cause = ?e, "catalog commit failed"),
+            Err(e) => tracing::error!(
+                cause = ?e,
+                ops = batch.len(),
+                "catalog commit failed; will retry"
+            ),
         }
         for answer in barriers {
             let err = result.as_ref().err().map(|e| e.to_string());
@@ -549,7 +577,25 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 }
             }
         }
-        if closing {
+        match result {
+            Ok(()) => {
+                batch.clear();
+                retry = None;
+            }
+            Err(_) => {
+                // What waits for an answer has had it (the error); the writes
+                // are tried again.
+                batch.retain(|op| !matches!(op, Op::Barrier(_) | Op::PinKey { .. }));
+                retry = Some(retry.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX)));
+                if closing || gone {
+                    tracing::error!(
+                        ops = batch.len(),
+                        "catalog closed with writes it could not commit"
+                    );
+                }
+            }
+        }
+        if closing || gone {
             break;
         }
     }
@@ -598,12 +644,12 @@ enum Answer {
 
 fn apply(
     conn: &mut Connection,
-    batch: &mut Vec<Op>,
+    batch: &[Op],
     barriers: &mut Vec<Answer>,
     removals: &mut Vec<PathBuf>,
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
-    for op in batch.drain(..) {
+    for op in batch {
         match op {
             Op::PinKey { user, key, reply } => {
                 let pinned: Option<Vec<u8>> = tx
@@ -631,7 +677,7 @@ fn apply(
                         PinOutcome::Changed { pinned }
                     }
                 };
-                barriers.push(Answer::Pin(reply, outcome));
+                barriers.push(Answer::Pin(reply.clone(), outcome));
             }
             Op::PutNode(n) => {
                 tx.prepare_cached(
@@ -773,21 +819,21 @@ fn apply(
                     .execute(params![i, (from + k as u64) as i64, &hash.0[..], len])?;
                 }
                 tx.prepare_cached("DELETE FROM blocks WHERE ino = ?1 AND idx >= ?2")?
-                    .execute(params![i, count as i64])?;
+                    .execute(params![i, *count as i64])?;
             }
             Op::CountConflict(g) => {
                 tx.prepare_cached(
                     "INSERT INTO meta (key, value) VALUES (?1, 1) \
                      ON CONFLICT (key) DO UPDATE SET value = value + 1",
                 )?
-                .execute([conflicts_key(g)])?;
+                .execute([conflicts_key(*g)])?;
             }
             Op::SetMeta { key, value } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
                     .execute(params![key, value])?;
             }
-            Op::RemoveFile(path) => removals.push(path),
-            Op::Barrier(b) => barriers.push(Answer::Barrier(b)),
+            Op::RemoveFile(path) => removals.push(path.clone()),
+            Op::Barrier(b) => barriers.push(Answer::Barrier(b.clone())),
             Op::Close => {}
             // Flattened on receipt (push_op): never here.
             Op::Batch(ops) => tracing::error!(ops = ops.len(), "unflattened catalog batch dropped"),
@@ -1048,5 +1094,30 @@ mod tests {
             cat.pin_key("bob", [2; 32]).unwrap(),
             PinOutcome::Changed { pinned: [1; 32] }
         );
+    }
+
+    #[test]
+    fn a_failed_commit_is_tried_again_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let (cat, _, _thread) = Catalog::open(&path).unwrap();
+        // Another writer holds the database: the next commit fails.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        cat.send(Op::SetMeta {
+            key: "test",
+            value: 7,
+        })
+        .unwrap();
+        assert!(cat.barrier().is_err(), "the commit should have failed");
+        other.execute_batch("ROLLBACK").unwrap();
+        // Written by a later try, without being sent again.
+        cat.barrier().unwrap();
+        let value: i64 = other
+            .query_row("SELECT value FROM meta WHERE key = 'test'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(value, 7);
     }
 }
