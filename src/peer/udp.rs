@@ -13,7 +13,8 @@
 //! stalls.
 //!
 //! So every socket asks for [`WANTED_RECEIVE_BUFFER`] (the kernel grants at most
-//! `net.core.rmem_max`, doubled for its bookkeeping), and the window this side advertises
+//! `net.core.rmem_max`, doubled for its bookkeeping, unless the daemon has
+//! `CAP_NET_ADMIN`, as when it runs as root), and the window this side advertises
 //! is half of what a socket is granted, within [`MIN_WINDOW`]..=[`MAX_WINDOW`]. On a
 //! machine whose `rmem_max` is the default, that is a 208 KiB window: enough for loopback
 //! and LAN, but a path with a long round trip then carries at most a window per round trip
@@ -85,22 +86,26 @@ fn probe() -> io::Result<usize> {
 }
 
 /// Asks for [`WANTED_RECEIVE_BUFFER`] on `socket`; returns what the kernel granted.
+/// With `CAP_NET_ADMIN` (a daemon running as root) the size is forced past
+/// `net.core.rmem_max`; otherwise the kernel caps it there.
 fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> io::Result<usize> {
     let fd = socket.as_raw_fd();
     let wanted = libc::c_int::try_from(WANTED_RECEIVE_BUFFER).unwrap_or(libc::c_int::MAX);
     let int_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` is an open socket for the duration of the call, and the option value
-    // points to a c_int of the length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&wanted as *const libc::c_int).cast(),
-            int_len,
-        )
+    let set = |option| {
+        // SAFETY: `fd` is an open socket for the duration of the call, and the
+        // option value points to a c_int of the length given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&wanted as *const libc::c_int).cast(),
+                int_len,
+            )
+        }
     };
-    if rc != 0 {
+    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
         return Err(io::Error::last_os_error());
     }
     let mut granted: libc::c_int = 0;
