@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -346,6 +347,10 @@ class Brume:
                 check=True,
                 capture_output=True,
             ).stdout
+            # Everything stays on loopback: the peer link binds 127.0.0.1 only.
+            text = re.sub(rb"(?m)^udp_addrs = .*$", b'udp_addrs = ["127.0.0.1:0"]', text)
+            if b"udp_addrs" not in text:
+                raise RuntimeError("add-user printed no udp_addrs line to restrict")
             with open(conf, "wb") as f:
                 f.write(text)
             os.chmod(conf, 0o600)

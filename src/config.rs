@@ -54,6 +54,10 @@ pub struct Config {
     /// STUN/TURN servers for the peer link; empty means host candidates only.
     #[serde(default)]
     pub ice_servers: Vec<String>,
+    /// Local addresses the peer link's UDP sockets bind (its host candidates):
+    /// every interface by default; `["127.0.0.1:0"]` keeps it on loopback.
+    #[serde(default = "every_interface")]
+    pub udp_addrs: Vec<std::net::SocketAddr>,
     /// Block cache limits.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -103,6 +107,15 @@ impl Default for FsConfig {
     }
 }
 
+/// The peer link's default local addresses: every IPv4 and IPv6 interface.
+fn every_interface() -> Vec<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    vec![
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    ]
+}
+
 impl Config {
     /// The config of a new account: default ICE, cache and filesystem settings.
     pub fn for_account(server_url: String, username: UserName, credential: String) -> Self {
@@ -111,6 +124,7 @@ impl Config {
             username,
             credential,
             ice_servers: Vec::new(),
+            udp_addrs: every_interface(),
             cache: CacheConfig::default(),
             fs: FsConfig::default(),
         }
@@ -196,6 +210,7 @@ mod tests {
             username: UserName::new("alice").unwrap(),
             credential: "secret".into(),
             ice_servers: vec!["stun:127.0.0.1:3478".into()],
+            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
             cache: CacheConfig {
                 max_bytes: 1 << 20,
                 full_copy: false,

@@ -60,7 +60,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let name = UserName::new(name)?;
         let credential = accounts.add_user(&name)?;
         let dir = root.join(name.as_str());
-        let config = Config::for_account(url.clone(), name.clone(), credential);
+        let mut config = Config::for_account(url.clone(), name.clone(), credential);
+        // Both users are on this machine: their link stays on loopback.
+        config.udp_addrs = vec![std::net::SocketAddr::from(([127, 0, 0, 1], 0))];
         config.save(&dir.join("brume.conf"))?;
         let mountpoint = dir.join("Brume");
         std::fs::create_dir_all(&mountpoint)?;

@@ -360,7 +360,7 @@ impl PeersConfig {
             me: config.username.clone(),
             identity,
             ice_servers: config.ice_servers.clone(),
-            udp_addrs: vec!["0.0.0.0:0".into(), "[::]:0".into()],
+            udp_addrs: config.udp_addrs.iter().map(|a| a.to_string()).collect(),
             setup_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(20),
             backoff_initial: Duration::from_millis(500),

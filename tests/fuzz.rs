@@ -276,6 +276,7 @@ mod config {
                         username: UserName::new(&user).unwrap(),
                         credential,
                         ice_servers,
+                        udp_addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 0))],
                         cache: CacheConfig {
                             max_bytes,
                             full_copy,

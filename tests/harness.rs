@@ -59,7 +59,8 @@ impl Client {
         std::fs::write(
             &config,
             format!(
-                "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{user}\"\ncredential = \"test\"\n"
+                "server_url = \"ws://127.0.0.1:9/\"\nusername = \"{user}\"\ncredential = \"test\"\n\
+                 udp_addrs = [\"127.0.0.1:0\"]\n"
             ),
         )
         .unwrap();
