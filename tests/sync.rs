@@ -767,6 +767,28 @@ fn member_truncate_and_touch_of_a_mirrored_file_keep_its_bytes() {
 }
 
 #[test]
+fn an_uncached_mirrored_file_is_overwritten_with_the_owner_away() {
+    let (hub, alice, bob) = shared();
+    wait_until(Duration::from_secs(10), "bob's join", || {
+        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
+    // The file's entry reaches bob, none of its bytes do.
+    hub.hold_blocks(true);
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 249) as u8).collect();
+    std::fs::write(alice.path("alice/g/u"), &data).unwrap();
+    wait_until(Duration::from_secs(10), "u's entry at bob", || {
+        std::fs::metadata(bob.path("alice/g/u")).is_ok_and(|m| m.len() == 600_000)
+    });
+    assert_eq!(cached_xattr(&bob.path("alice/g/u")).as_deref(), Some("0/3"));
+    hub.set_offline("alice", true);
+    // An overwrite (open with O_TRUNC) needs none of the old bytes.
+    let t = std::time::Instant::now();
+    std::fs::write(bob.path("alice/g/u"), b"bob's u").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read(bob.path("alice/g/u")).unwrap(), b"bob's u");
+}
+
+#[test]
 fn filling_many_blocks_never_waits_for_a_request_timeout() {
     // More missing blocks than background requests in flight: the answers must
     // still get through while the fill waits for a free slot.

@@ -626,6 +626,19 @@ impl BrumeFs {
                 .unwrap_or(true)
     }
 
+    /// Empties regular file `ino` for an open with `O_TRUNC`, as the setattr
+    /// the kernel would otherwise send after the open.
+    fn truncate_at_open(&self, ino: Ino) -> FsResult<()> {
+        if self.tree_read().get(ino)?.row.kind != NodeKind::File {
+            return Ok(());
+        }
+        let set = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        self.do_setattr(ino, set, None).map(|_| ())
+    }
+
     fn handle(&self, fh: FileHandle) -> FsResult<(Ino, Arc<File>, bool)> {
         self.handle_map()
             .get(&fh.0)
@@ -879,7 +892,8 @@ impl fuser::Filesystem for BrumeFs {
             | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
-            | InitFlags::FUSE_SPLICE_MOVE;
+            | InitFlags::FUSE_SPLICE_MOVE
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -1118,6 +1132,14 @@ impl fuser::Filesystem for BrumeFs {
                 return reply.error(Errno::EACCES);
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        // `O_TRUNC` comes with the open (FUSE_ATOMIC_O_TRUNC), not as a setattr
+        // after it: a mirrored file is emptied without fetching the bytes it
+        // is about to lose, so it can be overwritten with the owner away.
+        if flags.0 & libc::O_TRUNC != 0
+            && let Err(e) = self.truncate_at_open(ino)
+        {
+            return reply.error(e.errno());
         }
         let mirrored = self.mirrored(ino);
         if let Some(h) = mirrored {
