@@ -549,13 +549,11 @@ impl Engine {
                     reached.push(m);
                     continue;
                 }
-                let generation = self.subscription(&m);
-                match self.inner.link.send(&m, false, bytes.clone()).await {
-                    Ok(()) => reached.push(m),
-                    Err(e) => {
-                        tracing::info!(peer = %m, group = %group_name, cause = %e, "member unreachable; it resyncs when back");
-                        self.drop_subscriber_since(&m, generation);
-                    }
+                if self
+                    .send_or_unsubscribe(&m, bytes.clone(), &group_name)
+                    .await
+                {
+                    reached.push(m);
                 }
             }
             members = reached;
@@ -570,11 +568,20 @@ impl Engine {
             .unwrap_or(0)
     }
 
-    /// Drops `member`'s subscriptions after a failed send begun at subscription
-    /// `generation`, unless the member has subscribed again since.
-    fn drop_subscriber_since(&self, member: &UserName, generation: u64) {
-        if self.subscription(member) == generation {
-            self.drop_subscriber(member);
+    /// Sends `bytes` (of group `group`) to subscribed `member`. If the send fails,
+    /// drops the member's subscriptions, unless it has subscribed again since the
+    /// send began (on a new link, which must not lose them); it resyncs when back.
+    async fn send_or_unsubscribe(&self, member: &UserName, bytes: Vec<u8>, group: &str) -> bool {
+        let generation = self.subscription(member);
+        match self.inner.link.send(member, false, bytes).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(peer = %member, %group, cause = %e, "member unreachable; it resyncs when back");
+                if self.subscription(member) == generation {
+                    self.drop_subscriber(member);
+                }
+                false
+            }
         }
     }
 
@@ -618,7 +625,7 @@ impl Engine {
                 .snapshots += 1;
             (group.row.name.clone(), tree.log_position(g), nodes)
         };
-        let mut delivered = self.send_chunks(to, name, seq, nodes).await;
+        let mut delivered = self.send_chunks(to, &name, seq, nodes).await;
         // Then the pushes held back meanwhile, in order, until none is left; by
         // the last of several snapshots on their way at once.
         loop {
@@ -637,10 +644,7 @@ impl Engine {
                 std::mem::take(&mut entry.pushes)
             };
             for bytes in held {
-                let generation = self.subscription(to);
-                if let Err(e) = self.inner.link.send(to, false, bytes).await {
-                    tracing::info!(peer = %to, cause = %e, "member unreachable; it resyncs when back");
-                    self.drop_subscriber_since(to, generation);
+                if !self.send_or_unsubscribe(to, bytes, &name).await {
                     delivered = false;
                     break;
                 }
@@ -652,7 +656,7 @@ impl Engine {
     async fn send_chunks(
         &self,
         to: &UserName,
-        name: String,
+        name: &str,
         seq: u64,
         nodes: Vec<NodeState>,
     ) -> bool {
@@ -666,15 +670,12 @@ impl Engine {
         let count = chunks.len();
         for (i, nodes) in chunks.into_iter().enumerate() {
             let msg = OwnerToMember::Snapshot {
-                group: name.clone(),
+                group: name.to_owned(),
                 seq,
                 nodes,
                 last: i + 1 == count,
             };
-            let generation = self.subscription(to);
-            if let Err(e) = self.inner.link.send(to, false, msg.encode()).await {
-                tracing::info!(peer = %to, cause = %e, "snapshot not delivered");
-                self.drop_subscriber_since(to, generation);
+            if !self.send_or_unsubscribe(to, msg.encode(), name).await {
                 return false;
             }
         }
@@ -853,14 +854,6 @@ impl Engine {
         for g in groups {
             self.subscribe(g).await;
         }
-    }
-
-    /// A peer's link went down. Its subscriptions stay: the news may be of a
-    /// link already replaced by one on which it subscribed again, and the next
-    /// push that cannot reach it drops them (only if it has not subscribed
-    /// since).
-    pub fn peer_offline(&self, peer: &UserName) {
-        tracing::debug!(%peer, "peer link down; its subscriptions go with the next failed push");
     }
 
     /// Handles one message from `from`.

@@ -126,8 +126,10 @@ impl Network {
                         engine.owner_online(&peer).await;
                     }
                     PeerEvent::Down { peer, reason } => {
+                        // Its subscriptions stay: the news may be of a link
+                        // already replaced by one on which it subscribed again;
+                        // the next push that cannot reach it drops them.
                         tracing::info!(%peer, %reason, "peer link down");
-                        engine.peer_offline(&peer);
                     }
                     PeerEvent::Message { peer, payload, .. } => {
                         engine.on_message(&peer, &payload).await;
