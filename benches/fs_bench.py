@@ -10,6 +10,9 @@ order rotated; the median time is reported with its ratio to native
 (native time / target time: 1.0 = as fast as native, higher is better).
 A fresh loop-mounted ext4 image keeps the allocator state of the host out of
 the figures. Nothing here is a test: it prints numbers.
+
+BRUME_BENCH_CONF adds lines to the mounts' brume.conf ("\\n" for a newline),
+e.g. BRUME_BENCH_CONF='[fs]\\npassthrough = true\\nthreads = 1' to compare settings.
 """
 
 import argparse
@@ -87,6 +90,7 @@ class Targets:
         conf = os.path.join(work, "brume.conf")
         with open(conf, "w") as f:
             f.write('server_url = "ws://127.0.0.1:9/"\nusername = "bench"\ncredential = "x"\n')
+            f.write(os.environ.get("BRUME_BENCH_CONF", "").replace("\\n", "\n"))
         for name, extra in (("brume", []), ("brume-nopt", ["--no-passthrough"])):
             mnt = os.path.join(work, name)
             data = os.path.join(self.fs, name + "-data")

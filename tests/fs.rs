@@ -286,6 +286,121 @@ fn chmod_chown_utimens_statfs() {
     assert!(st.f_blocks > 0 && st.f_namemax == 255);
 }
 
+/// Runs `script` with `sh` in `dir` as nobody (uid and gid 65534).
+fn sh_as_nobody(dir: &Path, script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "`{script}` as nobody failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes, truncates and changes of owner drop setuid and setgid exactly as the
+/// Linux VFS does on a local filesystem, with and without passthrough (the
+/// daemon applies them itself: the kernel leaves it to the filesystem).
+fn privileges_dropped(passthrough: bool) {
+    let (c, g) = Client::with_group(passthrough);
+    // The test's temporary directory is private; nobody must reach the mount.
+    fs::set_permissions(c.mnt.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&g, fs::Permissions::from_mode(0o777)).unwrap();
+    let make = |name: &str, mode: u32, gid: u32| {
+        let p = g.join(name);
+        fs::write(&p, b"hello").unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), Some(gid)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let mode = |name: &str| fs::metadata(g.join(name)).unwrap().mode() & 0o7777;
+    // By an unprivileged process.
+    let cases: &[(&str, u32, u32, &str, u32)] = &[
+        ("w-suid", 0o4777, 65534, "printf x >> w-suid", 0o777),
+        ("w-sgid", 0o2777, 65534, "printf x >> w-sgid", 0o777),
+        ("w-sgid-nx", 0o2767, 65534, "printf x >> w-sgid-nx", 0o2767),
+        (
+            "w-sgid-nx-other",
+            0o2767,
+            0,
+            "printf x >> w-sgid-nx-other",
+            0o767,
+        ),
+        ("truncate", 0o4777, 65534, "truncate -s 2 truncate", 0o777),
+        ("otrunc", 0o6777, 65534, ": > otrunc", 0o777),
+        (
+            "fallocate",
+            0o4777,
+            65534,
+            "fallocate -l 100 fallocate",
+            0o777,
+        ),
+        (
+            "chmod-while-open",
+            0o777,
+            65534,
+            "exec 3>> chmod-while-open; printf 1 >&3; chmod 4777 chmod-while-open; printf 2 >&3",
+            0o777,
+        ),
+    ];
+    for &(name, before, gid, script, after) in cases {
+        make(name, before, gid);
+        sh_as_nobody(&g, script);
+        assert_eq!(mode(name), after, "{name}: `{script}` from {before:o}");
+    }
+    // By root, which keeps them on write and truncate.
+    let p = make("r-write", 0o6777, 65534);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    assert_eq!(mode("r-write"), 0o6777);
+    let p = make("r-truncate", 0o6777, 65534);
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    assert_eq!(mode("r-truncate"), 0o6777);
+    let p = make("r-chown", 0o6777, 65534);
+    std::os::unix::fs::chown(&p, Some(65533), None).unwrap();
+    assert_eq!(mode("r-chown"), 0o777);
+    let p = make("r-chown-nx", 0o6767, 65534);
+    std::os::unix::fs::chown(&p, Some(65533), None).unwrap();
+    assert_eq!(mode("r-chown-nx"), 0o2767);
+    let p = make("r-chown-none", 0o6777, 65534);
+    std::os::unix::fs::chown(&p, None, None).unwrap();
+    assert_eq!(mode("r-chown-none"), 0o777);
+    let p = make("r-utime", 0o6777, 65534);
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    File::open(&p).unwrap().set_modified(t).unwrap();
+    assert_eq!(mode("r-utime"), 0o6777);
+    let d = g.join("dir");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o2775)).unwrap();
+    std::os::unix::fs::chown(&d, Some(65533), None).unwrap();
+    assert_eq!(fs::metadata(&d).unwrap().mode() & 0o7777, 0o2775);
+}
+
+#[test]
+fn setuid_and_setgid_are_dropped_as_linux_does_with_passthrough() {
+    privileges_dropped(true);
+}
+
+#[test]
+fn setuid_and_setgid_are_dropped_as_linux_does_without_passthrough() {
+    privileges_dropped(false);
+}
+
 #[test]
 fn extended_attributes_are_stored_with_correct_errors() {
     let (mut c, g) = Client::with_group(true);

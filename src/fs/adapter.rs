@@ -626,14 +626,43 @@ impl BrumeFs {
                 .unwrap_or(true)
     }
 
+    /// Whether the caller of `req` is an outsider to file `ino` for dropping
+    /// privileges: not root and not in the file's group. Asked only for a file
+    /// whose setgid survives anyone else (no group-execute), so the supplementary
+    /// groups are read from `/proc` rarely; if they cannot be, the caller counts
+    /// as an outsider and the bit goes.
+    fn outsider(&self, req: &Request, ino: Ino) -> bool {
+        let gid = match self.tree_read().get(ino) {
+            Ok(n)
+                if n.row.perm & libc::S_ISGID as u16 != 0
+                    && n.row.perm & libc::S_IXGRP as u16 == 0 =>
+            {
+                n.row.gid
+            }
+            _ => return false,
+        };
+        if req.uid() == 0 || req.gid() == gid {
+            return false;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", req.pid()));
+        !status.is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(gid)))
+        })
+    }
+
     /// Empties regular file `ino` for an open with `O_TRUNC`, as the setattr
-    /// the kernel would otherwise send after the open.
-    fn truncate_at_open(&self, ino: Ino) -> FsResult<()> {
+    /// the kernel would otherwise send after the open; an unprivileged opener
+    /// drops setuid and setgid, as a truncate does.
+    fn truncate_at_open(&self, req: &Request, ino: Ino) -> FsResult<()> {
         if self.tree_read().get(ino)?.row.kind != NodeKind::File {
             return Ok(());
         }
         let set = SetAttr {
             size: Some(0),
+            drop_privileges: req.uid() != 0,
+            outsider: self.outsider(req, ino),
             ..SetAttr::default()
         };
         self.do_setattr(ino, set, None).map(|_| ())
@@ -893,7 +922,8 @@ impl fuser::Filesystem for BrumeFs {
             | InitFlags::FUSE_SPLICE_READ
             | InitFlags::FUSE_SPLICE_WRITE
             | InitFlags::FUSE_SPLICE_MOVE
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         for flag in wanted.iter() {
             let _ = config.add_capabilities(flag);
         }
@@ -943,7 +973,7 @@ impl fuser::Filesystem for BrumeFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -959,7 +989,7 @@ impl fuser::Filesystem for BrumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr {
+        let mut set = SetAttr {
             mode,
             uid,
             gid,
@@ -967,6 +997,24 @@ impl fuser::Filesystem for BrumeFs {
             atime: atime.map(stamp_of),
             mtime: mtime.map(stamp_of),
             ctime: ctime.map(Stamp::from_system),
+            drop_privileges: false,
+            outsider: false,
+        };
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping setuid and
+        // setgid to the filesystem (and in exchange stops asking for fresh
+        // attributes before every chown). It sends a setattr with nothing to
+        // set when a write needs them dropped (passthrough writes included)
+        // and for chown(-1, -1); a change of owner always drops them, a
+        // truncate only for an unprivileged caller.
+        set.drop_privileges = set.mode.is_none()
+            && (set.uid.is_some()
+                || set.gid.is_some()
+                || set.is_empty()
+                || (set.size.is_some() && req.uid() != 0));
+        // A change of owner keeps setgid without group-execute (the VFS asks
+        // about the new group there); the kernel's other requests do not.
+        set.outsider = set.drop_privileges && set.uid.is_none() && set.gid.is_none() && {
+            self.outsider(req, Ino(ino.0))
         };
         match self.do_setattr(Ino(ino.0), set, fh) {
             Ok(attr) => reply.attr(&TTL, &attr),
@@ -1124,7 +1172,7 @@ impl fuser::Filesystem for BrumeFs {
         reply_entry(reply, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = Ino(ino.0);
         let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
         if ino == WSSERVER {
@@ -1137,7 +1185,7 @@ impl fuser::Filesystem for BrumeFs {
         // after it: a mirrored file is emptied without fetching the bytes it
         // is about to lose, so it can be overwritten with the owner away.
         if flags.0 & libc::O_TRUNC != 0
-            && let Err(e) = self.truncate_at_open(ino)
+            && let Err(e) = self.truncate_at_open(req, ino)
         {
             return reply.error(e.errno());
         }
@@ -1275,12 +1323,12 @@ impl fuser::Filesystem for BrumeFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1289,7 +1337,12 @@ impl fuser::Filesystem for BrumeFs {
             let (ino, file, _) = self.handle(fh)?;
             file.write_all_at(data, offset)?;
             let end = offset + data.len() as u64;
+            let outsider = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                && self.outsider(req, ino);
             let mut tree = self.tree_write();
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                tree.drop_privileges(ino, outsider)?;
+            }
             tree.note_write(ino, end)?;
             if let Some(oi) = self.open_map().get_mut(&ino) {
                 oi.dirty = true;

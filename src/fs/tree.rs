@@ -143,6 +143,40 @@ pub struct SetAttr {
     pub mtime: Option<Stamp>,
     /// Explicit change time.
     pub ctime: Option<Stamp>,
+    /// Clear setuid and setgid as a write, truncate or change of owner does
+    /// (see [`without_privileges`]); ignored for directories and when `mode`
+    /// is given.
+    pub drop_privileges: bool,
+    /// With `drop_privileges`: the caller is neither privileged nor in the
+    /// file's group, so setgid goes even without group-execute.
+    pub outsider: bool,
+}
+
+impl SetAttr {
+    /// Whether nothing at all is to be set: what the kernel sends when it
+    /// wants the file's privileges dropped and nothing else changed.
+    pub fn is_empty(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+            && self.ctime.is_none()
+    }
+}
+
+/// Permission bits after a write, truncate or change of owner that drops
+/// privileges, as the Linux VFS computes them: setuid always goes; setgid goes
+/// with group-execute, or without it when the caller is an `outsider` (neither
+/// privileged nor in the file's group).
+pub fn without_privileges(perm: u16, outsider: bool) -> u16 {
+    let perm = perm & !(libc::S_ISUID as u16);
+    if outsider || perm & (libc::S_IXGRP as u16) != 0 {
+        perm & !(libc::S_ISGID as u16)
+    } else {
+        perm
+    }
 }
 
 /// The in-memory namespace.
@@ -1177,12 +1211,29 @@ impl Tree {
         )
     }
 
+    /// Drops the setuid and setgid bits of file `ino` for a write by an
+    /// unprivileged process; nothing is logged if neither was set.
+    pub fn drop_privileges(&mut self, ino: Ino, outsider: bool) -> FsResult<()> {
+        let n = self.get(ino)?;
+        if n.row.kind == NodeKind::Dir || without_privileges(n.row.perm, outsider) == n.row.perm {
+            return Ok(());
+        }
+        let set = SetAttr {
+            drop_privileges: true,
+            outsider,
+            ..SetAttr::default()
+        };
+        self.setattr(ino, &set)
+    }
+
     /// Applies a setattr. The caller has already resized the backing file.
     pub fn setattr(&mut self, ino: Ino, set: &SetAttr) -> FsResult<()> {
         let now = Stamp::now();
         let n = self.get_mut(ino)?;
         if let Some(mode) = set.mode {
             n.row.perm = (mode & 0o7777) as u16;
+        } else if set.drop_privileges && n.row.kind != NodeKind::Dir {
+            n.row.perm = without_privileges(n.row.perm, set.outsider);
         }
         if let Some(uid) = set.uid {
             n.row.uid = uid;
@@ -1376,6 +1427,16 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropping_privileges_keeps_setgid_only_without_group_execute_for_members() {
+        assert_eq!(without_privileges(0o4755, false), 0o755);
+        assert_eq!(without_privileges(0o6777, false), 0o777);
+        assert_eq!(without_privileges(0o2767, false), 0o2767);
+        assert_eq!(without_privileges(0o2767, true), 0o767);
+        assert_eq!(without_privileges(0o1777, true), 0o1777);
+        assert_eq!(without_privileges(0o644, true), 0o644);
+    }
 
     /// Names in the catalog file under directory `parent`.
     fn entries(db: &std::path::Path, parent: Ino) -> Vec<Vec<u8>> {
