@@ -90,12 +90,16 @@ impl Default for CacheConfig {
 /// How the filesystem runs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct FsConfig {
     /// Use kernel FUSE passthrough for file data when the daemon has the privilege.
     pub passthrough: bool,
     /// FUSE worker threads; 0 picks one per CPU (at most 4). More threads than
     /// CPUs only add context switches.
     pub threads: usize,
+    /// Pin each worker thread to a CPU of its own when there are exactly as
+    /// many workers as CPUs: requests and replies then mostly stay on one CPU.
+    pub pin_threads: bool,
 }
 
 impl Default for FsConfig {
@@ -103,6 +107,7 @@ impl Default for FsConfig {
         Self {
             passthrough: true,
             threads: 0,
+            pin_threads: true,
         }
     }
 }

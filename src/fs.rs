@@ -7,5 +7,6 @@ pub mod error;
 mod mount;
 pub mod store;
 pub mod tree;
+mod workers;
 
 pub use mount::{MountOptions, MountState, Mounted, mount, mount_state, mount_with_link};

@@ -401,6 +401,93 @@ fn setuid_and_setgid_are_dropped_as_linux_does_without_passthrough() {
     privileges_dropped(false);
 }
 
+/// The CPUs each FUSE worker thread of daemon `pid` may run on.
+fn worker_cpus(pid: u32) -> Vec<String> {
+    let mut cpus = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("fuser-") {
+            continue;
+        }
+        let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            cpus.push(l.trim().to_owned());
+        }
+    }
+    cpus.sort();
+    cpus
+}
+
+/// Keeps four threads looking up names in `dir` until `stop` is set.
+fn stat_load(dir: &Path, stop: &std::sync::atomic::AtomicBool) {
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::metadata(dir.join("missing"));
+                }
+            });
+        }
+    });
+}
+
+/// On a machine of up to four CPUs there is one worker per CPU, and each pins
+/// itself to a CPU of its own when it first serves a request; with
+/// `pin_threads = false` they are left to the scheduler.
+#[test]
+fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    let all = fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Cpus_allowed_list:")
+                .map(|l| l.trim().to_owned())
+        })
+        .unwrap();
+    if !(2..=4).contains(&ncpu) {
+        eprintln!("skipped: {ncpu} CPUs, workers are pinned on 2 to 4");
+        return;
+    }
+    for pin in [true, false] {
+        let mut c = Client::new("alice");
+        if !pin {
+            let mut conf = fs::read_to_string(&c.config).unwrap();
+            conf.push_str("[fs]\npin_threads = false\n");
+            fs::write(&c.config, conf).unwrap();
+        }
+        c.mount();
+        let pid = c.pid().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let root = c.mnt.join("alice");
+        std::thread::scope(|s| {
+            s.spawn(|| stat_load(&root, &stop));
+            // Stops the load even when an assertion below fails.
+            struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            if pin {
+                let want: Vec<String> = (0..ncpu).map(|c| c.to_string()).collect();
+                wait_until(Duration::from_secs(20), "every worker pinned", || {
+                    worker_cpus(pid) == want
+                });
+            } else {
+                for _ in 0..2000 {
+                    let _ = fs::metadata(root.join("other"));
+                }
+                assert_eq!(worker_cpus(pid), vec![all.clone(); ncpu]);
+            }
+        });
+    }
+}
+
 #[test]
 fn extended_attributes_are_stored_with_correct_errors() {
     let (mut c, g) = Client::with_group(true);

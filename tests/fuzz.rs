@@ -259,6 +259,7 @@ mod config {
             any::<bool>(),
             any::<bool>(),
             0..=i64::MAX as usize,
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -270,6 +271,7 @@ mod config {
                     full_copy,
                     passthrough,
                     threads,
+                    pin_threads,
                 )| {
                     Config {
                         server_url,
@@ -284,6 +286,7 @@ mod config {
                         fs: FsConfig {
                             passthrough,
                             threads,
+                            pin_threads,
                         },
                     }
                 },

@@ -124,6 +124,11 @@ impl Client {
         self.child = Some(child);
     }
 
+    /// The mounted daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Unmounts cleanly (as `fusermount3 -u` would) and waits for the daemon.
     pub fn unmount(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -27,6 +27,7 @@ use crate::catalog::{Catalog, NodeKind, Op, Stamp};
 use crate::fs::error::{FsError, FsResult};
 use crate::fs::store::Store;
 use crate::fs::tree::{self, Blocks, Node, ROOT, SetAttr, Tree, WSSERVER};
+use crate::fs::workers::WorkerCpus;
 use crate::ids::{GroupId, Ino};
 use crate::sync::engine::{Engine, FetchError};
 
@@ -191,6 +192,8 @@ pub(crate) struct BrumeFs {
     /// Content of `.wsserver.json`.
     wsserver: Vec<u8>,
     owner: (u32, u32),
+    /// CPUs the worker threads pin themselves to.
+    workers: WorkerCpus,
 }
 
 fn kind_to_type(kind: NodeKind) -> FileType {
@@ -249,7 +252,18 @@ impl BrumeFs {
             want_passthrough,
             wsserver,
             owner,
+            workers: WorkerCpus::default(),
         }
+    }
+
+    /// Pins worker threads to CPUs as `workers` plans, each when it first serves
+    /// one of the common requests.
+    pub(crate) fn with_workers(mut self, workers: WorkerCpus) -> Self {
+        if !workers.cpus().is_empty() {
+            tracing::info!(cpus = ?workers.cpus(), "one FUSE worker per CPU");
+        }
+        self.workers = workers;
+        self
     }
 
     fn tree_read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
@@ -949,6 +963,7 @@ impl fuser::Filesystem for BrumeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.workers.settle();
         let parent = Ino(parent.0);
         let name = name_bytes(name);
         if parent == ROOT && name == tree::WSSERVER_NAME {
@@ -965,6 +980,7 @@ impl fuser::Filesystem for BrumeFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.workers.settle();
         match self.getattr_ino(Ino(ino.0)) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e.errno()),
@@ -989,6 +1005,7 @@ impl fuser::Filesystem for BrumeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.workers.settle();
         let mut set = SetAttr {
             mode,
             uid,
@@ -1173,6 +1190,7 @@ impl fuser::Filesystem for BrumeFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.workers.settle();
         let ino = Ino(ino.0);
         let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
         if ino == WSSERVER {
@@ -1236,6 +1254,7 @@ impl fuser::Filesystem for BrumeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.workers.settle();
         let (attr, file) = match self.do_mknod(
             req,
             Ino(parent.0),
@@ -1292,6 +1311,7 @@ impl fuser::Filesystem for BrumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.workers.settle();
         if Ino(ino.0) == WSSERVER {
             let start = (offset as usize).min(self.wsserver.len());
             let end = (start + size as usize).min(self.wsserver.len());
@@ -1333,6 +1353,7 @@ impl fuser::Filesystem for BrumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.workers.settle();
         let r = (|| -> FsResult<u32> {
             let (ino, file, _) = self.handle(fh)?;
             file.write_all_at(data, offset)?;
@@ -1577,6 +1598,7 @@ impl fuser::Filesystem for BrumeFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.workers.settle();
         if Ino(ino.0) == WSSERVER {
             return reply.error(Errno::NO_XATTR);
         }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, mpsc};
 
+use crate::fs::workers::WorkerCpus;
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
 use crate::blocks::Hasher;
@@ -240,6 +241,12 @@ pub fn mount_with_link(
     );
     let sync_slot = Arc::new(std::sync::OnceLock::new());
     let catalog_handle = catalog.clone();
+    let workers = match opts.config.fs.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get().min(4))
+            .unwrap_or(2),
+        n => n,
+    };
     let fs = BrumeFs::new(
         tree.clone(),
         store.clone(),
@@ -251,7 +258,12 @@ pub fn mount_with_link(
         owner,
         cache.clone(),
         sync_slot.clone(),
-    );
+    )
+    .with_workers(if opts.config.fs.pin_threads {
+        WorkerCpus::plan(workers)
+    } else {
+        WorkerCpus::default()
+    });
     let mut fuse = FuseConfig::default();
     fuse.mount_options = vec![
         MountOption::FSName(format!("brume:{}", opts.config.username)),
@@ -264,12 +276,7 @@ pub fn mount_with_link(
         fuse.mount_options.push(MountOption::Suid);
         fuse.acl = SessionACL::All;
     }
-    fuse.n_threads = Some(match opts.config.fs.threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get().min(4))
-            .unwrap_or(2),
-        n => n,
-    });
+    fuse.n_threads = Some(workers);
     fuse.clone_fd = true;
     let mut session =
         fuser::Session::new(fs, &opts.mountpoint, &fuse).map_err(|source| MountError::Mount {
