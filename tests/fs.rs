@@ -785,28 +785,74 @@ fn every_change_appends_to_the_log_and_bumps_the_version() {
     assert_eq!(version, last);
 }
 
+/// The BLAKE3 hash of each block of `data`.
+fn block_hashes(data: &[u8]) -> Vec<Vec<u8>> {
+    data.chunks(brume::blocks::BLOCK_SIZE as usize)
+        .map(|b| blake3::hash(b).as_bytes().to_vec())
+        .collect()
+}
+
+/// The block hashes the catalog of `c` has for `ino`.
+fn catalog_hashes(c: &Client, ino: i64) -> Vec<Vec<u8>> {
+    let db = c.db();
+    let mut q = db
+        .prepare("SELECT hash FROM blocks WHERE ino = ?1 ORDER BY idx")
+        .unwrap();
+    q.query_map([ino], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 #[test]
 fn block_hashes_are_computed_after_close() {
     let (c, g) = Client::with_group(true);
     let data: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
     fs::write(g.join("f"), &data).unwrap();
     let ino = fs::metadata(g.join("f")).unwrap().ino() as i64;
-    let expect: Vec<Vec<u8>> = data
-        .chunks(brume::blocks::BLOCK_SIZE as usize)
-        .map(|b| blake3::hash(b).as_bytes().to_vec())
-        .collect();
-    let mut got = Vec::new();
+    let expect = block_hashes(&data);
     wait_until(Duration::from_secs(10), "block hashes", || {
-        let db = c.db();
-        let mut q = db
-            .prepare("SELECT hash FROM blocks WHERE ino = ?1 ORDER BY idx")
-            .unwrap();
-        got = q
-            .query_map([ino], |r| r.get::<_, Vec<u8>>(0))
+        catalog_hashes(&c, ino) == expect
+    });
+}
+
+/// An in-place write through passthrough that a crash cut short (the file was
+/// never closed) keeps its bytes, and the next mount records them as a new
+/// version with their hashes, so that members can fetch them.
+#[test]
+fn an_in_place_edit_cut_short_by_a_crash_becomes_a_new_version() {
+    let (mut c, g) = Client::with_group(true);
+    let p = g.join("f");
+    let mut data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(&p, &data).unwrap();
+    // An old mtime, so that the edit's cannot fall in the same clock tick.
+    File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+        .unwrap();
+    let ino = fs::metadata(&p).unwrap().ino() as i64;
+    wait_until(Duration::from_secs(10), "block hashes", || {
+        catalog_hashes(&c, ino) == block_hashes(&data)
+    });
+    let version = |c: &Client| -> i64 {
+        c.db()
+            .query_row("SELECT version FROM nodes WHERE ino = ?1", [ino], |r| {
+                r.get(0)
+            })
             .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
-        got == expect
+    };
+    let before = version(&c);
+    let f = File::options().write(true).open(&p).unwrap();
+    f.write_all_at(b"EDIT", 300_000).unwrap();
+    data[300_000..300_004].copy_from_slice(b"EDIT");
+    c.kill9();
+    drop(f);
+    c.mount();
+    assert_eq!(read(&p), data);
+    wait_until(Duration::from_secs(10), "the edit recorded", || {
+        catalog_hashes(&c, ino) == block_hashes(&data) && version(&c) > before
     });
 }
 

@@ -379,7 +379,9 @@ pub fn mount_with_link(
 /// the backing file's size, logged as a write. A crash between a change to a
 /// file's bytes and the catalog write recording it (a truncate, an open with
 /// `O_TRUNC`, writes not yet closed or fsynced) leaves them apart, and reads are
-/// served from the backing file. Returns the files to hash again.
+/// served from the backing file. A file of the same size but another mtime may
+/// have been written in place; it is hashed again and becomes a new version only
+/// if its hash differs ([`Tree::suspect`]). Returns the files to hash again.
 ///
 /// The mass-delete guard: a backing file that is missing altogether is never a
 /// crash's doing (it is created with its node and removed only once the
@@ -409,11 +411,12 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
         })
         .collect();
     let mut found = Vec::new();
+    let mut verify: Vec<(Ino, u64)> = Vec::new();
     // Per group: files with bytes, and how many of them lost all their bytes.
     let mut tally: HashMap<crate::ids::GroupId, (u64, u64, u64)> = HashMap::new();
     for ino in files {
         let Ok(node) = tree.get(ino) else { continue };
-        let size = node.row.size;
+        let (size, group, recorded) = (node.row.size, node.row.group, node.row.mtime);
         let (len, missing, times) = match std::fs::metadata(store.path(ino)) {
             Ok(m) => (
                 m.len(),
@@ -430,11 +433,11 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
                 ),
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (0, size > 0, (node.row.mtime, Stamp::now()))
+                (0, size > 0, (recorded, Stamp::now()))
             }
             Err(e) => return Err(e),
         };
-        if let Some(g) = node.row.group
+        if let Some(g) = group
             && size > 0
         {
             let t = tally.entry(g).or_default();
@@ -442,10 +445,21 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
             t.1 += u64::from(missing);
             t.2 += u64::from(len == 0);
         }
+        if len == size && !missing && times.0 != recorded {
+            // Same size, other mtime: maybe written in place through passthrough
+            // and never closed. The hash decides (a daemon write's mtime differs
+            // too, harmlessly: its hash is the recorded one).
+            if let Some(seq) = tree
+                .suspect(ino, times)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            {
+                verify.push((ino, seq));
+            }
+        }
         if len != size {
             found.push(Found {
                 ino,
-                group: node.row.group,
+                group,
                 size,
                 len,
                 missing,
@@ -488,6 +502,14 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         rehash.push((f.ino, seq));
     }
+    // Nothing of a held group is published, so nothing of it is verified.
+    rehash.extend(verify.into_iter().filter(|(ino, _)| {
+        tree.get(*ino)
+            .ok()
+            .and_then(|n| n.row.group)
+            .and_then(|g| tree.group(g))
+            .is_none_or(|g| g.held.is_none())
+    }));
     Ok(rehash)
 }
 

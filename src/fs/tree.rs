@@ -51,6 +51,10 @@ pub struct Node {
     /// Bumped on every content change; the hasher's result applies only if it
     /// was computed for the current value.
     pub content_seq: u64,
+    /// The backing file's mtime and ctime, if the file may have changed without
+    /// a record of it (a write through passthrough cut short by a crash): its
+    /// next hash decides, and a different one makes it a new version.
+    pub suspect: Option<(Stamp, Stamp)>,
 }
 
 impl Node {
@@ -65,6 +69,7 @@ impl Node {
             opens: AtomicU32::new(0),
             blocks,
             content_seq: 0,
+            suspect: None,
         }
     }
 }
@@ -711,7 +716,21 @@ impl Tree {
         let n = self.get_mut(ino)?;
         n.content_seq += 1;
         n.blocks = None;
+        n.suspect = None;
         Ok(n.content_seq)
+    }
+
+    /// Marks file `ino`, whose backing file has times `times` (mtime, ctime)
+    /// that the catalog does not, as possibly changed: returns the content
+    /// sequence to hash it for, or `None` if it has no block list to compare
+    /// with (it is hashed anyway then).
+    pub fn suspect(&mut self, ino: Ino, times: (Stamp, Stamp)) -> FsResult<Option<u64>> {
+        let n = self.get_mut(ino)?;
+        if n.blocks.is_none() {
+            return Ok(None);
+        }
+        n.suspect = Some(times);
+        Ok(Some(n.content_seq))
     }
 
     /// Records a file's block list, computed for content sequence `seq`; ignored
@@ -734,6 +753,17 @@ impl Tree {
             tracing::debug!(%ino, size = n.row.size, hashed = total, "file changed while hashed; waiting for its close");
             return Ok(());
         }
+        if let Some((mtime, ctime)) = n.suspect.take() {
+            if n.blocks.as_deref() == Some(&blocks[..]) {
+                return Ok(());
+            }
+            // Written in place without a record before a crash: the bytes are
+            // the backing file's, so they become a new version.
+            tracing::warn!(%ino, "file changed in place before a crash; recording it as a new version");
+            let size = n.row.size;
+            self.content_changed(ino, size, mtime, ctime, None)?;
+        }
+        let n = self.get_mut(ino)?;
         let count = blocks.len() as u64;
         n.blocks = Some(blocks.clone().into());
         let group = n.row.group;
@@ -1484,6 +1514,41 @@ mod tests {
         drop(t);
         catalog.barrier().unwrap();
         assert_eq!(entries(&db, g), vec![b"new".to_vec()]);
+    }
+
+    #[test]
+    fn a_suspect_file_becomes_a_new_version_only_if_its_hash_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalog, snapshot, _thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let me = UserName::new("alice").unwrap();
+        let (mut t, _) = Tree::load(snapshot, me, 0, 0, catalog).unwrap();
+        let me = t.lookup(ROOT, b"alice").unwrap();
+        let g = t
+            .create(me, b"g", NodeKind::Dir, 0o755, 0, 0, 0, None)
+            .unwrap();
+        let f = t
+            .create(g, b"f", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap();
+        let old = Stamp { secs: 1, nanos: 0 };
+        let seq = t.content_changed(f, 10, old, old, None).unwrap();
+        let same = vec![(BlockHash([1; 32]), 10)];
+        t.set_blocks(f, seq, same.clone()).unwrap();
+        let version = t.get(f).unwrap().row.version;
+        let later = (Stamp { secs: 2, nanos: 0 }, Stamp { secs: 2, nanos: 0 });
+        // The same bytes: nothing to record.
+        let seq = t.suspect(f, later).unwrap().unwrap();
+        t.set_blocks(f, seq, same).unwrap();
+        assert_eq!(t.get(f).unwrap().row.version, version);
+        assert_eq!(t.get(f).unwrap().row.mtime, old);
+        // Other bytes: a new version with the backing file's times and the hash.
+        let seq = t.suspect(f, later).unwrap().unwrap();
+        t.set_blocks(f, seq, vec![(BlockHash([2; 32]), 10)])
+            .unwrap();
+        let n = t.get(f).unwrap();
+        assert!(n.row.version > version);
+        assert_eq!(n.row.mtime, later.0);
+        assert_eq!(n.blocks.as_deref(), Some(&[(BlockHash([2; 32]), 10)][..]));
+        assert!(n.suspect.is_none());
     }
 
     #[test]
