@@ -9,7 +9,9 @@ Every workload runs on every target in turn, repeated --reps times with the
 order rotated; the median time is reported with its ratio to native
 (native time / target time: 1.0 = as fast as native, higher is better).
 A fresh loop-mounted ext4 image keeps the allocator state of the host out of
-the figures. Nothing here is a test: it prints numbers.
+the figures, and each measurement starts once the Brume daemons are idle (their
+background hashing of the previous target's file is not charged to the next).
+Nothing here is a test: it prints numbers.
 
 BRUME_BENCH_CONF adds lines to the mounts' brume.conf ("\\n" for a newline),
 e.g. BRUME_BENCH_CONF='[fs]\\npassthrough = true\\nthreads = 1' to compare settings.
@@ -101,6 +103,7 @@ class Targets:
                 env={**os.environ, "RUST_LOG": "warn"},
             )
             self.procs.append(proc)
+            DAEMONS.append(proc.pid)
             wait_mounted(mnt, proc)
             self.mounts.append(mnt)
             group = os.path.join(mnt, "bench", "b")
@@ -121,9 +124,37 @@ class Targets:
         subprocess.run(["losetup", "-d", self.loop], check=False)
 
 
+# Daemons whose background work (hashing a just-written file) must finish before
+# a measurement starts, so that it is not charged to whichever target runs next.
+DAEMONS = []
+
+
+def cpu_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+def quiesce(timeout=60):
+    """Waits until no daemon used CPU for 200 ms (or `timeout` passed)."""
+    deadline = time.time() + timeout
+    before = [cpu_ticks(p) for p in DAEMONS]
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = [cpu_ticks(p) for p in DAEMONS]
+        if now == before:
+            return
+        before = now
+
+
 def timed(fn):
-    # Start every measurement with no dirty data from the previous one.
+    # Start every measurement with no dirty data and no daemon busy from the
+    # previous one.
     os.sync()
+    quiesce()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
