@@ -482,10 +482,27 @@ impl Catalog {
 
     /// Waits until every op sent before this call is committed durably.
     pub fn barrier(&self) -> Result<(), CatalogError> {
+        self.begin_barrier()?.wait()
+    }
+
+    /// Starts committing every op sent before this call, to be waited for
+    /// with [`Committed::wait`]; the caller can flush other things meanwhile.
+    pub fn begin_barrier(&self) -> Result<Committed, CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Op::Barrier(tx))?;
         self.actor.unpark();
-        match rx.recv() {
+        Ok(Committed(rx))
+    }
+}
+
+/// A commit under way; see [`Catalog::begin_barrier`].
+#[derive(Debug)]
+pub struct Committed(mpsc::Receiver<Result<(), String>>);
+
+impl Committed {
+    /// Waits until the ops before the barrier are committed durably.
+    pub fn wait(self) -> Result<(), CatalogError> {
+        match self.0.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) | Err(_) => Err(CatalogError::Stopped),
         }

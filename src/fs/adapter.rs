@@ -1451,16 +1451,20 @@ impl fuser::Filesystem for BrumeFs {
     ) {
         let r = (|| {
             let (ino, file, writable) = self.handle(fh)?;
+            // The new size and times go to the catalog while the bytes go to
+            // disk: both flushes run at once, and the reply waits for both. A
+            // crash between them leaves at worst a size the next mount repairs.
+            if writable {
+                let mut tree = self.tree_write();
+                self.reconcile(&mut tree, ino, true)?;
+            }
+            let committed = self.catalog.begin_barrier()?;
             if datasync {
                 file.sync_data()?;
             } else {
                 file.sync_all()?;
             }
-            if writable {
-                let mut tree = self.tree_write();
-                self.reconcile(&mut tree, ino, true)?;
-            }
-            self.catalog.barrier()?;
+            committed.wait()?;
             Ok(())
         })();
         reply_empty(reply, r);
