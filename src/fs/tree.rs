@@ -1516,19 +1516,23 @@ mod tests {
         assert_eq!(entries(&db, g), vec![b"new".to_vec()]);
     }
 
+    /// Creates group `g` in alice's folder and an empty file `f` in it.
+    fn file_in_a_group(t: &mut Tree) -> Ino {
+        let me = t.lookup(ROOT, b"alice").unwrap();
+        let g = t
+            .create(me, b"g", NodeKind::Dir, 0o755, 0, 0, 0, None)
+            .unwrap();
+        t.create(g, b"f", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap()
+    }
+
     #[test]
     fn a_suspect_file_becomes_a_new_version_only_if_its_hash_differs() {
         let dir = tempfile::tempdir().unwrap();
         let (catalog, snapshot, _thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
         let me = UserName::new("alice").unwrap();
         let (mut t, _) = Tree::load(snapshot, me, 0, 0, catalog).unwrap();
-        let me = t.lookup(ROOT, b"alice").unwrap();
-        let g = t
-            .create(me, b"g", NodeKind::Dir, 0o755, 0, 0, 0, None)
-            .unwrap();
-        let f = t
-            .create(g, b"f", NodeKind::File, 0o644, 0, 0, 0, None)
-            .unwrap();
+        let f = file_in_a_group(&mut t);
         let old = Stamp { secs: 1, nanos: 0 };
         let seq = t.content_changed(f, 10, old, old, None).unwrap();
         let same = vec![(BlockHash([1; 32]), 10)];
@@ -1562,13 +1566,7 @@ mod tests {
             (tree, catalog, thread)
         };
         let (mut t, catalog, thread) = load();
-        let me = t.lookup(ROOT, b"alice").unwrap();
-        let g = t
-            .create(me, b"g", NodeKind::Dir, 0o755, 0, 0, 0, None)
-            .unwrap();
-        let f = t
-            .create(g, b"f", NodeKind::File, 0o644, 0, 0, 0, None)
-            .unwrap();
+        let f = file_in_a_group(&mut t);
         let now = Stamp::now();
         let seq = t.content_changed(f, 10, now, now, None).unwrap();
         // Hashed while a writer was still at it: 4 bytes, not the 10 recorded.
