@@ -488,6 +488,67 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
     }
 }
 
+/// A worker pinned to a CPU that another program keeps busy unpins itself, and
+/// goes back to its CPU once that is free again.
+#[test]
+fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    if !(2..=4).contains(&ncpu) {
+        eprintln!("skipped: {ncpu} CPUs, workers are pinned on 2 to 4");
+        return;
+    }
+    let mut c = Client::new("alice");
+    c.mount();
+    let pid = c.pid().unwrap();
+    let root = c.mnt.join("alice");
+    let pinned: Vec<String> = (0..ncpu).map(|c| c.to_string()).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let busy = std::sync::atomic::AtomicBool::new(true);
+    let hog = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        s.spawn(|| stat_load(&root, &stop));
+        // Another program's work on CPU 0, until told to stop.
+        s.spawn(|| {
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe { libc::CPU_SET(0, &mut set) };
+            assert_eq!(
+                unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) },
+                0
+            );
+            while !hog.load(std::sync::atomic::Ordering::Relaxed)
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                std::thread::yield_now();
+            }
+            while busy.load(std::sync::atomic::Ordering::Relaxed)
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                std::hint::spin_loop();
+            }
+        });
+        let _stop = Stop(&stop);
+        wait_until(Duration::from_secs(30), "every worker pinned", || {
+            worker_cpus(pid) == pinned
+        });
+        hog.store(true, std::sync::atomic::Ordering::Relaxed);
+        wait_until(
+            Duration::from_secs(30),
+            "the worker of CPU 0 unpinned",
+            || !worker_cpus(pid).contains(&"0".to_owned()),
+        );
+        busy.store(false, std::sync::atomic::Ordering::Relaxed);
+        wait_until(Duration::from_secs(30), "every worker pinned again", || {
+            worker_cpus(pid) == pinned
+        });
+    });
+}
+
 #[test]
 fn extended_attributes_are_stored_with_correct_errors() {
     let (mut c, g) = Client::with_group(true);
