@@ -419,6 +419,19 @@ impl BrumeFs {
         Ok(())
     }
 
+    /// Logs the writes not yet recorded of the open files at `names` (parent,
+    /// name), before a rename or unlink of them is logged. The kernel sends a
+    /// close's RELEASE without waiting for it, so a rename made right after a
+    /// close can arrive first; this keeps the log in the order of the calls.
+    fn record_pending_writes(&self, tree: &mut Tree, names: &[(Ino, &[u8])]) -> FsResult<()> {
+        for &(parent, name) in names {
+            if let Some(ino) = tree.child(parent, name) {
+                self.reconcile(tree, ino, true)?;
+            }
+        }
+        Ok(())
+    }
+
     /// If `ino` is a group's `.members`, re-reads it.
     fn refresh_members_of(&self, tree: &mut Tree, ino: Ino) -> FsResult<()> {
         let node = tree.get(ino)?;
@@ -1093,6 +1106,7 @@ impl fuser::Filesystem for BrumeFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
             let mut tree = self.tree_write();
+            self.record_pending_writes(&mut tree, &[(Ino(parent.0), name_bytes(name))])?;
             let gone = tree.remove(Ino(parent.0), name_bytes(name), false)?;
             self.refresh_members_at(&mut tree, Ino(parent.0), name_bytes(name))?;
             drop(tree);
@@ -1156,6 +1170,7 @@ impl fuser::Filesystem for BrumeFs {
             let (p, n) = (Ino(parent.0), name_bytes(name));
             let (np, nn) = (Ino(newparent.0), name_bytes(newname));
             let mut tree = self.tree_write();
+            self.record_pending_writes(&mut tree, &[(p, n), (np, nn)])?;
             let gone = tree.rename(
                 p,
                 n,
