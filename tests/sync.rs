@@ -589,6 +589,40 @@ fn member_restart_syncs_what_it_missed() {
     gone_when(&bob.path("alice/g/before"));
 }
 
+/// A mirrored file whose block list is not known (lost in a crash before the
+/// catalog kept it, or announced before its owner hashed it) is never read as
+/// empty: reads wait for the list (EIO if it does not come within the read
+/// timeout) and then return the owner's bytes.
+#[test]
+fn a_mirror_without_its_block_list_waits_for_it_instead_of_reading_empty() {
+    let (hub, alice, mut bob) = shared();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &body).unwrap();
+    read_when(&bob.path("alice/g/f"), &body);
+    let ino =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(bob.path("alice/g/f")).unwrap())
+            as i64;
+    bob.unmount(&hub);
+    let db = rusqlite::Connection::open(bob.dir.path().join("data/catalog.db")).unwrap();
+    assert!(
+        db.execute("DELETE FROM blocks WHERE ino = ?1", [ino])
+            .unwrap()
+            > 0
+    );
+    drop(db);
+    hub.hold_snapshots(true);
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    let t = std::time::Instant::now();
+    match std::fs::read(bob.path("alice/g/f")) {
+        Ok(got) => panic!("read {} bytes with no block list", got.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    hub.hold_snapshots(false);
+    read_when(&bob.path("alice/g/f"), &body);
+}
+
 #[test]
 fn leaving_by_rmdir_removes_the_group() {
     let (_hub, alice, bob) = shared();

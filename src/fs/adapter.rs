@@ -122,7 +122,11 @@ async fn newer_content(
     loop {
         {
             let tree = tree.read().unwrap_or_else(|e| e.into_inner());
-            let blocks = tree.cached_content(h.ino)?;
+            let blocks = match tree.cached_content(h.ino) {
+                Some(blocks) => blocks,
+                None if tree.awaits_blocks(h.ino) => h.blocks.clone(),
+                None => return None,
+            };
             if blocks != h.blocks {
                 return Some(CachedHandle {
                     ino: h.ino,
@@ -496,7 +500,13 @@ impl BrumeFs {
     /// handle on it needs.
     fn mirrored(&self, ino: Ino) -> Option<CachedHandle> {
         let tree = self.tree_read();
-        let blocks = tree.cached_content(ino)?;
+        let blocks = match tree.cached_content(ino) {
+            Some(blocks) => blocks,
+            // Content not known yet: an empty list, which reads and opens for
+            // writing wait to see replaced.
+            None if tree.awaits_blocks(ino) => Blocks::from(Vec::new()),
+            None => return None,
+        };
         let n = tree.get(ino).ok()?;
         Some(CachedHandle {
             ino,
@@ -515,8 +525,20 @@ impl BrumeFs {
         };
         let engine = engine.clone();
         let opener = self.opener();
+        let tree = self.tree.clone();
         // Owns the reply until the blocks are here (or the owner is unreachable).
         runtime.spawn(async move {
+            let mut h = h;
+            if h.blocks.is_empty() {
+                let deadline = tokio::time::Instant::now() + engine.read_timeout();
+                match newer_content(&tree, &h, deadline).await {
+                    Some(newer) => h = newer,
+                    None => {
+                        tracing::warn!(ino = %h.ino, "cannot open for writing: its block list did not arrive");
+                        return reply.error(Errno::EIO);
+                    }
+                }
+            }
             for (i, (hash, _)) in h.blocks.iter().enumerate() {
                 if let Err(e) = engine.fetch(h.group, h.ino, i as u32, *hash, true).await {
                     tracing::warn!(ino = %h.ino, block = i, cause = %e, "cannot open for writing");
@@ -534,6 +556,10 @@ impl BrumeFs {
         let end = (offset + u64::from(size)).min(h.size);
         if offset >= end {
             return reply.data(&[]);
+        }
+        if h.blocks.is_empty() {
+            // The block list has not arrived: wait for it in a task.
+            return self.read_later(h, offset, size, reply);
         }
         let first = (offset / crate::blocks::BLOCK_SIZE) as usize;
         let last = ((end - 1) / crate::blocks::BLOCK_SIZE) as usize;
@@ -565,6 +591,12 @@ impl BrumeFs {
         if parts.iter().all(Option::is_some) {
             return reply.data(&assemble(parts.into_iter().flatten().collect()));
         }
+        self.read_later(h, offset, size, reply);
+    }
+
+    /// Reads from mirrored file `h` in a task: waits for its block list if it
+    /// has none yet, fetches the blocks the cache lacks, then replies.
+    fn read_later(&self, h: CachedHandle, offset: u64, size: u32, reply: ReplyData) {
         let Some((engine, runtime)) = self.sync.get() else {
             tracing::warn!(ino = %h.ino, "block not cached and no sync running");
             return reply.error(Errno::EIO);
@@ -575,6 +607,15 @@ impl BrumeFs {
         runtime.spawn(async move {
             let mut h = h;
             let deadline = tokio::time::Instant::now() + engine.read_timeout();
+            if h.blocks.is_empty() {
+                match newer_content(&tree, &h, deadline).await {
+                    Some(newer) => h = newer,
+                    None => {
+                        tracing::error!(ino = %h.ino, "read failed: the block list did not arrive");
+                        return reply.error(Errno::EIO);
+                    }
+                }
+            }
             loop {
                 let (i, e) = match fetch_range(&engine, &h, offset, size).await {
                     Ok(data) => return reply.data(&data),
@@ -1250,7 +1291,7 @@ impl fuser::Filesystem for BrumeFs {
                     Err(e) => reply.error(e.errno()),
                 };
             }
-            if !h.blocks.iter().all(|(b, _)| self.cache.contains(b)) {
+            if h.blocks.is_empty() || !h.blocks.iter().all(|(b, _)| self.cache.contains(b)) {
                 // Writing needs the whole content here first: fetch what is missing
                 // in a task, then finish the open there.
                 return self.open_after_fetch(h, reply);

@@ -690,6 +690,18 @@ impl Tree {
         }
     }
 
+    /// Member side: whether `ino` is a mirrored file with content whose block
+    /// list has not arrived (announced before its owner hashed it, or lost to a
+    /// crash before the catalog kept it). Its reads wait for the list.
+    pub fn awaits_blocks(&self, ino: Ino) -> bool {
+        self.nodes.get(&ino).is_some_and(|n| {
+            n.row.kind == NodeKind::File
+                && n.row.size > 0
+                && n.blocks.is_none()
+                && n.row.remote.is_some_and(|r| !r.local_edit)
+        })
+    }
+
     /// Member side: every mirrored file of `g` with its blocks, for filling the
     /// cache in the background.
     pub fn mirrored_files(&self, g: GroupId) -> Vec<(Ino, u64, Blocks)> {
