@@ -619,6 +619,15 @@ fn a_mirror_without_its_block_list_waits_for_it_instead_of_reading_empty() {
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
     }
     assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    // Nor is it truncated from nothing: the member's edit must start from the
+    // owner's bytes.
+    let path = std::ffi::CString::new(bob.path("alice/g/f").into_os_string().into_encoded_bytes())
+        .unwrap();
+    assert_eq!(unsafe { libc::truncate(path.as_ptr(), 10) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EIO)
+    );
     hub.hold_snapshots(false);
     read_when(&bob.path("alice/g/f"), &body);
 }

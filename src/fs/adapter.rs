@@ -938,6 +938,10 @@ impl Opener {
     /// blocks past them are not needed (none at all for a truncation to zero).
     fn copy_up_prefix(&self, tree: &mut Tree, ino: Ino, keep: u64) -> FsResult<()> {
         let Some(blocks) = tree.cached_content(ino) else {
+            // A mirror whose block list has not arrived has nothing to copy yet.
+            if tree.awaits_blocks(ino) {
+                return Err(FsError::Unavailable);
+            }
             return Ok(());
         };
         let mut needed = Vec::new();
