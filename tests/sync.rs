@@ -326,6 +326,14 @@ pub(crate) fn online(hub: &Arc<Hub>, member: &Peer, owner: &str) {
     hub.runtime.block_on(engine.owner_online(&owner));
 }
 
+/// Waits until `member` has joined alice's group `g` completely (subscribed,
+/// its `.members` in the cache).
+fn joined(member: &Peer) {
+    wait_until(Duration::from_secs(10), "the join", || {
+        cached_xattr(&member.path("alice/g/.members")).as_deref() == Some("1/1")
+    });
+}
+
 fn read_when(path: &Path, want: &[u8]) {
     wait_until(
         Duration::from_secs(10),
@@ -812,9 +820,7 @@ fn member_truncate_and_touch_of_a_mirrored_file_keep_its_bytes() {
 #[test]
 fn an_uncached_mirrored_file_is_overwritten_with_the_owner_away() {
     let (hub, alice, bob) = shared();
-    wait_until(Duration::from_secs(10), "bob's join", || {
-        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
-    });
+    joined(&bob);
     // The file's entry reaches bob, none of its bytes do.
     hub.hold_blocks(true);
     let data: Vec<u8> = (0..600_000u32).map(|i| (i % 249) as u8).collect();
@@ -857,9 +863,7 @@ fn inject(hub: &Hub, to: &Peer, from: &str, payload: &[u8]) {
 fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
     let (hub, alice, bob) = shared();
     // bob's join is complete: `f` below comes as a change, not in the snapshot.
-    wait_until(Duration::from_secs(10), "bob's join", || {
-        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
-    });
+    joined(&bob);
     hub.record();
     std::fs::write(alice.path("alice/g/f"), b"version one").unwrap();
     read_when(&bob.path("alice/g/f"), b"version one");
@@ -912,9 +916,7 @@ fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
     let (hub, alice, bob) = shared();
     // bob's join is complete (subscribed, `.members` filled): what is recorded
     // below comes as changes, and no fill of bob's is still waiting for an answer.
-    wait_until(Duration::from_secs(10), "bob's join", || {
-        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
-    });
+    joined(&bob);
     std::fs::create_dir(alice.path("alice/private")).unwrap();
     std::fs::write(alice.path("alice/private/.members"), b"carol\n").unwrap();
     std::fs::write(alice.path("alice/private/secret"), b"not for bob").unwrap();
@@ -1398,9 +1400,7 @@ fn full_copy_pins_what_changes_bring_and_releases_what_they_replace() {
 #[test]
 fn the_owner_answers_other_messages_while_blocks_are_on_their_way() {
     let (hub, alice, bob) = shared();
-    wait_until(Duration::from_secs(10), "bob's join", || {
-        cached_xattr(&bob.path("alice/g/.members")).as_deref() == Some("1/1")
-    });
+    joined(&bob);
     // The bulk lane is congested: blocks leave the owner but do not arrive.
     hub.hold_blocks(true);
     let data: Vec<u8> = (0..900_000u32).map(|i| (i % 247) as u8).collect();

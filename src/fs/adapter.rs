@@ -143,6 +143,20 @@ async fn newer_content(
     }
 }
 
+/// `h` with its block list: at once if it has one, else once the list arrives
+/// (until `deadline`); `None` if it does not.
+async fn with_block_list(
+    tree: &RwLock<Tree>,
+    h: CachedHandle,
+    deadline: tokio::time::Instant,
+) -> Option<CachedHandle> {
+    if h.blocks.is_empty() {
+        newer_content(tree, &h, deadline).await
+    } else {
+        Some(h)
+    }
+}
+
 /// What finishing an open needs, detached from `BrumeFs` so that a task can do it
 /// after fetching blocks.
 #[derive(Clone)]
@@ -528,17 +542,12 @@ impl BrumeFs {
         let tree = self.tree.clone();
         // Owns the reply until the blocks are here (or the owner is unreachable).
         runtime.spawn(async move {
-            let mut h = h;
-            if h.blocks.is_empty() {
-                let deadline = tokio::time::Instant::now() + engine.read_timeout();
-                match newer_content(&tree, &h, deadline).await {
-                    Some(newer) => h = newer,
-                    None => {
-                        tracing::warn!(ino = %h.ino, "cannot open for writing: its block list did not arrive");
-                        return reply.error(Errno::EIO);
-                    }
-                }
-            }
+            let ino = h.ino;
+            let deadline = tokio::time::Instant::now() + engine.read_timeout();
+            let Some(h) = with_block_list(&tree, h, deadline).await else {
+                tracing::warn!(%ino, "cannot open for writing: its block list did not arrive");
+                return reply.error(Errno::EIO);
+            };
             for (i, (hash, _)) in h.blocks.iter().enumerate() {
                 if let Err(e) = engine.fetch(h.group, h.ino, i as u32, *hash, true).await {
                     tracing::warn!(ino = %h.ino, block = i, cause = %e, "cannot open for writing");
@@ -605,17 +614,12 @@ impl BrumeFs {
         let tree = self.tree.clone();
         // Owns the reply until the missing blocks arrive or the wait times out.
         runtime.spawn(async move {
-            let mut h = h;
+            let ino = h.ino;
             let deadline = tokio::time::Instant::now() + engine.read_timeout();
-            if h.blocks.is_empty() {
-                match newer_content(&tree, &h, deadline).await {
-                    Some(newer) => h = newer,
-                    None => {
-                        tracing::error!(ino = %h.ino, "read failed: the block list did not arrive");
-                        return reply.error(Errno::EIO);
-                    }
-                }
-            }
+            let Some(mut h) = with_block_list(&tree, h, deadline).await else {
+                tracing::error!(%ino, "read failed: the block list did not arrive");
+                return reply.error(Errno::EIO);
+            };
             loop {
                 let (i, e) = match fetch_range(&engine, &h, offset, size).await {
                     Ok(data) => return reply.data(&data),
@@ -1078,9 +1082,10 @@ impl fuser::Filesystem for BrumeFs {
         // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping setuid and
         // setgid to the filesystem (and in exchange stops asking for fresh
         // attributes before every chown). It sends a setattr with nothing to
-        // set when a write needs them dropped (passthrough writes included)
-        // and for chown(-1, -1); a change of owner always drops them, a
-        // truncate only for an unprivileged caller.
+        // set when a write needs them dropped (through passthrough or the
+        // daemon alike, so WRITE's FUSE_WRITE_KILL_SUIDGID adds nothing) and
+        // for chown(-1, -1); a change of owner always drops them, a truncate
+        // only for an unprivileged caller.
         set.drop_privileges = set.mode.is_none()
             && (set.uid.is_some()
                 || set.gid.is_some()
@@ -1088,9 +1093,10 @@ impl fuser::Filesystem for BrumeFs {
                 || (set.size.is_some() && req.uid() != 0));
         // A change of owner keeps setgid without group-execute (the VFS asks
         // about the new group there); the kernel's other requests do not.
-        set.outsider = set.drop_privileges && set.uid.is_none() && set.gid.is_none() && {
-            self.outsider(req, Ino(ino.0))
-        };
+        set.outsider = set.drop_privileges
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && self.outsider(req, Ino(ino.0));
         match self.do_setattr(Ino(ino.0), set, fh) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e.errno()),
@@ -1403,12 +1409,12 @@ impl fuser::Filesystem for BrumeFs {
 
     fn write(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
+        _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1418,12 +1424,7 @@ impl fuser::Filesystem for BrumeFs {
             let (ino, file, _) = self.handle(fh)?;
             file.write_all_at(data, offset)?;
             let end = offset + data.len() as u64;
-            let outsider = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-                && self.outsider(req, ino);
             let mut tree = self.tree_write();
-            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                tree.drop_privileges(ino, outsider)?;
-            }
             tree.note_write(ino, end)?;
             if let Some(oi) = self.open_map().get_mut(&ino) {
                 oi.dirty = true;

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, mpsc};
 
-use crate::fs::workers::WorkerCpus;
 use fuser::{Config as FuseConfig, MountOption, SessionACL};
 
 use crate::blocks::Hasher;
@@ -15,6 +14,7 @@ use crate::config::Config;
 use crate::fs::adapter::BrumeFs;
 use crate::fs::store::Store;
 use crate::fs::tree::Tree;
+use crate::fs::workers::WorkerCpus;
 use crate::ids::Ino;
 use crate::sync::engine::{Engine, EngineConfig, Link};
 

@@ -171,6 +171,11 @@ impl SetAttr {
     }
 }
 
+/// How many bytes a block list covers.
+fn listed_len(blocks: &[(BlockHash, u32)]) -> u64 {
+    blocks.iter().map(|(_, len)| u64::from(*len)).sum()
+}
+
 /// Permission bits after a write, truncate or change of owner that drops
 /// privileges, as the Linux VFS computes them: setuid always goes; setgid goes
 /// with group-execute, or without it when the caller is an `outsider` (neither
@@ -408,7 +413,7 @@ impl Tree {
             // An owned file's list that does not add up to its size is of
             // other bytes (a crash between the two writes): left unhashed, to
             // be hashed again.
-            let total: u64 = list.iter().map(|(_, len)| u64::from(*len)).sum();
+            let total = listed_len(&list);
             if let Some(n) = nodes.get_mut(&ino) {
                 let owned = n
                     .row
@@ -748,7 +753,7 @@ impl Tree {
         // Hashed while being written (through passthrough, whose writes this
         // side sees only at close): the list is of bytes that are not the
         // recorded content. The close brings a new sequence and a new hash.
-        let total: u64 = blocks.iter().map(|(_, len)| u64::from(*len)).sum();
+        let total = listed_len(&blocks);
         if total != n.row.size {
             tracing::debug!(%ino, size = n.row.size, hashed = total, "file changed while hashed; waiting for its close");
             return Ok(());
@@ -1239,21 +1244,6 @@ impl Tree {
             Some((newparent, newname.to_vec())),
             None,
         )
-    }
-
-    /// Drops the setuid and setgid bits of file `ino` for a write by an
-    /// unprivileged process; nothing is logged if neither was set.
-    pub fn drop_privileges(&mut self, ino: Ino, outsider: bool) -> FsResult<()> {
-        let n = self.get(ino)?;
-        if n.row.kind == NodeKind::Dir || without_privileges(n.row.perm, outsider) == n.row.perm {
-            return Ok(());
-        }
-        let set = SetAttr {
-            drop_privileges: true,
-            outsider,
-            ..SetAttr::default()
-        };
-        self.setattr(ino, &set)
     }
 
     /// Applies a setattr. The caller has already resized the backing file.
