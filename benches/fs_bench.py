@@ -7,11 +7,17 @@ Usage (as root, after `cargo build --release`):
 
 Every workload runs on every target in turn, repeated --reps times with the
 order rotated; the median time is reported with its ratio to native
-(native time / target time: 1.0 = as fast as native, higher is better).
+(native time / target time: 1.0 = as fast as native, higher is better),
+taken within each repetition and then the median of those.
 A fresh loop-mounted ext4 image keeps the allocator state of the host out of
 the figures, and each measurement starts once the Brume daemons are idle (their
 background hashing of the previous target's file is not charged to the next).
 Nothing here is a test: it prints numbers.
+
+--peer NAME=COMMAND adds another FUSE filesystem to the run: COMMAND is run
+with {src} and {mnt} replaced by a backing directory on the image and the mount
+point, and must return once mounted, e.g.
+    --peer 'hp-uring=/opt/libfuse/build/example/passthrough_hp -o io_uring {src} {mnt}'
 
 BRUME_BENCH_CONF adds lines to the mounts' brume.conf ("\\n" for a newline),
 e.g. BRUME_BENCH_CONF='[fs]\\npassthrough = true\\nthreads = 1' to compare settings.
@@ -59,12 +65,20 @@ def wait_mounted(path, proc=None, timeout=30):
 class Targets:
     """Creates native, bindfs and Brume directories on one fresh ext4 image."""
 
-    def __init__(self, brume, work):
+    def __init__(self, brume, work, peers=()):
         self.work = work
         self.procs = []
         self.mounts = []
-        self.img = os.path.join(work, "fs.img")
+        self.loop = None
         self.fs = os.path.join(work, "fs")
+        try:
+            self._make(brume, work, peers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self, brume, work, peers):
+        self.img = os.path.join(work, "fs.img")
         os.makedirs(self.fs)
         sh("truncate", "-s", "16G", self.img)
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.img)
@@ -89,6 +103,16 @@ class Targets:
             wait_mounted(mnt)
             self.mounts.append(mnt)
             self.dirs["bindfs"] = mnt
+        for peer in peers:
+            name, _, command = peer.partition("=")
+            src = os.path.join(self.fs, name + "-src")
+            mnt = os.path.join(work, name)
+            os.makedirs(src)
+            os.makedirs(mnt)
+            sh("sh", "-c", command.replace("{src}", src).replace("{mnt}", mnt))
+            wait_mounted(mnt)
+            self.mounts.append(mnt)
+            self.dirs[name] = mnt
         conf = os.path.join(work, "brume.conf")
         with open(conf, "w") as f:
             f.write('server_url = "ws://127.0.0.1:9/"\nusername = "bench"\ncredential = "x"\n')
@@ -120,8 +144,10 @@ class Targets:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(["umount", self.fs], check=False)
-        subprocess.run(["losetup", "-d", self.loop], check=False)
+        if self.fs in self.mounts:
+            subprocess.run(["umount", self.fs], check=False)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], check=False)
 
 
 # Daemons whose background work (hashing a just-written file) must finish before
@@ -171,17 +197,25 @@ def seq_write(d, size):
         os.fsync(fd)
         os.close(fd)
 
+    # Untimed first: on this kind of VM, a target's first write after another
+    # target wrote runs 2-3x slower, whichever target it is, so timing it would
+    # measure the order of the run rather than the filesystem.
+    run()
     return timed(run)
+
+
+# A warm read of 1 GiB takes some 50 ms: read it this many times per
+# measurement, so that a scheduling hiccup does not decide the ratio.
+WARM_PASSES = 4
 
 
 def seq_read(d, size, cold):
     p = os.path.join(d, "seq")
     if cold:
         drop_caches()
-    else:
-        seq_read_once(p)
-
-    return timed(lambda: seq_read_once(p))
+        return timed(lambda: seq_read_once(p))
+    seq_read_once(p)
+    return timed(lambda: [seq_read_once(p) for _ in range(WARM_PASSES)])
 
 
 def seq_read_once(p):
@@ -235,6 +269,13 @@ def tar_x(d, tarball, rep):
     return timed(lambda: sh("tar", "-xf", tarball, "-C", dest))
 
 
+def paired_ratio(base, other):
+    """Median over repetitions of base time / other time within one repetition:
+    the machine's speed drifts over a run, and a ratio of two medians taken
+    minutes apart would carry that drift."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--brume", default="target/release/brume")
@@ -243,19 +284,21 @@ def main():
     ap.add_argument("--tar-files", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                    help="another FUSE filesystem to mount and measure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (loop mounts, drop_caches)")
     brume = os.path.abspath(args.brume)
     work = tempfile.mkdtemp(prefix="brume-bench-")
-    targets = Targets(brume, work)
+    targets = Targets(brume, work, args.peer)
     tarball = os.path.join(work, "tree.tar")
     make_tarball(tarball, args.tar_files)
     size = args.size_mib * MIB
     workloads = [
         (f"seq write {args.size_mib} MiB + fsync", lambda d, r: seq_write(d, size), "MB/s", size),
         (f"seq read {args.size_mib} MiB, cold", lambda d, r: seq_read(d, size, True), "MB/s", size),
-        (f"seq read {args.size_mib} MiB, warm", lambda d, r: seq_read(d, size, False), "MB/s", size),
+        (f"seq read {args.size_mib} MiB, warm", lambda d, r: seq_read(d, size, False), "MB/s", size * WARM_PASSES),
         (f"create+stat {args.files} x 4 KiB", lambda d, r: create_stat(d, args.files, r), "files/s", args.files),
         (f"warm stat {args.files} x 3", lambda d, r: warm_stat(d, args.files, r), "stats/s", args.files * 3),
         (f"tar x {args.tar_files} files", lambda d, r: tar_x(d, tarball, r), "files/s", args.tar_files),
@@ -272,9 +315,9 @@ def main():
                 order = names[rep % len(names):] + names[: rep % len(names)]
                 for n in order:
                     times[n].append(fn(targets.dirs[n], rep))
-            results[title] = (unit, amount, {n: statistics.median(t) for n, t in times.items()})
+            results[title] = (unit, amount, times)
             line = f"{title}: " + ", ".join(
-                f"{n} {results[title][2][n]:.3f}s" for n in names
+                f"{n} {statistics.median(times[n]):.3f}s" for n in names
             )
             print(line, file=sys.stderr, flush=True)
     finally:
@@ -286,18 +329,20 @@ def main():
     header = "| workload | " + " | ".join(names) + " |"
     print(header)
     print("|" + "---|" * (len(names) + 1))
-    for title, (unit, amount, med) in results.items():
+    for title, (unit, amount, times) in results.items():
+        med = {n: statistics.median(t) for n, t in times.items()}
         cells = []
         for n in names:
             rate = amount / med[n]
             rate_s = f"{rate / 1e6:.0f} MB/s" if unit == "MB/s" else f"{rate:,.0f} {unit}"
-            ratio = med["native"] / med[n]
+            ratio = paired_ratio(times["native"], times[n])
             cells.append(f"{rate_s} ({ratio:.2f}x)")
         print(f"| {title} | " + " | ".join(cells) + " |")
     if "bindfs" in names:
         print()
-        for title, (_, _, med) in results.items():
-            print(f"{title}: brume is {med['bindfs'] / med['brume']:.2f}x the speed of bindfs")
+        for title, (_, _, times) in results.items():
+            ratio = paired_ratio(times["bindfs"], times["brume"])
+            print(f"{title}: brume is {ratio:.2f}x the speed of bindfs")
 
 
 if __name__ == "__main__":
