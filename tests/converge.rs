@@ -265,6 +265,12 @@ fn owner_step(rng: &mut Rng, root: &Path) -> String {
             let _ = std::fs::set_permissions(at(&p), std::fs::Permissions::from_mode(mode));
             format!("chmod {} {mode:o}", p.display())
         }
+        94..=96 if file.is_some() => {
+            let p = file.unwrap();
+            let to = dir.join(format!("h{name}"));
+            let _ = std::fs::hard_link(at(&p), at(&to));
+            format!("hard link {} -> {}", p.display(), to.display())
+        }
         _ => {
             let p = dir.join(format!("l{name}"));
             let target = format!("{}/t{}", rng.pick(NAMES).unwrap(), rng.below(9));

@@ -575,8 +575,8 @@ fn observe(p: &Path) -> Result<State, String> {
     Ok(State::of(&data))
 }
 
-/// Every path under `root`, relative to it.
-fn walk(root: &Path) -> Result<Vec<String>, String> {
+/// Every path under `root`, relative to it, sorted.
+pub(crate) fn walk(root: &Path) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {

@@ -597,6 +597,57 @@ fn member_restart_syncs_what_it_missed() {
     gone_when(&bob.path("alice/g/before"));
 }
 
+/// A file with several names at the owner has all of them at the member, each
+/// following the owner's unlinks and renames of that name, live and after a
+/// resync.
+#[test]
+fn hard_links_reach_the_member_under_every_name() {
+    let (hub, alice, mut bob) = shared();
+    let a = |p: &str| alice.path(&format!("alice/g/{p}"));
+    let bob_g = bob.path("alice/g");
+    let b = |p: &str| bob_g.join(p);
+    std::fs::create_dir(a("d")).unwrap();
+    std::fs::write(a("a"), b"shared bytes").unwrap();
+    std::fs::hard_link(a("a"), a("d/b")).unwrap();
+    std::fs::hard_link(a("a"), a("c")).unwrap();
+    for name in ["a", "d/b", "c"] {
+        read_when(&b(name), b"shared bytes");
+    }
+    // A write through one name is seen under every name.
+    std::fs::write(a("d/b"), b"new bytes").unwrap();
+    for name in ["a", "d/b", "c"] {
+        read_when(&b(name), b"new bytes");
+    }
+    // Unlinking the first name keeps the others.
+    std::fs::remove_file(a("a")).unwrap();
+    gone_when(&b("a"));
+    // Renaming one name moves only that one.
+    std::fs::rename(a("c"), a("d/e")).unwrap();
+    gone_when(&b("c"));
+    read_when(&b("d/e"), b"new bytes");
+    read_when(&b("d/b"), b"new bytes");
+    // Back to one name: it stays, with its content.
+    std::fs::remove_file(a("d/b")).unwrap();
+    gone_when(&b("d/b"));
+    read_when(&b("d/e"), b"new bytes");
+    // While bob is away, names come and go; his resync brings exactly the
+    // owner's names.
+    std::fs::hard_link(a("d/e"), a("x")).unwrap();
+    read_when(&b("x"), b"new bytes");
+    bob.unmount(&hub);
+    std::fs::hard_link(a("d/e"), a("y")).unwrap();
+    std::fs::remove_file(a("x")).unwrap();
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    read_when(&b("y"), b"new bytes");
+    gone_when(&b("x"));
+    read_when(&b("d/e"), b"new bytes");
+    assert_eq!(
+        crate::crash::walk(&b("")).unwrap(),
+        [".members", "d", "d/e", "y"]
+    );
+}
+
 /// A mirrored file whose block list is not known (lost in a crash before the
 /// catalog kept it, or announced before its owner hashed it) is never read as
 /// empty: reads wait for the list (EIO if it does not come within the read

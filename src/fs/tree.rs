@@ -14,7 +14,7 @@ use crate::fs::error::{FsError, FsResult};
 
 mod remote;
 use crate::ids::{BlockHash, GroupId, GroupName, Ino, Seq, UserName, Version};
-pub use remote::{Inval, Situation};
+pub use remote::{Inval, LinkNames, Situation, ino_of_id};
 
 /// The mount's root directory.
 pub const ROOT: Ino = Ino(1);
@@ -1031,7 +1031,35 @@ impl Tree {
             n.row.nlink.saturating_sub(1)
         };
         n.row.ctime = now;
+        if !is_dir && n.row.nlink > 0 && n.parent == parent {
+            self.find_parent(ino);
+        }
         self.release_if_unused(ino)
+    }
+
+    /// Points a file that lost a name back at a directory that still holds it
+    /// (another of its hard links), if the one it pointed at no longer does.
+    fn find_parent(&mut self, ino: Ino) {
+        let Some(n) = self.nodes.get(&ino) else {
+            return;
+        };
+        let holds = |dir: &Node| {
+            dir.children
+                .as_ref()
+                .is_some_and(|c| c.values().any(|i| *i == ino))
+        };
+        if self.nodes.get(&n.parent).is_some_and(holds) {
+            return;
+        }
+        let Some(g) = n.row.group else {
+            return;
+        };
+        let names = self.names_in_group(g, &std::collections::HashSet::from([ino]));
+        if let Some((dir, _)) = names.get(&ino).and_then(|n| n.first())
+            && let Some(n) = self.nodes.get_mut(&ino)
+        {
+            n.parent = *dir;
+        }
     }
 
     /// Deletes `ino` if it has no links and no open handles; returns it if so.
@@ -1582,6 +1610,57 @@ mod tests {
         assert_eq!(t.get(f).unwrap().row.size, 12);
         assert!(t.get(f).unwrap().blocks.is_none());
         assert!(t.node_state(f).is_none());
+    }
+
+    #[test]
+    fn each_name_of_a_hard_linked_file_goes_to_members_under_an_id_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalog, snapshot, _thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let me = UserName::new("alice").unwrap();
+        let (mut t, _) = Tree::load(snapshot, me, 0, 0, catalog).unwrap();
+        let f = file_in_a_group(&mut t);
+        let root = t.get(f).unwrap().parent;
+        let g = t.get(f).unwrap().row.group.unwrap();
+        let now = Stamp::now();
+        let seq = t.content_changed(f, 10, now, now, None).unwrap();
+        t.set_blocks(f, seq, vec![(BlockHash([1; 32]), 10)])
+            .unwrap();
+        let d = t
+            .create(root, b"d", NodeKind::Dir, 0o755, 0, 0, 0, None)
+            .unwrap();
+        t.link(f, d, b"b").unwrap();
+        t.link(f, root, b"c").unwrap();
+        let sent = |t: &Tree| {
+            let states = t.node_states(f, &t.linked_names(g, [f])).unwrap();
+            for s in &states {
+                assert_eq!(ino_of_id(s.id), f);
+                assert_eq!(s.blocks.len(), 1);
+            }
+            states
+                .into_iter()
+                .map(|s| (s.id, s.parent, String::from_utf8(s.name).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        // First by directory, then by name: the group root's `c` gets the
+        // inode number; `f` and `d/b` get link ids, distinct and stable.
+        let three = sent(&t);
+        assert_eq!(three[0], (f.0, 0, "c".to_string()));
+        assert_eq!((three[1].1, three[1].2.as_str()), (0, "f"));
+        assert_eq!((three[2].1, three[2].2.as_str()), (d.0, "b"));
+        assert!(three[1].0 != f.0 && three[2].0 != f.0 && three[1].0 != three[2].0);
+        assert_eq!(sent(&t), three);
+        // The first name goes: the next one takes the inode number, the
+        // other keeps its id.
+        t.remove(root, b"c", false).unwrap();
+        assert_eq!(sent(&t), [(f.0, 0, "f".to_string()), three[2].clone()]);
+        // Down to one name, in another directory than the file was made in.
+        t.remove(root, b"f", false).unwrap();
+        let one = t.node_state(f).unwrap();
+        assert_eq!(
+            (one.id, one.parent, one.name.as_slice()),
+            (f.0, d.0, &b"b"[..])
+        );
+        assert_eq!(sent(&t), [(f.0, d.0, "b".to_string())]);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! in-process loopback in some tests. Nothing a member does is ever sent to an
 //! owner except requests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, broadcast, oneshot};
 use crate::blocks::BLOCK_SIZE;
 use crate::blocks::cache::BlockCache;
 use crate::fs::store::Store;
-use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent};
+use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent, ino_of_id};
 use crate::ids::{BlockHash, GroupId, Ino, UserName};
 use crate::sync::proto::{
     Change, MemberToOwner, NodeState, OwnerToMember, SNAPSHOT_CHUNK, VERSION,
@@ -161,6 +161,10 @@ struct Inner {
     subscriptions: Mutex<HashMap<UserName, u64>>,
     /// Owner side: files changed before they were hashed; pushed once hashed.
     unhashed: Mutex<HashSet<Ino>>,
+    /// Owner side: the link ids (the names other than the first) of files with
+    /// several names that members may hold: sent in a push or a snapshot, and
+    /// not removed since. A name that goes is sent as the removal of its id.
+    links_sent: Mutex<HashMap<Ino, BTreeSet<u64>>>,
     /// Owner side: members a snapshot is on its way to (how many snapshots), with
     /// the pushes held back until it has gone. A push read after a snapshot must
     /// not overtake it: the member would apply the push, then the older
@@ -323,6 +327,7 @@ impl Engine {
             subscribers: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             unhashed: Mutex::new(HashSet::new()),
+            links_sent: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
@@ -495,22 +500,43 @@ impl Engine {
             }
             let name = g.row.name.clone();
             let root = tree.group_root(group).ok();
+            let links = tree.linked_names(group, inos.iter().copied());
+            let mut links_sent = lock(&self.inner.links_sent);
             let mut changes = Vec::new();
             for ino in inos {
-                changes.push(match tree.node_state(ino) {
-                    Some(state) => Change::Upsert(state),
+                match tree.node_states(ino, &links) {
+                    Some(states) => {
+                        // Names gone first: a file whose first name went is
+                        // sent under the next one, which a link id held so far.
+                        let now: BTreeSet<u64> = states
+                            .iter()
+                            .map(|s| s.id)
+                            .filter(|id| *id != ino.0)
+                            .collect();
+                        let before = links_sent.remove(&ino).unwrap_or_default();
+                        changes
+                            .extend(before.difference(&now).map(|id| Change::Remove { id: *id }));
+                        if !now.is_empty() {
+                            links_sent.insert(ino, now);
+                        }
+                        changes.extend(states.into_iter().map(Change::Upsert));
+                    }
                     None => match tree.get(ino) {
                         // Exists but is not hashed yet: sent when it is.
                         Ok(n) if n.row.nlink > 0 && n.row.group == Some(group) => {
                             if root != Some(ino) {
                                 lock(&self.inner.unhashed).insert(ino);
                             }
-                            continue;
                         }
-                        _ => Change::Remove { id: ino.0 },
+                        _ => {
+                            changes.push(Change::Remove { id: ino.0 });
+                            let before = links_sent.remove(&ino).unwrap_or_default();
+                            changes.extend(before.into_iter().map(|id| Change::Remove { id }));
+                        }
                     },
-                });
+                }
             }
+            drop(links_sent);
             let seq = tree.log_position(group);
             let mut msgs = Vec::new();
             let mut batch = Vec::new();
@@ -618,6 +644,15 @@ impl Engine {
             // Recorded under the tree lock: a file's `Hashed` event comes from
             // under the write lock, so it cannot slip in before this and be missed.
             lock(&self.inner.unhashed).extend(pending);
+            let mut links_sent = lock(&self.inner.links_sent);
+            for id in nodes
+                .iter()
+                .map(|n| n.id)
+                .filter(|id| ino_of_id(*id).0 != *id)
+            {
+                links_sent.entry(ino_of_id(id)).or_default().insert(id);
+            }
+            drop(links_sent);
             // Likewise, every push read after this waits for the snapshot.
             lock(&self.inner.snapshotting)
                 .entry(to.clone())
@@ -755,7 +790,9 @@ impl Engine {
                 let from = from.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let reply = engine.read_block(g, Ino(id), index, BlockHash(hash)).await;
+                    let reply = engine
+                        .read_block(g, ino_of_id(id), index, BlockHash(hash))
+                        .await;
                     let msg = match reply {
                         Some(data) => OwnerToMember::Block { group, hash, data },
                         None => OwnerToMember::NoBlock { group, hash },

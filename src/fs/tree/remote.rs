@@ -4,7 +4,7 @@
 //! SPEC §3's conflict table: whatever the member changed locally is kept as a
 //! conflict copy, never destroyed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::{Blocks, Node, Tree};
 use crate::catalog::{NodeKind, NodeRow, Op, Remote, Stamp};
@@ -73,6 +73,48 @@ fn from_refs(refs: &[BlockRef]) -> Blocks {
         .into()
 }
 
+/// Every name of a file with several: (directory, name), sorted.
+pub type LinkNames = HashMap<Ino, Vec<(Ino, Vec<u8>)>>;
+
+/// A file with several names at the owner goes to members once per name, as
+/// separate files with the same blocks: under its inode number for its first
+/// name (by directory, then name), and under a link id for each other name. A
+/// link id is the inode number below bit 40, 23 bits of the name's hash above it
+/// and the top bit set: it lasts as long as the name does, and never equals an
+/// inode number.
+const LINK_ID: u64 = 1 << 63;
+const LINK_INO_BITS: u32 = 40;
+const LINK_SLOTS: u64 = (1 << 23) - 1;
+
+/// The owner's inode behind a node id that members use (see [`LINK_ID`]).
+pub fn ino_of_id(id: u64) -> Ino {
+    if id & LINK_ID == 0 {
+        Ino(id)
+    } else {
+        Ino(id & ((1 << LINK_INO_BITS) - 1))
+    }
+}
+
+/// The link id of `ino`'s name `dir/name`, other than those `taken` (hash
+/// collisions between names of one file move on to the next slot). `None` for an
+/// inode number too large to fit.
+fn link_id(ino: Ino, dir: Ino, name: &[u8], taken: &HashSet<u64>) -> Option<u64> {
+    if ino.0 >> LINK_INO_BITS != 0 {
+        return None;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&dir.0.to_le_bytes());
+    h.update(name);
+    let mut slot = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().ok()?) & LINK_SLOTS;
+    loop {
+        let id = LINK_ID | (slot << LINK_INO_BITS) | ino.0;
+        if !taken.contains(&id) {
+            return Some(id);
+        }
+        slot = (slot + 1) & LINK_SLOTS;
+    }
+}
+
 impl Tree {
     /// The root directory of group `g`.
     pub fn group_root(&self, g: GroupId) -> FsResult<Ino> {
@@ -102,20 +144,78 @@ impl Tree {
         })
     }
 
-    /// Owner side: the state of `ino` for members, or `None` while it cannot be
-    /// sent yet (a file whose blocks are still being hashed). Parents are given
-    /// as the owner's inode numbers, with the group root as 0.
+    /// Owner side: every name of those of `inos` that are files with more than
+    /// one link, in group `g`. One walk of the group, and none unless such a
+    /// file is asked for.
+    pub fn linked_names(&self, g: GroupId, inos: impl IntoIterator<Item = Ino>) -> LinkNames {
+        let wanted: HashSet<Ino> = inos
+            .into_iter()
+            .filter(|i| {
+                self.nodes
+                    .get(i)
+                    .is_some_and(|n| n.row.kind != NodeKind::Dir && n.row.nlink > 1)
+            })
+            .collect();
+        self.names_in_group(g, &wanted)
+    }
+
+    /// Every name of each of `wanted` in group `g`, sorted; one walk of the
+    /// group, and none if nothing is wanted.
+    pub(super) fn names_in_group(&self, g: GroupId, wanted: &HashSet<Ino>) -> LinkNames {
+        let mut out = LinkNames::new();
+        if wanted.is_empty() {
+            return out;
+        }
+        let Ok(root) = self.group_root(g) else {
+            return out;
+        };
+        let mut queue = VecDeque::from([root]);
+        while let Some(dir) = queue.pop_front() {
+            let Some(children) = self.nodes.get(&dir).and_then(|n| n.children.as_ref()) else {
+                continue;
+            };
+            for (name, ino) in children {
+                if wanted.contains(ino) {
+                    out.entry(*ino).or_default().push((dir, name.clone()));
+                } else if self.nodes.get(ino).is_some_and(|n| n.children.is_some()) {
+                    queue.push_back(*ino);
+                }
+            }
+        }
+        for names in out.values_mut() {
+            names.sort();
+        }
+        out
+    }
+
+    /// Owner side: the states of `ino` for members, one per name (see
+    /// [`LINK_ID`]; `links` holds its names if it has several), or `None` while
+    /// it cannot be sent yet (a file whose blocks are still being hashed).
+    pub fn node_states(&self, ino: Ino, links: &LinkNames) -> Option<Vec<NodeState>> {
+        let Some(names) = links.get(&ino).filter(|n| !n.is_empty()) else {
+            return self.node_state(ino).map(|s| vec![s]);
+        };
+        let first = self.state_at(ino, names[0].0, &names[0].1)?;
+        let mut taken = HashSet::new();
+        let mut out = Vec::with_capacity(names.len());
+        for (dir, name) in &names[1..] {
+            let Some(id) = link_id(ino, *dir, name, &taken) else {
+                break;
+            };
+            taken.insert(id);
+            let mut s = self.state_at(ino, *dir, name)?;
+            s.id = id;
+            out.push(s);
+        }
+        out.insert(0, first);
+        Some(out)
+    }
+
+    /// Owner side: the state of `ino` for members, under its first name, or
+    /// `None` while it cannot be sent yet (a file whose blocks are still being
+    /// hashed).
     pub fn node_state(&self, ino: Ino) -> Option<NodeState> {
         let n = self.nodes.get(&ino)?;
-        let g = self.groups.get(&n.row.group?)?;
-        if g.row.root == ino || n.row.nlink == 0 {
-            return None;
-        }
-        let parent = if n.parent == g.row.root {
-            0
-        } else {
-            n.parent.0
-        };
         let name = self
             .nodes
             .get(&n.parent)?
@@ -124,6 +224,18 @@ impl Tree {
             .iter()
             .find(|(_, i)| **i == ino)?
             .0;
+        self.state_at(ino, n.parent, name)
+    }
+
+    /// The state of `ino` as `dir/name`. Parents are given as the owner's inode
+    /// numbers, with the group root as 0.
+    fn state_at(&self, ino: Ino, dir: Ino, name: &[u8]) -> Option<NodeState> {
+        let n = self.nodes.get(&ino)?;
+        let g = self.groups.get(&n.row.group?)?;
+        if g.row.root == ino || n.row.nlink == 0 {
+            return None;
+        }
+        let parent = if dir == g.row.root { 0 } else { dir.0 };
         let blocks = match n.row.kind {
             NodeKind::File => to_refs(n.blocks.as_ref()?),
             _ => Vec::new(),
@@ -137,7 +249,7 @@ impl Tree {
         Some(NodeState {
             id: ino.0,
             parent,
-            name: name.clone(),
+            name: name.to_vec(),
             kind: n.row.kind as u8,
             perm: n.row.perm,
             size: if n.row.kind == NodeKind::File {
@@ -158,19 +270,40 @@ impl Tree {
         let root = self.group_root(g)?;
         let mut out = Vec::new();
         let mut pending = Vec::new();
-        let mut queue = std::collections::VecDeque::from([root]);
+        // Files with several names are sent after the walk has found them all
+        // (after every directory, so parents still come first).
+        let mut links = LinkNames::new();
+        let mut queue = VecDeque::from([root]);
         while let Some(dir) = queue.pop_front() {
             let Some(children) = self.nodes.get(&dir).and_then(|n| n.children.as_ref()) else {
                 continue;
             };
-            for ino in children.values() {
-                match self.node_state(*ino) {
+            for (name, ino) in children {
+                let Some(n) = self.nodes.get(ino) else {
+                    continue;
+                };
+                if n.row.kind != NodeKind::Dir && n.row.nlink > 1 {
+                    links.entry(*ino).or_default().push((dir, name.clone()));
+                    continue;
+                }
+                match self.state_at(*ino, dir, name) {
                     Some(s) => out.push(s),
                     None => pending.push(*ino),
                 }
-                if self.nodes.get(ino).is_some_and(|n| n.children.is_some()) {
+                if n.children.is_some() {
                     queue.push_back(*ino);
                 }
+            }
+        }
+        for names in links.values_mut() {
+            names.sort();
+        }
+        let mut linked: Vec<Ino> = links.keys().copied().collect();
+        linked.sort();
+        for ino in linked {
+            match self.node_states(ino, &links) {
+                Some(states) => out.extend(states),
+                None => pending.push(ino),
             }
         }
         Ok((out, pending))
