@@ -10,7 +10,8 @@
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -384,6 +385,9 @@ pub struct Catalog {
     tx: mpsc::SyncSender<Op>,
     /// The actor thread, unparked by barriers so they skip the commit window.
     actor: std::thread::Thread,
+    /// Set with that unpark: the channel parks the actor too, and can use up
+    /// the token an unpark leaves, so the window checks this as well.
+    hurry: Arc<AtomicBool>,
     path: PathBuf,
 }
 
@@ -405,6 +409,14 @@ impl Catalog {
     /// Opens (creating if needed) the catalog at `path`, reads it whole, and starts
     /// the actor. The actor exits when every handle is dropped.
     pub fn open(path: &Path) -> Result<(Self, Snapshot, CatalogThread), CatalogError> {
+        Self::open_with_window(path, GROUP_COMMIT_WINDOW)
+    }
+
+    /// [`Catalog::open`] with another group-commit window.
+    fn open_with_window(
+        path: &Path,
+        window: std::time::Duration,
+    ) -> Result<(Self, Snapshot, CatalogThread), CatalogError> {
         let mut conn = Connection::open(path).map_err(|e| CatalogError::Open {
             path: path.to_owned(),
             source: e.into(),
@@ -415,12 +427,16 @@ impl Catalog {
         })?;
         let snapshot = load(&conn)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+        let hurry = Arc::new(AtomicBool::new(false));
         // The actor: sole writer of the database, for the life of the mount.
         let handle = std::thread::Builder::new()
             .name("catalog".into())
-            .spawn(move || {
-                crate::blocks::background_priority();
-                actor(conn, rx)
+            .spawn({
+                let hurry = hurry.clone();
+                move || {
+                    crate::blocks::background_priority();
+                    actor(conn, rx, &hurry, window)
+                }
             })
             .map_err(|e| CatalogError::Open {
                 path: path.to_owned(),
@@ -429,6 +445,7 @@ impl Catalog {
         let catalog = Self {
             tx,
             actor: handle.thread().clone(),
+            hurry,
             path: path.to_owned(),
         };
         Ok((
@@ -466,17 +483,23 @@ impl Catalog {
             key,
             reply: tx,
         })?;
-        self.actor.unpark();
+        self.wake();
         match rx.recv() {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(_)) | Err(_) => Err(CatalogError::Stopped),
         }
     }
 
+    /// Ends the actor's commit window now (something waits for its commit).
+    fn wake(&self) {
+        self.hurry.store(true, Ordering::SeqCst);
+        self.actor.unpark();
+    }
+
     /// Commits everything sent so far durably and stops the actor.
     pub fn close(&self) {
         if self.send(Op::Close).is_ok() {
-            self.actor.unpark();
+            self.wake();
         }
     }
 
@@ -490,7 +513,7 @@ impl Catalog {
     pub fn begin_barrier(&self) -> Result<Committed, CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(Op::Barrier(tx))?;
-        self.actor.unpark();
+        self.wake();
         Ok(Committed(rx))
     }
 }
@@ -509,7 +532,12 @@ impl Committed {
     }
 }
 
-fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+fn actor(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    hurry: &AtomicBool,
+    window: std::time::Duration,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     // After a failed commit (a full disk, say): its ops are kept, in order, and
     // tried again after this delay, with whatever came meanwhile.
@@ -531,16 +559,23 @@ fn actor(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             },
         };
         // Group commit: after the first op of a batch, sleep through a short window
-        // (senders do not wake us; only a barrier does, via unpark) and then take
+        // (senders do not wake us; only a barrier does, via `wake`) and then take
         // everything queued, so a burst of small operations costs one transaction
         // and one wake-up instead of one each.
         if let Some(first) = first {
             let urgent = matches!(first, Op::Barrier(_) | Op::PinKey { .. } | Op::Close);
             push_op(&mut batch, first);
-            if !urgent {
-                std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+            let until = std::time::Instant::now() + window;
+            while !urgent && !hurry.load(Ordering::SeqCst) {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
             }
         }
+        // Whatever hurried us is in the channel by now (sent before the flag).
+        hurry.store(false, Ordering::SeqCst);
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(op) => push_op(&mut batch, op),
@@ -1087,6 +1122,31 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_barrier_never_waits_out_the_commit_window() {
+        // A window far longer than the test may take: one barrier that fails to
+        // end it shows.
+        let dir = tempfile::tempdir().unwrap();
+        let window = std::time::Duration::from_secs(60);
+        let (cat, _, _thread) =
+            Catalog::open_with_window(&dir.path().join("catalog.db"), window).unwrap();
+        let start = std::time::Instant::now();
+        for i in 0..200u32 {
+            // A write that opens a window, then a barrier right behind it.
+            cat.send(Op::DeleteDirent {
+                parent: Ino(1),
+                name: i.to_le_bytes().to_vec(),
+            })
+            .unwrap();
+            cat.barrier().unwrap();
+        }
+        assert!(
+            start.elapsed() < window / 2,
+            "a barrier waited out the window: {:?} for 200",
+            start.elapsed()
+        );
+    }
 
     #[test]
     fn keys_are_pinned_on_first_contact_and_changes_refused() {
