@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 use webrtc::runtime::{
-    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, Runtime,
-    TokioRuntime,
+    AsyncInterval, AsyncTcpListener, AsyncTcpStream, AsyncUdpSocket, JoinHandle, RecvMeta, Runtime,
+    TokioRuntime, Transmit,
 };
 
 /// The kernel receive buffer every socket asks for: what [`MAX_WINDOW`] needs once the
@@ -150,7 +150,8 @@ impl Runtime for SizedSockets {
         if let Err(err) = enlarge_receive_buffer(&socket) {
             debug!(cause = %err, "cannot enlarge a UDP receive buffer");
         }
-        TokioRuntime.wrap_udp_socket(socket)
+        let inner = TokioRuntime.wrap_udp_socket(socket)?;
+        Ok(Arc::new(WholeGsoSends(inner)))
     }
 
     fn wrap_tcp_listener(
@@ -199,9 +200,82 @@ impl Runtime for SizedSockets {
     }
 }
 
+/// Most datagrams in one GSO send. webrtc 0.21 batches up to 64 datagrams as long as
+/// they add up to at most 65,535 bytes, but the kernel refuses (`EMSGSIZE`) a UDP
+/// send of more than 65,507 bytes over IPv4: a batch of 54 datagrams of 1,213 bytes
+/// or more was lost whole, and when its retransmissions were batched the same way,
+/// the association stalled until SCTP gave up. 44 datagrams of up to 1,488 bytes
+/// (a 1,500-byte MTU's worth) always fit.
+const MAX_GSO_SEGMENTS: usize = 65_507 / 1_488;
+
+/// A socket that never offers more GSO segments than [`MAX_GSO_SEGMENTS`].
+#[derive(Debug)]
+struct WholeGsoSends(Arc<dyn AsyncUdpSocket>);
+
+impl AsyncUdpSocket for WholeGsoSends {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn poll_send(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        transmit: &Transmit<'_>,
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.0.poll_send(cx, transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn max_gso_segments(&self) -> usize {
+        self.0.max_gso_segments().min(MAX_GSO_SEGMENTS)
+    }
+
+    fn max_gro_segments(&self) -> usize {
+        self.0.max_gro_segments()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_gso_send_offered_is_one_the_kernel_takes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let to = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let from = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            from.set_nonblocking(true).unwrap();
+            let socket = SizedSockets.wrap_udp_socket(from).unwrap();
+            let segments = socket.max_gso_segments();
+            if segments <= 1 {
+                eprintln!("skipped: no UDP GSO here");
+                return;
+            }
+            // Full-MTU datagrams, as many as offered: the kernel must take them.
+            let contents = vec![7u8; segments * 1_488];
+            let transmit = Transmit {
+                destination: to.local_addr().unwrap(),
+                ecn: None,
+                contents: &contents,
+                segment_size: Some(1_488),
+                src_ip: None,
+            };
+            let sent = std::future::poll_fn(|cx| socket.poll_send(cx, &transmit)).await;
+            assert_eq!(sent.unwrap(), contents.len());
+        });
+    }
 
     #[test]
     fn the_window_is_half_the_granted_buffer_within_bounds() {
