@@ -10,7 +10,7 @@
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
@@ -388,6 +388,10 @@ pub struct Catalog {
     /// Set with that unpark: the channel parks the actor too, and can use up
     /// the token an unpark leaves, so the window checks this as well.
     hurry: Arc<AtomicBool>,
+    /// Ops sent with [`Catalog::send`], and how many of those a barrier has
+    /// made durable: the ops of [`Catalog::send_content`] are not counted.
+    sent: Arc<AtomicU64>,
+    durable: Arc<AtomicU64>,
     path: PathBuf,
 }
 
@@ -446,6 +450,8 @@ impl Catalog {
             tx,
             actor: handle.thread().clone(),
             hurry,
+            sent: Arc::new(AtomicU64::new(0)),
+            durable: Arc::new(AtomicU64::new(0)),
             path: path.to_owned(),
         };
         Ok((
@@ -462,6 +468,17 @@ impl Catalog {
 
     /// Queues one op. Blocks only when the queue is full.
     pub fn send(&self, op: Op) -> Result<(), CatalogError> {
+        self.tx.send(op).map_err(|_| CatalogError::Stopped)?;
+        // Counted once queued: a barrier that reads the count is behind it.
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Queues an op that only records an owned file's new content (its size,
+    /// times, log entry and block list). A mount after a crash rebuilds that
+    /// record from the backing file, so an fsync need not wait for it: see
+    /// [`Catalog::begin_barrier_if_needed`].
+    pub fn send_content(&self, op: Op) -> Result<(), CatalogError> {
         self.tx.send(op).map_err(|_| CatalogError::Stopped)
     }
 
@@ -512,21 +529,46 @@ impl Catalog {
     /// with [`Committed::wait`]; the caller can flush other things meanwhile.
     pub fn begin_barrier(&self) -> Result<Committed, CatalogError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Op::Barrier(tx))?;
+        let covers = self.sent.load(Ordering::SeqCst);
+        self.tx
+            .send(Op::Barrier(tx))
+            .map_err(|_| CatalogError::Stopped)?;
         self.wake();
-        Ok(Committed(rx))
+        Ok(Committed {
+            answer: rx,
+            covers,
+            durable: self.durable.clone(),
+        })
+    }
+
+    /// [`Catalog::begin_barrier`], or `None` if every op sent with
+    /// [`Catalog::send`] is durable already: what is left is content records
+    /// (and what others send meanwhile), which an fsync need not wait for.
+    pub fn begin_barrier_if_needed(&self) -> Result<Option<Committed>, CatalogError> {
+        if self.durable.load(Ordering::SeqCst) >= self.sent.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        self.begin_barrier().map(Some)
     }
 }
 
 /// A commit under way; see [`Catalog::begin_barrier`].
 #[derive(Debug)]
-pub struct Committed(mpsc::Receiver<Result<(), String>>);
+pub struct Committed {
+    answer: mpsc::Receiver<Result<(), String>>,
+    /// How many counted ops were sent before the barrier.
+    covers: u64,
+    durable: Arc<AtomicU64>,
+}
 
 impl Committed {
     /// Waits until the ops before the barrier are committed durably.
     pub fn wait(self) -> Result<(), CatalogError> {
-        match self.0.recv() {
-            Ok(Ok(())) => Ok(()),
+        match self.answer.recv() {
+            Ok(Ok(())) => {
+                self.durable.fetch_max(self.covers, Ordering::SeqCst);
+                Ok(())
+            }
             Ok(Err(_)) | Err(_) => Err(CatalogError::Stopped),
         }
     }
@@ -1122,6 +1164,33 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_barrier_is_needed_only_while_counted_ops_are_not_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cat, _, _thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let op = |i: u8| Op::DeleteDirent {
+            parent: Ino(1),
+            name: vec![i],
+        };
+        assert!(cat.begin_barrier_if_needed().unwrap().is_none());
+        // Content records alone never need one.
+        cat.send_content(op(1)).unwrap();
+        assert!(cat.begin_barrier_if_needed().unwrap().is_none());
+        // Anything else does, until a barrier behind it has been waited for.
+        cat.send(op(2)).unwrap();
+        let barrier = cat.begin_barrier_if_needed().unwrap().expect("a barrier");
+        assert!(cat.begin_barrier_if_needed().unwrap().is_some());
+        barrier.wait().unwrap();
+        assert!(cat.begin_barrier_if_needed().unwrap().is_none());
+        // A barrier begun before an op does not cover it.
+        let early = cat.begin_barrier().unwrap();
+        cat.send(op(3)).unwrap();
+        early.wait().unwrap();
+        assert!(cat.begin_barrier_if_needed().unwrap().is_some());
+        cat.barrier().unwrap();
+        assert!(cat.begin_barrier_if_needed().unwrap().is_none());
+    }
 
     #[test]
     fn a_barrier_never_waits_out_the_commit_window() {

@@ -205,6 +205,9 @@ pub struct Tree {
     events: tokio::sync::broadcast::Sender<TreeEvent>,
     /// In joined groups: the local node mirroring each of the owner's nodes.
     remote_ids: HashMap<(GroupId, u64), Ino>,
+    /// While set, the node rows and log entries sent are content records of an
+    /// owned file (see [`Catalog::send_content`]).
+    content_scope: bool,
 }
 
 /// The tree's way to the catalog. Under a [`TreeWrite`] guard it holds the ops
@@ -218,6 +221,8 @@ struct Journal {
     pending: std::sync::Mutex<Vec<Op>>,
     /// Whether a write guard is alive.
     holding: std::sync::atomic::AtomicBool,
+    /// Whether the held ops are all content records ([`Catalog::send_content`]).
+    content_only: std::sync::atomic::AtomicBool,
 }
 
 impl Journal {
@@ -226,16 +231,31 @@ impl Journal {
             catalog,
             pending: std::sync::Mutex::new(Vec::new()),
             holding: std::sync::atomic::AtomicBool::new(false),
+            content_only: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
     fn send(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
+        self.send_as(op, false)
+    }
+
+    /// Sends an op that only records an owned file's content.
+    fn send_content(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
+        self.send_as(op, true)
+    }
+
+    fn send_as(&self, op: Op, content: bool) -> Result<(), crate::catalog::CatalogError> {
         if self.holding.load(Ordering::Relaxed) {
+            if !content {
+                self.content_only.store(false, Ordering::Relaxed);
+            }
             self.pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(op);
             Ok(())
+        } else if content {
+            self.catalog.send_content(op)
         } else {
             self.catalog.send(op)
         }
@@ -243,15 +263,22 @@ impl Journal {
 
     fn hold(&self) {
         self.holding.store(true, Ordering::Relaxed);
+        self.content_only.store(true, Ordering::Relaxed);
     }
 
     /// Sends what is held, as one message, and stops holding.
     fn release(&self) {
         self.holding.store(false, Ordering::Relaxed);
         let ops = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if !ops.is_empty()
-            && let Err(e) = self.catalog.send(Op::Batch(ops))
-        {
+        if ops.is_empty() {
+            return;
+        }
+        let sent = if self.content_only.load(Ordering::Relaxed) {
+            self.catalog.send_content(Op::Batch(ops))
+        } else {
+            self.catalog.send(Op::Batch(ops))
+        };
+        if let Err(e) = sent {
             tracing::warn!(cause = %e, "catalog writes lost");
         }
     }
@@ -435,6 +462,7 @@ impl Tree {
             catalog: Journal::new(catalog),
             events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
             remote_ids: HashMap::new(),
+            content_scope: false,
         };
         for (parent, name) in dangling {
             tree.catalog.send(Op::DeleteDirent { parent, name })?;
@@ -679,7 +707,7 @@ impl Tree {
         };
         let seq = g.row.next_seq;
         g.row.next_seq = Seq(seq.0 + 1);
-        self.catalog.send(Op::AppendChange(ChangeRow {
+        self.send_op(Op::AppendChange(ChangeRow {
             group,
             seq,
             op,
@@ -768,16 +796,22 @@ impl Tree {
             let size = n.row.size;
             self.content_changed(ino, size, mtime, ctime, None)?;
         }
+        let owned = self.in_owned_group(ino);
         let n = self.get_mut(ino)?;
         let count = blocks.len() as u64;
         n.blocks = Some(blocks.clone().into());
         let group = n.row.group;
-        self.catalog.send(Op::PutBlocks {
+        let op = Op::PutBlocks {
             ino,
             from: 0,
             blocks,
             count,
-        })?;
+        };
+        if owned {
+            self.catalog.send_content(op)?;
+        } else {
+            self.catalog.send(op)?;
+        }
         if let Some(group) = group {
             let _ = self.events.send(TreeEvent::Hashed { group, ino });
         }
@@ -792,8 +826,25 @@ impl Tree {
     /// Queues the node's current row for the catalog.
     pub fn persist(&mut self, ino: Ino) -> FsResult<()> {
         let row = self.get(ino)?.row.clone();
-        self.catalog.send(Op::PutNode(row))?;
+        self.send_op(Op::PutNode(row))?;
         Ok(())
+    }
+
+    fn send_op(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
+        if self.content_scope {
+            self.catalog.send_content(op)
+        } else {
+            self.catalog.send(op)
+        }
+    }
+
+    /// Whether `ino` is in a group this client owns.
+    fn in_owned_group(&self, ino: Ino) -> bool {
+        self.nodes
+            .get(&ino)
+            .and_then(|n| n.row.group)
+            .and_then(|g| self.groups.get(&g))
+            .is_some_and(|g| g.row.owned)
     }
 
     fn touch_dir(&mut self, dir: Ino, now: Stamp) -> FsResult<()> {
@@ -1336,7 +1387,12 @@ impl Tree {
         n.row.mtime = mtime;
         n.row.ctime = n.row.ctime.max(ctime);
         let seq = self.content_touched(ino)?;
-        self.changed(ino, ChangeOp::Write, None, None, ranges)?;
+        // A member's edit is not rebuilt after a crash: its record is not
+        // content alone (it marks the mirror as edited).
+        self.content_scope = self.in_owned_group(ino);
+        let logged = self.changed(ino, ChangeOp::Write, None, None, ranges);
+        self.content_scope = false;
+        logged?;
         Ok(seq)
     }
 
