@@ -20,10 +20,18 @@ fn tool(name: &str) -> String {
     panic!("{name} is not installed: run tests/run.sh, which installs it");
 }
 
-/// Runs pjdfstest in `dir`; returns (failed test names, passed count).
-fn pjdfstest(dir: &Path) -> (BTreeSet<String>, usize) {
+/// Runs pjdfstest in `dir` (only the tests named `only`, if any); returns (failed
+/// test names, passed count).
+fn pjdfstest(dir: &Path, only: &[&String]) -> (BTreeSet<String>, usize) {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/posix/pjdfstest.toml");
-    let out = Command::new(tool("pjdfstest"))
+    let mut command = Command::new(tool("pjdfstest"));
+    if !only.is_empty() {
+        // Exact names carry the crate's module path; the report leaves it out.
+        command
+            .arg("--exact")
+            .args(only.iter().map(|n| format!("pjdfstest::tests::{n}")));
+    }
+    let out = command
         .arg("-c")
         .arg(config)
         .arg("-p")
@@ -87,11 +95,30 @@ fn exclusions() -> BTreeSet<String> {
 #[test]
 fn pjdfstest_fails_nothing_that_native_passes() {
     let native = tempfile::tempdir().unwrap();
-    let (native_failed, native_passed) = pjdfstest(native.path());
+    let (native_failed, native_passed) = pjdfstest(native.path(), &[]);
     let (_c, g) = Client::with_group(true);
-    let (brume_failed, brume_passed) = pjdfstest(&g);
+    let (brume_failed, brume_passed) = pjdfstest(&g, &[]);
     let allowed: BTreeSet<String> = native_failed.union(&exclusions()).cloned().collect();
-    let new: Vec<&String> = brume_failed.difference(&allowed).collect();
+    let mut new: Vec<&String> = brume_failed.difference(&allowed).collect();
+    // pjdfstest runs its cases on parallel threads, and a few race with the
+    // others (`etxtbsy` execs a file it has just written: a fork elsewhere in
+    // the process between the write and the exec makes the exec fail). A case
+    // that fails again when run alone, twice, is a failure.
+    if !new.is_empty() {
+        eprintln!("pjdfstest: running {new:?} again, alone");
+        for _ in 0..2 {
+            if new.is_empty() {
+                break;
+            }
+            let (again, passed) = pjdfstest(&g, &new);
+            assert_eq!(
+                again.len() + passed,
+                new.len(),
+                "the rerun did not run {new:?}"
+            );
+            new.retain(|name| again.contains(*name));
+        }
+    }
     assert!(
         new.is_empty(),
         "pjdfstest failures native does not have: {new:?}"
