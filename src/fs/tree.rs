@@ -1328,7 +1328,9 @@ impl Tree {
     /// Applies a setattr. The caller has already resized the backing file.
     pub fn setattr(&mut self, ino: Ino, set: &SetAttr) -> FsResult<()> {
         let now = Stamp::now();
+        let owned = self.in_owned_group(ino);
         let n = self.get_mut(ino)?;
+        let perm = n.row.perm;
         if let Some(mode) = set.mode {
             n.row.perm = (mode & 0o7777) as u16;
         } else if set.drop_privileges && n.row.kind != NodeKind::Dir {
@@ -1357,15 +1359,24 @@ impl Tree {
         }
         n.row.ctime = set.ctime.unwrap_or(now);
         let size = n.row.size;
+        // A truncation alone is content: after a crash, the backing file's size
+        // is taken back (see `Catalog::send_content`).
+        let size_only = n.row.perm == perm
+            && [set.mode, set.uid, set.gid].iter().all(Option::is_none)
+            && set.atime.is_none()
+            && set.mtime.is_none();
         if content {
             self.content_touched(ino)?;
-            self.changed(
+            self.content_scope = owned && size_only;
+            let logged = self.changed(
                 ino,
                 ChangeOp::Write,
                 None,
                 None,
                 Some(vec![(size, u64::MAX)]),
-            )
+            );
+            self.content_scope = false;
+            logged
         } else {
             self.changed(ino, ChangeOp::SetAttr, None, None, None)
         }
@@ -1717,6 +1728,78 @@ mod tests {
             (f.0, d.0, &b"b"[..])
         );
         assert_eq!(sent(&t), [(f.0, d.0, "b".to_string())]);
+    }
+
+    #[test]
+    fn only_an_owned_files_content_records_skip_the_fsync_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (catalog, snapshot, _thread) = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        let me = UserName::new("alice").unwrap();
+        let (mut t, _) = Tree::load(snapshot, me, 0, 0, catalog.clone()).unwrap();
+        let needs_barrier = || {
+            let b = catalog.begin_barrier_if_needed().unwrap();
+            let needed = b.is_some();
+            if let Some(b) = b {
+                b.wait().unwrap();
+            }
+            needed
+        };
+        let f = file_in_a_group(&mut t);
+        assert!(needs_barrier(), "a create is metadata");
+        assert!(!needs_barrier());
+        let now = Stamp::now();
+        let seq = t.content_changed(f, 10, now, now, None).unwrap();
+        t.set_blocks(f, seq, vec![(BlockHash([1; 32]), 10)])
+            .unwrap();
+        assert!(!needs_barrier(), "a write's record is content");
+        let truncate = SetAttr {
+            size: Some(3),
+            ..SetAttr::default()
+        };
+        t.setattr(f, &truncate).unwrap();
+        assert!(!needs_barrier(), "a truncation alone is content");
+        let chmod = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        t.setattr(f, &chmod).unwrap();
+        assert!(needs_barrier(), "a chmod is metadata");
+        let truncate_and_touch = SetAttr {
+            size: Some(0),
+            mtime: Some(now),
+            ..SetAttr::default()
+        };
+        t.setattr(f, &truncate_and_touch).unwrap();
+        assert!(needs_barrier(), "explicit times are metadata");
+        t.setattr(
+            f,
+            &SetAttr {
+                mode: Some(0o4755),
+                ..SetAttr::default()
+            },
+        )
+        .unwrap();
+        assert!(needs_barrier());
+        let dropping = SetAttr {
+            size: Some(0),
+            drop_privileges: true,
+            ..SetAttr::default()
+        };
+        t.setattr(f, &dropping).unwrap();
+        assert!(
+            needs_barrier(),
+            "a truncation that drops setuid is metadata"
+        );
+        // The same through a write guard, which sends its ops as one batch.
+        let t = std::sync::RwLock::new(t);
+        write(&t).content_changed(f, 5, now, now, None).unwrap();
+        assert!(!needs_barrier(), "a batch of content records is content");
+        {
+            let mut g = write(&t);
+            g.content_changed(f, 6, now, now, None).unwrap();
+            g.setattr(f, &chmod).unwrap();
+        }
+        assert!(needs_barrier(), "a batch with metadata in it is metadata");
     }
 
     #[test]
