@@ -241,6 +241,25 @@ def create_stat(d, n, rep):
     return timed(run)
 
 
+def small_fsync(d, n, rep):
+    """What a database does: 4 KiB written in place, then fsync, n times."""
+    p = os.path.join(d, f"db{rep}")
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    os.pwrite(fd, b"y" * 65536, 0)
+    os.fsync(fd)
+    buf = b"z" * 4096
+
+    def run():
+        for i in range(n):
+            os.pwrite(fd, buf, (i % 16) * 4096)
+            os.fsync(fd)
+
+    try:
+        return timed(run)
+    finally:
+        os.close(fd)
+
+
 def warm_stat(d, n, rep):
     sub = os.path.join(d, f"cs{rep}")
     names = [f"{sub}/f{i}" for i in range(n)]
@@ -282,8 +301,11 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--tar-files", type=int, default=5000)
+    ap.add_argument("--fsyncs", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--targets", default="",
+                    help="comma-separated targets to measure (default: all); native is always in")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
                     help="another FUSE filesystem to mount and measure")
     args = ap.parse_args()
@@ -300,6 +322,7 @@ def main():
         (f"seq read {args.size_mib} MiB, cold", lambda d, r: seq_read(d, size, True), "MB/s", size),
         (f"seq read {args.size_mib} MiB, warm", lambda d, r: seq_read(d, size, False), "MB/s", size * WARM_PASSES),
         (f"create+stat {args.files} x 4 KiB", lambda d, r: create_stat(d, args.files, r), "files/s", args.files),
+        (f"db: 4 KiB pwrite + fsync x {args.fsyncs}", lambda d, r: small_fsync(d, args.fsyncs, r), "fsyncs/s", args.fsyncs),
         (f"warm stat {args.files} x 3", lambda d, r: warm_stat(d, args.files, r), "stats/s", args.files * 3),
         (f"tar x {args.tar_files} files", lambda d, r: tar_x(d, tarball, r), "files/s", args.tar_files),
     ]
@@ -307,6 +330,9 @@ def main():
         keep = args.only.split(",")
         workloads = [w for w in workloads if any(k in w[0] for k in keep)]
     names = list(targets.dirs)
+    if args.targets:
+        keep = set(args.targets.split(",")) | {"native"}
+        names = [n for n in names if n in keep]
     results = {}
     try:
         for title, fn, unit, amount in workloads:
@@ -317,7 +343,9 @@ def main():
                     times[n].append(fn(targets.dirs[n], rep))
             results[title] = (unit, amount, times)
             line = f"{title}: " + ", ".join(
-                f"{n} {statistics.median(times[n]):.3f}s" for n in names
+                f"{n} {statistics.median(times[n]):.3f}s "
+                f"[{' '.join(f'{t:.3f}' for t in times[n])}]"
+                for n in names
             )
             print(line, file=sys.stderr, flush=True)
     finally:
@@ -338,7 +366,7 @@ def main():
             ratio = paired_ratio(times["native"], times[n])
             cells.append(f"{rate_s} ({ratio:.2f}x)")
         print(f"| {title} | " + " | ".join(cells) + " |")
-    if "bindfs" in names:
+    if "bindfs" in names and "brume" in names:
         print()
         for title, (_, _, times) in results.items():
             ratio = paired_ratio(times["bindfs"], times["brume"])
