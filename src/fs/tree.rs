@@ -239,11 +239,8 @@ impl Journal {
         self.send_as(op, false)
     }
 
-    /// Sends an op that only records an owned file's content.
-    fn send_content(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
-        self.send_as(op, true)
-    }
-
+    /// Sends `op`; `content`: it only records an owned file's content
+    /// ([`Catalog::send_content`]).
     fn send_as(&self, op: Op, content: bool) -> Result<(), crate::catalog::CatalogError> {
         if self.holding.load(Ordering::Relaxed) {
             if !content {
@@ -801,17 +798,15 @@ impl Tree {
         let count = blocks.len() as u64;
         n.blocks = Some(blocks.clone().into());
         let group = n.row.group;
-        let op = Op::PutBlocks {
-            ino,
-            from: 0,
-            blocks,
-            count,
-        };
-        if owned {
-            self.catalog.send_content(op)?;
-        } else {
-            self.catalog.send(op)?;
-        }
+        self.catalog.send_as(
+            Op::PutBlocks {
+                ino,
+                from: 0,
+                blocks,
+                count,
+            },
+            owned,
+        )?;
         if let Some(group) = group {
             let _ = self.events.send(TreeEvent::Hashed { group, ino });
         }
@@ -831,11 +826,21 @@ impl Tree {
     }
 
     fn send_op(&self, op: Op) -> Result<(), crate::catalog::CatalogError> {
-        if self.content_scope {
-            self.catalog.send_content(op)
-        } else {
-            self.catalog.send(op)
-        }
+        self.catalog.send_as(op, self.content_scope)
+    }
+
+    /// Logs a write of `ino` ([`Self::changed`]); `content`: its records are an
+    /// owned file's content alone ([`Catalog::send_content`]).
+    fn changed_content(
+        &mut self,
+        ino: Ino,
+        ranges: Option<Vec<(u64, u64)>>,
+        content: bool,
+    ) -> FsResult<()> {
+        self.content_scope = content;
+        let logged = self.changed(ino, ChangeOp::Write, None, None, ranges);
+        self.content_scope = false;
+        logged
     }
 
     /// Whether `ino` is in a group this client owns.
@@ -1091,18 +1096,10 @@ impl Tree {
     /// Points a file that lost a name back at a directory that still holds it
     /// (another of its hard links), if the one it pointed at no longer does.
     fn find_parent(&mut self, ino: Ino) {
-        let Some(n) = self.nodes.get(&ino) else {
-            return;
-        };
-        let holds = |dir: &Node| {
-            dir.children
-                .as_ref()
-                .is_some_and(|c| c.values().any(|i| *i == ino))
-        };
-        if self.nodes.get(&n.parent).is_some_and(holds) {
+        if self.entry_of(ino).is_ok() {
             return;
         }
-        let Some(g) = n.row.group else {
+        let Some(g) = self.nodes.get(&ino).and_then(|n| n.row.group) else {
             return;
         };
         let names = self.names_in_group(g, &std::collections::HashSet::from([ino]));
@@ -1367,16 +1364,7 @@ impl Tree {
             && set.mtime.is_none();
         if content {
             self.content_touched(ino)?;
-            self.content_scope = owned && size_only;
-            let logged = self.changed(
-                ino,
-                ChangeOp::Write,
-                None,
-                None,
-                Some(vec![(size, u64::MAX)]),
-            );
-            self.content_scope = false;
-            logged
+            self.changed_content(ino, Some(vec![(size, u64::MAX)]), owned && size_only)
         } else {
             self.changed(ino, ChangeOp::SetAttr, None, None, None)
         }
@@ -1400,10 +1388,8 @@ impl Tree {
         let seq = self.content_touched(ino)?;
         // A member's edit is not rebuilt after a crash: its record is not
         // content alone (it marks the mirror as edited).
-        self.content_scope = self.in_owned_group(ino);
-        let logged = self.changed(ino, ChangeOp::Write, None, None, ranges);
-        self.content_scope = false;
-        logged?;
+        let owned = self.in_owned_group(ino);
+        self.changed_content(ino, ranges, owned)?;
         Ok(seq)
     }
 

@@ -195,9 +195,8 @@ impl Tree {
         let Some(names) = links.get(&ino).filter(|n| !n.is_empty()) else {
             return self.node_state(ino).map(|s| vec![s]);
         };
-        let first = self.state_at(ino, names[0].0, &names[0].1)?;
+        let mut out = vec![self.state_at(ino, names[0].0, &names[0].1)?];
         let mut taken = HashSet::new();
-        let mut out = Vec::with_capacity(names.len());
         for (dir, name) in &names[1..] {
             let Some(id) = link_id(ino, *dir, name, &taken) else {
                 break;
@@ -207,7 +206,6 @@ impl Tree {
             s.id = id;
             out.push(s);
         }
-        out.insert(0, first);
         Some(out)
     }
 
@@ -215,16 +213,8 @@ impl Tree {
     /// `None` while it cannot be sent yet (a file whose blocks are still being
     /// hashed).
     pub fn node_state(&self, ino: Ino) -> Option<NodeState> {
-        let n = self.nodes.get(&ino)?;
-        let name = self
-            .nodes
-            .get(&n.parent)?
-            .children
-            .as_ref()?
-            .iter()
-            .find(|(_, i)| **i == ino)?
-            .0;
-        self.state_at(ino, n.parent, name)
+        let (dir, name) = self.entry_of(ino).ok()?;
+        self.state_at(ino, dir, &name)
     }
 
     /// The state of `ino` as `dir/name`. Parents are given as the owner's inode
@@ -502,7 +492,7 @@ impl Tree {
     }
 
     /// The directory and name under which `ino` is linked.
-    fn entry_of(&self, ino: Ino) -> FsResult<(Ino, Vec<u8>)> {
+    pub(super) fn entry_of(&self, ino: Ino) -> FsResult<(Ino, Vec<u8>)> {
         let n = self.get(ino)?;
         let dir = n.parent;
         let name = self
