@@ -107,7 +107,7 @@ impl std::fmt::Debug for Hasher {
 /// Files waiting to be hashed, in order, with their paths and sequences.
 #[derive(Default)]
 struct Queue {
-    order: Vec<Ino>,
+    order: std::collections::VecDeque<Ino>,
     jobs: std::collections::HashMap<Ino, (PathBuf, u64)>,
     stop: bool,
 }
@@ -116,10 +116,8 @@ struct HasherInner {
     /// The queue. The worker sleeps on `wake` while it is empty.
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// Signalled whenever the queue drains, for [`Hasher::wait_idle`].
-    idle: Condvar,
-    /// Set while the worker hashes a file it has taken off the queue.
-    busy: std::sync::atomic::AtomicBool,
+    /// The worker thread, joined by [`Hasher::stop`] once it has drained the queue.
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Hasher {
@@ -128,8 +126,7 @@ impl Hasher {
         let inner = Arc::new(HasherInner {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            idle: Condvar::new(),
-            busy: std::sync::atomic::AtomicBool::new(false),
+            worker: Mutex::new(None),
         });
         let worker = inner.clone();
         // The hashing thread: lives until `stop`; owns no state but the queue.
@@ -139,8 +136,9 @@ impl Hasher {
                 background_priority();
                 run(&worker, &on_hashed)
             });
-        if let Err(e) = spawned {
-            tracing::error!(cause = ?e, "cannot start the block hasher");
+        match spawned {
+            Ok(handle) => *inner.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
+            Err(e) => tracing::error!(cause = ?e, "cannot start the block hasher"),
         }
         Self { inner }
     }
@@ -152,7 +150,7 @@ impl Hasher {
             return;
         };
         if q.jobs.insert(ino, (path, seq)).is_none() {
-            q.order.push(ino);
+            q.order.push_back(ino);
             // Only an idle worker needs waking; a busy one drains the queue.
             if q.order.len() == 1 {
                 self.inner.wake.notify_one();
@@ -160,26 +158,23 @@ impl Hasher {
         }
     }
 
-    /// Blocks until every queued file has been hashed (or the worker stopped).
-    pub fn wait_idle(&self) {
-        let Ok(mut q) = self.inner.queue.lock() else {
-            return;
-        };
-        while (!q.order.is_empty() || self.inner.busy.load(std::sync::atomic::Ordering::SeqCst))
-            && !q.stop
-        {
-            q = match self.inner.idle.wait(q) {
-                Ok(q) => q,
-                Err(_) => return,
-            };
-        }
-    }
-
-    /// Stops the worker after the files already queued.
+    /// Stops the worker once it has hashed every file already queued, and
+    /// returns when it has: every result has been handed to `on_hashed` by then,
+    /// so whatever records them can be closed after this.
     pub fn stop(&self) {
-        if let Ok(mut q) = self.inner.queue.lock() {
+        {
+            let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.stop = true;
             self.inner.wake.notify_all();
+        }
+        let worker = self
+            .inner
+            .worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(worker) = worker {
+            let _ = worker.join();
         }
     }
 }
@@ -202,7 +197,6 @@ pub fn background_priority() {
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn run(inner: &HasherInner, on_hashed: &OnHashed) {
-    use std::sync::atomic::Ordering;
     loop {
         // Sleep until there is work (or we are told to stop with nothing left).
         {
@@ -211,7 +205,6 @@ fn run(inner: &HasherInner, on_hashed: &OnHashed) {
             };
             while q.order.is_empty() {
                 if q.stop {
-                    inner.idle.notify_all();
                     return;
                 }
                 q = match inner.wake.wait(q) {
@@ -225,13 +218,8 @@ fn run(inner: &HasherInner, on_hashed: &OnHashed) {
         loop {
             let job = match inner.queue.lock() {
                 Ok(mut q) => {
-                    if q.order.is_empty() {
-                        None
-                    } else {
-                        let ino = q.order.remove(0);
-                        inner.busy.store(true, Ordering::SeqCst);
-                        q.jobs.remove(&ino).map(|(path, seq)| (ino, path, seq))
-                    }
+                    let ino = q.order.pop_front();
+                    ino.and_then(|ino| q.jobs.remove(&ino).map(|(path, seq)| (ino, path, seq)))
                 }
                 Err(_) => return,
             };
@@ -243,12 +231,6 @@ fn run(inner: &HasherInner, on_hashed: &OnHashed) {
                 // The file was removed meanwhile: nothing to index.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(%ino, cause = ?e, "hashing failed"),
-            }
-            inner.busy.store(false, Ordering::SeqCst);
-            if let Ok(q) = inner.queue.lock()
-                && q.order.is_empty()
-            {
-                inner.idle.notify_all();
             }
         }
     }

@@ -742,6 +742,94 @@ fn everything_survives_unmount_and_remount() {
     assert!(status["mount"]["pid"].as_u64().is_some());
 }
 
+/// Everything that returned before a clean unmount is in the catalog when the
+/// daemon has exited, block hashes of files closed a moment before included,
+/// and the daemon logs no lost write (the harness's `unmount` checks its log).
+#[test]
+fn a_clean_unmount_right_after_many_operations_records_them_all() {
+    let (mut c, g) = Client::with_group(true);
+    let body = |i: usize| -> Vec<u8> {
+        // Some files of several blocks, so that hashing is still under way at
+        // the unmount.
+        let len = if i % 10 == 0 { 3 << 20 } else { 100 + i * 37 };
+        (0..len).map(|j| ((i * 31 + j / 7) % 251) as u8).collect()
+    };
+    let mut expect: Vec<(String, Vec<u8>)> = Vec::new();
+    fs::create_dir(g.join("d")).unwrap();
+    for i in 0..120 {
+        let name = format!("d/f{i}");
+        fs::write(g.join(&name), body(i)).unwrap();
+        expect.push((name, body(i)));
+    }
+    // Renames, removals, modes, links and truncations among them.
+    for i in (0..120).step_by(7) {
+        let (from, to) = (format!("d/f{i}"), format!("r{i}"));
+        fs::rename(g.join(&from), g.join(&to)).unwrap();
+        expect.iter_mut().find(|e| e.0 == from).unwrap().0 = to;
+    }
+    for i in (3..120).step_by(11) {
+        let name = format!("d/f{i}");
+        if expect.iter().any(|e| e.0 == name) {
+            fs::remove_file(g.join(&name)).unwrap();
+            expect.retain(|e| e.0 != name);
+        }
+    }
+    for i in (5..120).step_by(13) {
+        let name = format!("d/f{i}");
+        if let Some(e) = expect.iter_mut().find(|e| e.0 == name) {
+            File::options()
+                .write(true)
+                .open(g.join(&name))
+                .unwrap()
+                .set_len(50)
+                .unwrap();
+            e.1.truncate(50);
+        }
+    }
+    fs::set_permissions(g.join("d/f1"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("d/f1", g.join("sl")).unwrap();
+    fs::create_dir_all(g.join("x/y/z")).unwrap();
+    fs::write(g.join(".members"), b"bob\n").unwrap();
+    // The last writes, right before the unmount.
+    for i in 120..140 {
+        let name = format!("late{i}");
+        fs::write(g.join(&name), body(i)).unwrap();
+        expect.push((name, body(i)));
+    }
+    let inos: Vec<i64> = expect
+        .iter()
+        .map(|(name, _)| fs::metadata(g.join(name)).unwrap().ino() as i64)
+        .collect();
+    c.unmount();
+
+    // The catalog as the daemon left it, before a new mount repairs anything.
+    for ((name, data), ino) in expect.iter().zip(&inos) {
+        let size: i64 = c
+            .db()
+            .query_row("SELECT size FROM nodes WHERE ino = ?1", [ino], |r| r.get(0))
+            .unwrap();
+        assert_eq!(size as usize, data.len(), "{name}: size in the catalog");
+        assert_eq!(
+            catalog_hashes(&c, *ino),
+            block_hashes(data),
+            "{name}: block hashes in the catalog"
+        );
+    }
+    c.mount();
+    for (name, data) in &expect {
+        assert_eq!(&read(&g.join(name)), data, "{name} after remount");
+    }
+    assert!(!g.join("d/f3").exists() && !g.join("d/f0").exists());
+    assert_eq!(fs::metadata(g.join("d/f1")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(fs::read_link(g.join("sl")).unwrap(), Path::new("d/f1"));
+    assert!(g.join("x/y/z").is_dir());
+    let members: String = c
+        .db()
+        .query_row("SELECT group_concat(user) FROM members", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(members, "bob");
+}
+
 #[test]
 fn sigterm_and_sigint_unmount_cleanly() {
     for sig in [libc::SIGTERM, libc::SIGINT] {

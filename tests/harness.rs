@@ -42,6 +42,8 @@ pub struct Client {
     pub netns: Option<String>,
     /// Extra environment for the daemon (e.g. libfaketime's), set after the defaults.
     pub env: Vec<(String, String)>,
+    /// Where every daemon of this client logs (stdout and stderr, appended).
+    pub log: PathBuf,
     child: Option<Child>,
 }
 
@@ -55,6 +57,7 @@ impl Client {
         let mnt = dir.path().join("mnt");
         let data = dir.path().join("data");
         let config = dir.path().join("brume.conf");
+        let log = dir.path().join("daemon.log");
         std::fs::create_dir_all(&mnt).unwrap();
         std::fs::write(
             &config,
@@ -73,6 +76,7 @@ impl Client {
             passthrough: true,
             netns: None,
             env: Vec::new(),
+            log,
             child: None,
         }
     }
@@ -103,6 +107,12 @@ impl Client {
                 std::env::var("BRUME_DAEMON_LOG").unwrap_or_else(|_| "error,brume::fs=warn".into()),
             )
             .stdin(Stdio::null());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        cmd.stdout(log.try_clone().expect("daemon log")).stderr(log);
         if !self.passthrough {
             cmd.arg("--no-passthrough");
         }
@@ -129,7 +139,13 @@ impl Client {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// What this client's daemons have logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Unmounts cleanly (as `fusermount3 -u` would) and waits for the daemon.
+    /// Fails if the daemon logged that writes were lost on the way down.
     pub fn unmount(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -157,6 +173,17 @@ impl Client {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        let log = self.log_text();
+        let lost: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("catalog writes lost"))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{}'s daemon lost writes at a clean unmount:\n{}",
+            self.user,
+            lost.join("\n")
+        );
     }
 
     /// Sends a signal to the daemon and waits for it to exit.
@@ -214,6 +241,19 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemon's side of a failure: its last log lines.
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} lines of {}'s daemon log ({}):\n{}",
+                tail.len(),
+                self.user,
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("fusermount3")
                 .arg("-u")

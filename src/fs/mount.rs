@@ -133,8 +133,8 @@ impl Mounted {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
+        // Files closed before the unmount are hashed and recorded first.
         self.hasher.stop();
-        self.hasher.wait_idle();
         // The tree (and its catalog handle) may outlive the mount in tasks that
         // still hold the engine: close the catalog explicitly.
         self.catalog.close();
