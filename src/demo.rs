@@ -119,7 +119,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 started.elapsed().as_millis()
             );
         } else {
-            println!("bob has not received the files yet (see `brume status`); carrying on");
+            println!(
+                "bob has not received the files yet (see `{} status`); carrying on",
+                invoked_as()
+            );
         }
         // A member's own edit is never lost: when the owner changes the file,
         // the member's version is kept as a conflict copy.
@@ -143,8 +146,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         println!();
         println!("Try it: cp, mv, rm in {}", group.display());
         println!(
-            "        brume status --config {0}/alice/brume.conf --data {0}/alice/data",
-            root.display()
+            "        {1} status --config {0}/alice/brume.conf --data {0}/alice/data",
+            root.display(),
+            invoked_as()
         );
         println!("Ctrl-C stops the demo and unmounts both.");
         println!("demo ready");
@@ -218,4 +222,15 @@ pub fn default_root() -> PathBuf {
     std::env::var_os("BRUME_DEMO_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("brume-demo"))
+}
+
+/// How to run this same binary again from the same directory, for the commands
+/// the demo suggests: the path it was started by (`./target/release/brume`), or
+/// `brume` when it was found on `PATH`.
+fn invoked_as() -> String {
+    std::env::args_os()
+        .next()
+        .map(|arg0| arg0.to_string_lossy().into_owned())
+        .filter(|arg0| arg0.contains('/'))
+        .unwrap_or_else(|| "brume".to_owned())
 }

@@ -1093,7 +1093,10 @@ fn demo_runs_shows_the_group_and_stops_on_sigint_leaving_no_mount() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("demo");
-    let mut child = std::process::Command::new(crate::harness::brume_bin())
+    // Started by a relative path, as README's command does.
+    let bin = Path::new(crate::harness::brume_bin());
+    let mut child = std::process::Command::new("./brume")
+        .current_dir(bin.parent().unwrap())
         .arg("demo")
         .env("BRUME_DEMO_DIR", &root)
         .stdout(std::process::Stdio::piped())
@@ -1139,6 +1142,17 @@ fn demo_runs_shows_the_group_and_stops_on_sigint_leaving_no_mount() {
         seen.iter()
             .any(|l| l.starts_with("bob received README.txt")),
         "{seen:?}"
+    );
+    // The status command it prints works as printed, from where it was started.
+    let status_cmd = seen
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("./brume status"))
+        .map(|args| format!("./brume status{args}"))
+        .unwrap_or_else(|| panic!("no status command in {seen:?}"));
+    let out = sh(bin.parent().unwrap(), &status_cmd);
+    assert!(
+        out.contains("user:    alice") && out.contains("group alice/photos (owner)"),
+        "{out}"
     );
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
