@@ -434,26 +434,38 @@ fn stat_load(dir: &Path, stop: &std::sync::atomic::AtomicBool) {
     });
 }
 
-/// On a machine of up to four CPUs there is one worker per CPU, and each pins
-/// itself to a CPU of its own when it first serves a request; with
-/// `pin_threads = false` they are left to the scheduler.
-#[test]
-fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
-    let ncpu = std::thread::available_parallelism().unwrap().get();
-    let all = fs::read_to_string("/proc/self/status")
+/// Two CPUs this test may use, on which a daemon then runs: it starts one
+/// worker per CPU and pins them, whatever the machine's count.
+fn two_cpus() -> Vec<usize> {
+    let cpus = crate::harness::allowed_cpus();
+    assert!(
+        cpus.len() >= 2,
+        "this test needs 2 CPUs to pin workers on; it may use only {cpus:?}"
+    );
+    cpus[..2].to_vec()
+}
+
+/// The CPUs daemon `pid`'s main thread may run on, as `/proc` lists them.
+fn process_cpus(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find_map(|l| {
             l.strip_prefix("Cpus_allowed_list:")
                 .map(|l| l.trim().to_owned())
         })
-        .unwrap();
-    if !(2..=4).contains(&ncpu) {
-        eprintln!("skipped: {ncpu} CPUs, workers are pinned on 2 to 4");
-        return;
-    }
+        .unwrap()
+}
+
+/// With as many workers as CPUs, each worker pins itself to a CPU of its own
+/// when it first serves a request; with `pin_threads = false` they are left
+/// to the scheduler.
+#[test]
+fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
+    let cpus = two_cpus();
     for pin in [true, false] {
         let mut c = Client::new("alice");
+        c.cpus = Some(cpus.clone());
         if !pin {
             let mut conf = fs::read_to_string(&c.config).unwrap();
             conf.push_str("[fs]\npin_threads = false\n");
@@ -474,7 +486,7 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
             }
             let _stop = Stop(&stop);
             if pin {
-                let want: Vec<String> = (0..ncpu).map(|c| c.to_string()).collect();
+                let want: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
                 wait_until(Duration::from_secs(20), "every worker pinned", || {
                     worker_cpus(pid) == want
                 });
@@ -482,7 +494,7 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
                 for _ in 0..2000 {
                     let _ = fs::metadata(root.join("other"));
                 }
-                assert_eq!(worker_cpus(pid), vec![all.clone(); ncpu]);
+                assert_eq!(worker_cpus(pid), vec![process_cpus(pid); cpus.len()]);
             }
         });
     }
@@ -492,16 +504,13 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
 /// goes back to its CPU once that is free again.
 #[test]
 fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
-    let ncpu = std::thread::available_parallelism().unwrap().get();
-    if !(2..=4).contains(&ncpu) {
-        eprintln!("skipped: {ncpu} CPUs, workers are pinned on 2 to 4");
-        return;
-    }
+    let cpus = two_cpus();
     let mut c = Client::new("alice");
+    c.cpus = Some(cpus.clone());
     c.mount();
     let pid = c.pid().unwrap();
     let root = c.mnt.join("alice");
-    let pinned: Vec<String> = (0..ncpu).map(|c| c.to_string()).collect();
+    let pinned: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let busy = std::sync::atomic::AtomicBool::new(true);
     let hog = std::sync::atomic::AtomicBool::new(false);
@@ -513,10 +522,10 @@ fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
             }
         }
         s.spawn(|| stat_load(&root, &stop));
-        // Another program's work on CPU 0, until told to stop.
+        // Another program's work on the first CPU, until told to stop.
         s.spawn(|| {
             let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            unsafe { libc::CPU_SET(0, &mut set) };
+            unsafe { libc::CPU_SET(cpus[0], &mut set) };
             assert_eq!(
                 unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) },
                 0
@@ -539,8 +548,8 @@ fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
         hog.store(true, std::sync::atomic::Ordering::Relaxed);
         wait_until(
             Duration::from_secs(30),
-            "the worker of CPU 0 unpinned",
-            || !worker_cpus(pid).contains(&"0".to_owned()),
+            "the worker of the busy CPU unpinned",
+            || !worker_cpus(pid).contains(&pinned[0]),
         );
         busy.store(false, std::sync::atomic::Ordering::Relaxed);
         wait_until(Duration::from_secs(30), "every worker pinned again", || {

@@ -44,6 +44,8 @@ pub struct Client {
     pub env: Vec<(String, String)>,
     /// Where every daemon of this client logs (stdout and stderr, appended).
     pub log: PathBuf,
+    /// The CPUs the daemon may run on; `None`: those the test may.
+    pub cpus: Option<Vec<usize>>,
     child: Option<Child>,
 }
 
@@ -77,6 +79,7 @@ impl Client {
             netns: None,
             env: Vec::new(),
             log,
+            cpus: None,
             child: None,
         }
     }
@@ -121,6 +124,9 @@ impl Client {
         }
         if let Some(ns) = &self.netns {
             in_netns(&mut cmd, ns);
+        }
+        if let Some(cpus) = &self.cpus {
+            on_cpus(&mut cmd, cpus);
         }
         let mut child = cmd.spawn().expect("spawn brume mount");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -309,6 +315,38 @@ pub fn in_netns(cmd: &mut Command, name: &str) {
             Ok(())
         });
     }
+}
+
+/// Makes `cmd` run on `cpus` only (as `taskset` would).
+pub fn on_cpus(cmd: &mut Command, cpus: &[usize]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET only sets bits in it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: sched_setaffinity(2) is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity(2) fills the set we pass; CPU_ISSET reads it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) },
+        0
+    );
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
 }
 
 /// Runs a shell command in `dir`, panicking with its output if it fails.
