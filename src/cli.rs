@@ -109,11 +109,69 @@ fn init_logging(default: &str) {
     // Under systemd (journald on stderr) or when not on a terminal: no colours.
     let ansi = std::env::var_os("JOURNAL_STREAM").is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .try_init();
+        .finish();
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        // Libraries that log through `log` (fuser, the WebRTC stack) reach the
+        // same subscriber.
+        if log::set_boxed_logger(Box::new(LogBridge(tracing_log::LogTracer::new()))).is_ok() {
+            log::set_max_level(tracing_log::AsLog::as_log(
+                &tracing::level_filters::LevelFilter::current(),
+            ));
+        }
+    }
+}
+
+/// Forwards `log` records to `tracing`, demoting the one that is no error:
+/// fuser's "Failed to send FUSE reply" with `ENOENT`, which means the kernel no
+/// longer waits for the answer (the request was interrupted, or the connection
+/// aborted by an unmount while the daemon worked on it).
+struct LogBridge(tracing_log::LogTracer);
+
+impl LogBridge {
+    /// The level `record` is logged at.
+    fn level_of(record: &log::Record<'_>) -> log::Level {
+        if record.level() <= log::Level::Warn
+            && record.target() == "fuser::reply"
+            && record.args().to_string().ends_with(&format!(
+                "{}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            ))
+        {
+            log::Level::Debug
+        } else {
+            record.level()
+        }
+    }
+}
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = Self::level_of(record);
+        if level == record.level() {
+            self.0.log(record);
+        } else {
+            self.0.log(
+                &log::Record::builder()
+                    .level(level)
+                    .target(record.target())
+                    .args(*record.args())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .build(),
+            );
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Runs one parsed command.
@@ -293,4 +351,27 @@ fn daemonize(
         mountpoint.display(),
         log_path.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_the_kernel_no_longer_waits_for_is_logged_at_debug_only() {
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        let level = |target: &str, err: &std::io::Error| {
+            LogBridge::level_of(
+                &log::Record::builder()
+                    .level(log::Level::Error)
+                    .target(target)
+                    .args(format_args!("Failed to send FUSE reply: {err}"))
+                    .build(),
+            )
+        };
+        assert_eq!(level("fuser::reply", &enoent), log::Level::Debug);
+        assert_eq!(level("fuser::reply", &einval), log::Level::Error);
+        assert_eq!(level("fuser::session", &enoent), log::Level::Error);
+    }
 }
