@@ -1076,8 +1076,16 @@ pub struct GroupSummary {
     pub dirs: u64,
     /// Bytes in its regular files.
     pub bytes: u64,
-    /// Members listed in `.members`.
+    /// Members listed in `.members` (for a joined group: as the owner lists
+    /// them, once the blocks of its `.members` are cached).
     pub members: Vec<String>,
+    /// Joined groups: the blocks of the owner's `.members`, as mirrored here
+    /// (empty if there is none, or the member edited its copy).
+    #[serde(skip)]
+    pub members_file: Vec<BlockHash>,
+    /// Whether `members` is known: always for owned groups; for joined groups
+    /// once the owner's `.members` could be read here.
+    pub members_known: bool,
     /// Owned groups: the last change-log position used. Joined groups: the
     /// owner's position applied.
     pub last_seq: u64,
@@ -1144,6 +1152,8 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
                 bytes: r.get::<_, i64>(7)? as u64,
                 conflicts: r.get::<_, i64>(8)? as u64,
                 members: Vec::new(),
+                members_file: Vec::new(),
+                members_known: false,
             },
         ))
     })?;
@@ -1151,6 +1161,20 @@ pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
         let (id, mut g) = row?;
         let mut m = conn.prepare("SELECT user FROM members WHERE group_id = ?1 ORDER BY user")?;
         g.members = m.query_map([id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        g.members_known = g.owned;
+        if !g.owned {
+            let mut b = conn.prepare(
+                "SELECT b.hash FROM groups g \
+                   JOIN dirents d ON d.parent = g.root AND d.name = CAST('.members' AS BLOB) \
+                   JOIN nodes n ON n.ino = d.ino AND n.kind = 1 AND NOT COALESCE(n.local_edit, 0) \
+                   JOIN blocks b ON b.ino = n.ino \
+                 WHERE g.id = ?1 ORDER BY b.idx",
+            )?;
+            g.members_file = b
+                .query_map([id], |r| r.get::<_, Vec<u8>>(0))?
+                .filter_map(|h| h.ok().and_then(|h| h.try_into().ok().map(BlockHash)))
+                .collect();
+        }
         out.groups.push(g);
     }
     for suffix in ["", "-wal"] {

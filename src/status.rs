@@ -65,11 +65,24 @@ pub struct MountStatus {
 /// Collects the status of the client whose data lives in `data_dir`.
 pub fn collect(user: &str, server: &str, data_dir: &Path) -> anyhow::Result<Status> {
     let db = data_dir.join("catalog.db");
-    let summary = if db.exists() {
+    let mut summary = if db.exists() {
         catalog::summarize(&db)?
     } else {
         catalog::Summary::default()
     };
+    // A joined group's members, as the owner's `.members` mirrored here lists them.
+    let cache = data_dir.join("cache");
+    for g in summary.groups.iter_mut().filter(|g| !g.owned) {
+        let blocks: Option<Vec<Vec<u8>>> = g
+            .members_file
+            .iter()
+            .map(|h| crate::blocks::cache::read_verified(&cache, h))
+            .collect();
+        if let Some(blocks) = blocks.filter(|b| !b.is_empty()) {
+            g.members = crate::fs::tree::parse_members(&blocks.concat());
+            g.members_known = true;
+        }
+    }
     let mount = mount_state(data_dir).and_then(|s| {
         let alive = Path::new(&format!("/proc/{}", s.pid)).exists();
         (alive && is_brume_mount(&s.mountpoint)).then_some(MountStatus {
@@ -142,18 +155,14 @@ pub fn render(s: &Status) -> String {
         let role = if g.owned { "owner" } else { "member" };
         let _ = writeln!(
             out,
-            "group {}/{} ({role}): {} files, {} dirs, {} bytes, log at {}, members: {}{}",
+            "group {}/{} ({role}): {} files, {} dirs, {} bytes, log at {}, {}{}",
             g.owner,
             g.name,
             g.files,
             g.dirs,
             g.bytes,
             g.last_seq,
-            if g.members.is_empty() {
-                "none".to_string()
-            } else {
-                g.members.join(", ")
-            },
+            members_text(g),
             match g.conflicts {
                 _ if g.owned => String::new(),
                 0 => ", no conflict copies".to_string(),
@@ -223,6 +232,23 @@ pub fn render(s: &Status) -> String {
         );
     }
     out
+}
+
+/// `members: bob, carol` for a group: for a joined group, as its owner lists them.
+fn members_text(g: &GroupSummary) -> String {
+    let list = if g.members.is_empty() {
+        "none".to_string()
+    } else {
+        g.members.join(", ")
+    };
+    match (g.owned, g.members_known) {
+        (true, _) => format!("members: {list}"),
+        (false, true) => format!("members (as {} lists them): {list}", g.owner),
+        (false, false) => format!(
+            "members: as {} lists them in .members, not received yet",
+            g.owner
+        ),
+    }
 }
 
 /// `[#######.............]  35%  12.4 MB/s  ETA 0:41` for a syncing group.

@@ -401,6 +401,15 @@ fn join_by_mkdir_brings_the_tree_and_its_content() {
         let s = bob.engine().member_status()["alice/g"].clone();
         (s.files_done, s.files_total, s.bytes_done, s.bytes_total) == (3, 3, 700_013, 700_013)
     });
+    // `brume status` on bob's side shows the group's members as alice lists them.
+    wait_until(Duration::from_secs(10), "bob's status", || {
+        let status =
+            brume::status::collect("bob", "ws://127.0.0.1:9/", &bob.dir.path().join("data"))
+                .unwrap();
+        let g = status.groups.iter().find(|g| g.name == "g").unwrap();
+        g.members == ["bob"]
+            && brume::status::render(&status).contains("members (as alice lists them): bob")
+    });
 }
 
 pub(crate) fn cached_xattr(p: &Path) -> Option<String> {

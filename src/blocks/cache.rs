@@ -78,6 +78,20 @@ fn hex(h: &BlockHash) -> String {
     h.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where block `h` lives in the cache directory `dir`.
+fn block_path(dir: &Path, h: &BlockHash) -> PathBuf {
+    let name = hex(h);
+    dir.join(&name[..2]).join(name)
+}
+
+/// Block `h` read from the cache directory `dir` without opening the cache
+/// (for readers beside a running daemon, such as `brume status`), if it is
+/// there and matches its hash.
+pub fn read_verified(dir: &Path, h: &BlockHash) -> Option<Vec<u8>> {
+    let data = std::fs::read(block_path(dir, h)).ok()?;
+    (crate::blocks::hash_block(&data) == *h).then_some(data)
+}
+
 /// The hash a cache file is named after: exactly what [`hex`] writes, so that the
 /// block is looked up at the path it was found at (`from_str_radix` alone would
 /// also take upper case and a `+` sign).
@@ -157,8 +171,7 @@ impl BlockCache {
 
     /// Where block `h` lives.
     pub fn path(&self, h: &BlockHash) -> PathBuf {
-        let name = hex(h);
-        self.dir.join(&name[..2]).join(name)
+        block_path(&self.dir, h)
     }
 
     /// Whether block `h` is in the cache.
