@@ -100,6 +100,10 @@ pub struct FsConfig {
     /// Pin each worker thread to a CPU of its own when there are exactly as
     /// many workers as CPUs: requests and replies then mostly stay on one CPU.
     pub pin_threads: bool,
+    /// Mean wait to run per request, in microseconds, above which a pinned
+    /// worker's CPU counts as busy with other work and the worker leaves it
+    /// for a while.
+    pub busy_cpu_us: u64,
 }
 
 impl Default for FsConfig {
@@ -108,6 +112,7 @@ impl Default for FsConfig {
             passthrough: true,
             threads: 0,
             pin_threads: true,
+            busy_cpu_us: 40,
         }
     }
 }

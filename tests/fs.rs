@@ -466,11 +466,12 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
     for pin in [true, false] {
         let mut c = Client::new("alice");
         c.cpus = Some(cpus.clone());
-        if !pin {
-            let mut conf = fs::read_to_string(&c.config).unwrap();
-            conf.push_str("[fs]\npin_threads = false\n");
-            fs::write(&c.config, conf).unwrap();
-        }
+        // Other work on the machine must not unpin the workers during the test.
+        let mut conf = fs::read_to_string(&c.config).unwrap();
+        conf.push_str(&format!(
+            "[fs]\npin_threads = {pin}\nbusy_cpu_us = 1000000000\n"
+        ));
+        fs::write(&c.config, conf).unwrap();
         c.mount();
         let pid = c.pid().unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
@@ -501,12 +502,17 @@ fn fuse_workers_are_pinned_one_per_cpu_unless_disabled() {
 }
 
 /// A worker pinned to a CPU that another program keeps busy unpins itself, and
-/// goes back to its CPU once that is free again.
+/// goes back to its CPU once that is free again. The other program runs at a
+/// real-time priority, so the worker waits on its CPU far longer than anything
+/// else on the machine makes it wait (the limit is 2 ms per request here).
 #[test]
 fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
     let cpus = two_cpus();
     let mut c = Client::new("alice");
     c.cpus = Some(cpus.clone());
+    let mut conf = fs::read_to_string(&c.config).unwrap();
+    conf.push_str("[fs]\nbusy_cpu_us = 2000\n");
+    fs::write(&c.config, conf).unwrap();
     c.mount();
     let pid = c.pid().unwrap();
     let root = c.mnt.join("alice");
@@ -535,10 +541,24 @@ fn a_fuse_worker_leaves_a_busy_cpu_and_comes_back() {
             {
                 std::thread::yield_now();
             }
+            // SCHED_FIFO: ahead of every ordinary thread on its CPU.
+            let param = libc::sched_param { sched_priority: 1 };
+            assert_eq!(
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) },
+                0,
+                "real-time priority: {}",
+                std::io::Error::last_os_error()
+            );
+            // Spins 20 ms, then sleeps 1 ms: the worker, when it runs, gets to
+            // unpin itself.
             while busy.load(std::sync::atomic::Ordering::Relaxed)
                 && !stop.load(std::sync::atomic::Ordering::Relaxed)
             {
-                std::hint::spin_loop();
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_millis(20) {
+                    std::hint::spin_loop();
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
         });
         let _stop = Stop(&stop);

@@ -260,6 +260,7 @@ mod config {
             any::<bool>(),
             0..=i64::MAX as usize,
             any::<bool>(),
+            0..=i64::MAX as u64,
         )
             .prop_map(
                 |(
@@ -272,6 +273,7 @@ mod config {
                     passthrough,
                     threads,
                     pin_threads,
+                    busy_cpu_us,
                 )| {
                     Config {
                         server_url,
@@ -287,6 +289,7 @@ mod config {
                             passthrough,
                             threads,
                             pin_threads,
+                            busy_cpu_us,
                         },
                     }
                 },

@@ -260,7 +260,10 @@ pub fn mount_with_link(
         sync_slot.clone(),
     )
     .with_workers(if opts.config.fs.pin_threads {
-        WorkerCpus::plan(workers)
+        WorkerCpus::plan(
+            workers,
+            std::time::Duration::from_micros(opts.config.fs.busy_cpu_us),
+        )
     } else {
         WorkerCpus::default()
     });

@@ -7,8 +7,9 @@
 //!
 //! A pinned worker cannot flee a CPU that other work keeps busy: each request
 //! would wait for it. So every worker watches how long it waits to run (the
-//! kernel's per-thread run delay); when that grows past [`CONTENDED`] per
-//! request it unpins itself, and tries its CPU again [`RETRY_AFTER`] later.
+//! kernel's per-thread run delay); when that grows past a limit per request
+//! (`busy_cpu_us` in `brume.conf`, 40 µs by default) it unpins itself, and tries
+//! its CPU again [`RETRY_AFTER`] later.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,11 +17,6 @@ use std::time::{Duration, Instant};
 
 /// Requests between two looks at the run delay.
 const CHECK_EVERY: u32 = 64;
-/// Mean wait to run per request above which a pinned worker's CPU counts as
-/// busy with other work, if it does at [`STRIKES`] looks in a row. (Measured on
-/// a 2-CPU VM: 9 µs median and 14 µs p90 on an idle CPU, the highest 80 µs; 57
-/// µs median on a CPU kept busy by another program.)
-const CONTENDED: Duration = Duration::from_micros(40);
 /// Looks in a row that must find the CPU busy before the worker unpins.
 const STRIKES: u8 = 2;
 /// How long an unpinned worker stays free before trying its CPU again.
@@ -32,6 +28,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct WorkerCpus {
     cpus: Vec<usize>,
     next: AtomicUsize,
+    /// Mean wait to run per request above which a pinned worker's CPU counts
+    /// as busy with other work, if it does at [`STRIKES`] looks in a row.
+    /// (Measured on a 2-CPU VM: 9 µs median and 14 µs p90 on an idle CPU, the
+    /// highest 80 µs; 57 µs median on a CPU kept busy by another program.)
+    contended: Duration,
 }
 
 /// One worker's placement.
@@ -59,7 +60,7 @@ impl WorkerCpus {
     /// worker per CPU, or none pinned if the counts differ (a worker more than
     /// the CPUs would share one; fewer would leave CPUs whose callers always
     /// cross to another).
-    pub(crate) fn plan(workers: usize) -> Self {
+    pub(crate) fn plan(workers: usize, contended: Duration) -> Self {
         let cpus = allowed_cpus();
         Self {
             cpus: if cpus.len() == workers && workers > 1 {
@@ -68,6 +69,7 @@ impl WorkerCpus {
                 Vec::new()
             },
             next: AtomicUsize::new(0),
+            contended,
         }
     }
 
@@ -107,7 +109,11 @@ impl WorkerCpus {
                 _ => Duration::ZERO,
             };
             (w.served, w.delay) = (0, delay);
-            w.strikes = if waited > CONTENDED { w.strikes + 1 } else { 0 };
+            w.strikes = if waited > self.contended {
+                w.strikes + 1
+            } else {
+                0
+            };
             if w.pinned && w.strikes >= STRIKES {
                 tracing::debug!(
                     cpu = w.cpu,
@@ -180,20 +186,22 @@ mod tests {
     fn a_plan_pins_one_worker_per_allowed_cpu_or_none() {
         let cpus = allowed_cpus();
         assert!(!cpus.is_empty());
-        let plan = WorkerCpus::plan(cpus.len());
+        let plan = WorkerCpus::plan(cpus.len(), Duration::from_micros(40));
         if cpus.len() > 1 {
             assert_eq!(plan.cpus(), &cpus[..]);
         }
-        assert!(WorkerCpus::plan(cpus.len() + 1).cpus().is_empty());
+        assert!(
+            WorkerCpus::plan(cpus.len() + 1, Duration::from_micros(40))
+                .cpus()
+                .is_empty()
+        );
     }
 
     #[test]
     fn a_settled_worker_runs_on_its_cpu_only() {
         let cpus = allowed_cpus();
-        if cpus.len() < 2 {
-            return;
-        }
-        let plan = std::sync::Arc::new(WorkerCpus::plan(cpus.len()));
+        assert!(cpus.len() >= 2, "needs 2 CPUs to pin on; may use {cpus:?}");
+        let plan = std::sync::Arc::new(WorkerCpus::plan(cpus.len(), Duration::from_micros(40)));
         let mut seen: Vec<Vec<usize>> = (0..cpus.len())
             .map(|_| {
                 let plan = plan.clone();
