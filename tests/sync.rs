@@ -43,6 +43,10 @@ pub(crate) struct Hub {
     snapshots_open: tokio::sync::watch::Sender<bool>,
     /// Snapshot chunks waiting for `snapshots_open`.
     snapshots_waiting: std::sync::atomic::AtomicUsize,
+    /// While `false`, every `Changes` message waits before delivery.
+    changes_open: tokio::sync::watch::Sender<bool>,
+    /// `Changes` messages waiting for `changes_open`.
+    changes_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -62,7 +66,14 @@ impl Hub {
             blocks_waiting: std::sync::atomic::AtomicUsize::new(0),
             snapshots_open: tokio::sync::watch::Sender::new(true),
             snapshots_waiting: std::sync::atomic::AtomicUsize::new(0),
+            changes_open: tokio::sync::watch::Sender::new(true),
+            changes_waiting: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Holds every `Changes` message on its way (`true`) or lets them through.
+    fn hold_changes(&self, hold: bool) {
+        self.changes_open.send_replace(!hold);
     }
 
     /// Holds every snapshot chunk on its way (`true`) or lets them through.
@@ -170,10 +181,12 @@ impl Link for HubLink {
                 .get(to.as_str())
                 .cloned()
                 .ok_or("EBADDEST")?;
-            // Blocks (tag 3) and snapshot chunks (tag 1) may be held on their way.
+            // Blocks (tag 3), snapshot chunks (tag 1) and changes (tag 2) may be
+            // held on their way.
             let held = match payload.as_slice() {
                 [b'O', 3, ..] => Some((&self.hub.blocks_open, &self.hub.blocks_waiting)),
                 [b'O', 1, ..] => Some((&self.hub.snapshots_open, &self.hub.snapshots_waiting)),
+                [b'O', 2, ..] => Some((&self.hub.changes_open, &self.hub.changes_waiting)),
                 _ => None,
             };
             if let Some((open, waiting)) = held {
@@ -329,14 +342,14 @@ pub(crate) fn online(hub: &Arc<Hub>, member: &Peer, owner: &str) {
 /// Waits until `member` has joined alice's group `g` completely (subscribed,
 /// its `.members` in the cache).
 fn joined(member: &Peer) {
-    wait_until(Duration::from_secs(10), "the join", || {
+    wait_until(Duration::from_secs(60), "the join", || {
         cached_xattr(&member.path("alice/g/.members")).as_deref() == Some("1/1")
     });
 }
 
 fn read_when(path: &Path, want: &[u8]) {
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         &format!(
             "{} to read {:?}",
             path.display(),
@@ -348,7 +361,7 @@ fn read_when(path: &Path, want: &[u8]) {
 
 fn gone_when(path: &Path) {
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         &format!("{} to disappear", path.display()),
         || !path.exists(),
     );
@@ -392,17 +405,17 @@ fn join_by_mkdir_brings_the_tree_and_its_content() {
         b"bob\n"
     );
     // Availability is an extended attribute: all 3 blocks of big.bin are here.
-    wait_until(Duration::from_secs(10), "user.brume.cached", || {
+    wait_until(Duration::from_secs(60), "user.brume.cached", || {
         cached_xattr(&bob.path("alice/g/sub/big.bin")).as_deref() == Some("3/3")
     });
     assert_eq!(cached_xattr(&alice.path("alice/g/sub/big.bin")), None);
     // Progress as `brume status` shows it: every file and byte here.
-    wait_until(Duration::from_secs(10), "progress", || {
+    wait_until(Duration::from_secs(60), "progress", || {
         let s = bob.engine().member_status()["alice/g"].clone();
         (s.files_done, s.files_total, s.bytes_done, s.bytes_total) == (3, 3, 700_013, 700_013)
     });
     // `brume status` on bob's side shows the group's members as alice lists them.
-    wait_until(Duration::from_secs(10), "bob's status", || {
+    wait_until(Duration::from_secs(60), "bob's status", || {
         let status =
             brume::status::collect("bob", "ws://127.0.0.1:9/", &bob.dir.path().join("data"))
                 .unwrap();
@@ -447,7 +460,7 @@ fn owner_changes_reach_the_member_live() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    wait_until(Duration::from_secs(10), "chmod", || {
+    wait_until(Duration::from_secs(60), "chmod", || {
         std::fs::metadata(bob.path("alice/g/d/b.txt"))
             .map(|m| m.permissions().mode() & 0o777 == 0o600)
             .unwrap_or(false)
@@ -533,7 +546,7 @@ fn non_members_get_enotmember_and_no_data() {
     std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
     std::fs::write(alice.path("alice/g/secret"), b"not for carol").unwrap();
     std::fs::create_dir_all(carol.path("alice/g")).unwrap();
-    wait_until(Duration::from_secs(10), "ENOTMEMBER", || {
+    wait_until(Duration::from_secs(60), "ENOTMEMBER", || {
         carol
             .engine()
             .member_status()
@@ -582,11 +595,9 @@ fn owner_offline_cached_reads_work_and_uncached_reads_fail_fast() {
         Ok(n) => panic!("read {n} bytes of an evicted block with the owner offline"),
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
     }
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        t.elapsed()
-    );
+    // It failed because the owner is unreachable, not after waiting out the
+    // read timeout.
+    assert_eq!(bob.engine().fetch_timeouts(), 0, "took {:?}", t.elapsed());
     // The tree itself stays browsable.
     assert!(bob.path("alice/g/big").exists());
 }
@@ -718,7 +729,7 @@ fn a_one_byte_edit_of_a_large_file_sends_about_one_block() {
     std::fs::write(alice.path("alice/g/big"), &data).unwrap();
     read_when(&bob.path("alice/g/big"), &data);
     // Let the background fill finish before counting.
-    wait_until(Duration::from_secs(10), "fill", || {
+    wait_until(Duration::from_secs(60), "fill", || {
         bob.engine().cache_usage().blocks as usize >= data.len().div_ceil(256 * 1024)
     });
     let before = hub.bytes_to("bob");
@@ -747,7 +758,7 @@ fn a_member_removed_from_members_gets_enotmember_and_no_more_data() {
     std::fs::write(alice.path("alice/g/later"), b"not for bob").unwrap();
     // bob asks again (a reconnect): refused.
     online(&hub, &bob, "alice");
-    wait_until(Duration::from_secs(10), "ENOTMEMBER", || {
+    wait_until(Duration::from_secs(60), "ENOTMEMBER", || {
         bob.engine()
             .member_status()
             .get("alice/g")
@@ -770,7 +781,7 @@ fn full_copy_keeps_every_block_even_over_the_cache_budget() {
     let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 239) as u8).collect();
     std::fs::write(alice.path("alice/g/big"), &big).unwrap();
     std::fs::create_dir_all(bob.path("alice/g")).unwrap();
-    wait_until(Duration::from_secs(10), "full copy", || {
+    wait_until(Duration::from_secs(60), "full copy", || {
         cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("6/6")
     });
     hub.set_offline("alice", true);
@@ -791,7 +802,7 @@ fn after_a_restart_blocks_already_here_are_not_sent_again() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(alice.path("alice/g/a.bin"), &data).unwrap();
     read_when(&bob.path("alice/g/a.bin"), &data);
-    wait_until(Duration::from_secs(10), "fill", || {
+    wait_until(Duration::from_secs(60), "fill", || {
         cached_xattr(&bob.path("alice/g/a.bin")).as_deref() == Some("12/12")
     });
     bob.unmount(&hub);
@@ -801,7 +812,7 @@ fn after_a_restart_blocks_already_here_are_not_sent_again() {
     bob.mount(&hub);
     online(&hub, &bob, "alice");
     read_when(&bob.path("alice/g/copy.bin"), &data);
-    wait_until(Duration::from_secs(10), "copy complete", || {
+    wait_until(Duration::from_secs(60), "copy complete", || {
         cached_xattr(&bob.path("alice/g/copy.bin")).as_deref() == Some("12/12")
     });
     // Only metadata crossed: the blocks were verified and cached before the restart.
@@ -825,7 +836,7 @@ fn a_member_edit_survives_restart_and_resync_until_the_owner_changes_the_file() 
             .unwrap();
         f.write_all_at(&[b'B'; 68], 752).unwrap();
     }
-    wait_until(Duration::from_secs(10), "820 bytes at bob", || {
+    wait_until(Duration::from_secs(60), "820 bytes at bob", || {
         std::fs::metadata(bob.path("alice/g/f")).is_ok_and(|m| m.len() == 820)
     });
     std::fs::write(bob.path("alice/g/f"), b"bob's edit").unwrap();
@@ -871,9 +882,8 @@ fn member_truncate_and_touch_of_a_mirrored_file_keep_its_bytes() {
     assert_eq!(std::fs::read(bob.path("alice/g/m")).unwrap(), b"touch me");
     // Overwriting needs none of the old bytes: it works with the owner away.
     hub.set_offline("alice", true);
-    let t = std::time::Instant::now();
     std::fs::write(bob.path("alice/g/z"), b"bob's z").unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(bob.engine().fetch_timeouts(), 0);
     assert_eq!(std::fs::read(bob.path("alice/g/z")).unwrap(), b"bob's z");
 }
 
@@ -885,15 +895,15 @@ fn an_uncached_mirrored_file_is_overwritten_with_the_owner_away() {
     hub.hold_blocks(true);
     let data: Vec<u8> = (0..600_000u32).map(|i| (i % 249) as u8).collect();
     std::fs::write(alice.path("alice/g/u"), &data).unwrap();
-    wait_until(Duration::from_secs(10), "u's entry at bob", || {
+    wait_until(Duration::from_secs(60), "u's entry at bob", || {
         std::fs::metadata(bob.path("alice/g/u")).is_ok_and(|m| m.len() == 600_000)
     });
     assert_eq!(cached_xattr(&bob.path("alice/g/u")).as_deref(), Some("0/3"));
     hub.set_offline("alice", true);
-    // An overwrite (open with O_TRUNC) needs none of the old bytes.
-    let t = std::time::Instant::now();
+    // An overwrite (open with O_TRUNC) needs none of the old bytes: it asks
+    // for none (the owner is away, so it would fail at once).
     std::fs::write(bob.path("alice/g/u"), b"bob's u").unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(bob.engine().fetch_timeouts(), 0);
     assert_eq!(std::fs::read(bob.path("alice/g/u")).unwrap(), b"bob's u");
 }
 
@@ -904,12 +914,11 @@ fn filling_many_blocks_never_waits_for_a_request_timeout() {
     let (_hub, alice, bob) = shared();
     let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 241) as u8).collect();
     std::fs::write(alice.path("alice/g/big"), &data).unwrap();
-    let t = std::time::Instant::now();
-    wait_until(Duration::from_secs(20), "all 23 blocks at bob", || {
+    wait_until(Duration::from_secs(60), "all 23 blocks at bob", || {
         cached_xattr(&bob.path("alice/g/big")).as_deref() == Some("23/23")
     });
-    // A request that got no answer would have cost the 5 s read timeout.
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // No request went without an answer until the read timeout.
+    assert_eq!(bob.engine().fetch_timeouts(), 0);
     assert_eq!(std::fs::read(bob.path("alice/g/big")).unwrap(), data);
 }
 
@@ -937,7 +946,7 @@ fn replayed_or_reordered_owner_messages_never_roll_the_member_back() {
     read_when(&bob.path("alice/g/f"), b"version two");
     // A full snapshot now, then a file created after it.
     online(&hub, &bob, "alice");
-    wait_until(Duration::from_secs(10), "a snapshot", || {
+    wait_until(Duration::from_secs(60), "a snapshot", || {
         hub.recorded_to("bob")
             .iter()
             .any(|(_, m)| matches!(m, OwnerToMember::Snapshot { last: true, .. }))
@@ -1040,7 +1049,7 @@ fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
         .0;
     std::fs::write(alice.path("alice/g/shared"), b"alice's own").unwrap();
     inject(&hub, &alice, "bob", &forged);
-    wait_until(Duration::from_secs(10), "every answer", || {
+    wait_until(Duration::from_secs(60), "every answer", || {
         mallory.lock().unwrap().len() >= 2 && bob_sink.lock().unwrap().len() >= 3
     });
     let blocks = |v: &[OwnerToMember]| {
@@ -1091,7 +1100,7 @@ fn an_owner_whose_backing_store_vanished_publishes_nothing() {
         let held = alice.engine().held_groups();
         assert!(held["g"].contains("missing"), "{held:?}");
         online(&hub, &bob, "alice");
-        wait_until(Duration::from_secs(10), "EHELD at bob", || {
+        wait_until(Duration::from_secs(60), "EHELD at bob", || {
             bob.engine().member_status()["alice/g"].problem.as_deref() == Some("EHELD")
         });
         // bob keeps every byte, and alice's later changes do not reach him.
@@ -1167,7 +1176,7 @@ fn corrupted_cached_blocks_are_refetched_or_refused_never_served() {
     std::fs::write(alice.path("alice/g/two"), &two).unwrap();
     read_when(&bob.path("alice/g/one"), &one);
     read_when(&bob.path("alice/g/two"), &two);
-    wait_until(Duration::from_secs(10), "both files cached", || {
+    wait_until(Duration::from_secs(60), "both files cached", || {
         cached_xattr(&bob.path("alice/g/one")).as_deref() == Some("2/2")
             && cached_xattr(&bob.path("alice/g/two")).as_deref() == Some("2/2")
     });
@@ -1210,7 +1219,7 @@ fn blocks_corrupted_on_the_wire_are_all_refused() {
     std::fs::write(alice.path("alice/g/f"), &data).unwrap();
     hub.corrupt_to.lock().unwrap().insert("bob".into(), 0);
     std::fs::create_dir_all(bob.path("alice/g")).unwrap();
-    wait_until(Duration::from_secs(10), "the file at bob", || {
+    wait_until(Duration::from_secs(60), "the file at bob", || {
         std::fs::metadata(bob.path("alice/g/f")).is_ok_and(|m| m.len() == 1_000_000)
     });
     // Every block arrives corrupted: every read fails, none returns wrong bytes.
@@ -1377,6 +1386,9 @@ fn many_new_files_arrive_complete_in_few_messages() {
     let (hub, alice, bob) = shared();
     read_when(&bob.path("alice/g/.members"), b"bob\n");
     hub.record();
+    // The link is busy while alice writes (as a slow one would be), so however
+    // slowly the machine lets her write, her changes queue up.
+    hub.hold_changes(true);
     let (dirs, per_dir) = (20, 100);
     for d in 0..dirs {
         std::fs::create_dir(alice.path(&format!("alice/g/d{d:02}"))).unwrap();
@@ -1385,6 +1397,12 @@ fn many_new_files_arrive_complete_in_few_messages() {
             std::fs::write(alice.path(&format!("alice/g/d{d:02}/f{f:03}")), data).unwrap();
         }
     }
+    wait_until(Duration::from_secs(60), "alice sending changes", || {
+        hub.changes_waiting
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    });
+    hub.hold_changes(false);
     wait_until(Duration::from_secs(60), "every file cached at bob", || {
         (0..dirs).all(|d| {
             (0..per_dir).all(|f| {
@@ -1481,7 +1499,7 @@ fn the_owner_answers_other_messages_while_blocks_are_on_their_way() {
         }
         .encode(),
     );
-    wait_until(Duration::from_secs(10), "alice to refuse mallory", || {
+    wait_until(Duration::from_secs(60), "alice to refuse mallory", || {
         mallory
             .lock()
             .unwrap()
@@ -1514,7 +1532,7 @@ fn a_change_read_after_a_snapshot_never_arrives_before_it() {
         hub.hold_snapshots(true);
         std::fs::write(alice.path("alice/g/f"), &want).unwrap();
         online(&hub, &bob, "alice");
-        wait_until(Duration::from_secs(10), "a snapshot on its way", || {
+        wait_until(Duration::from_secs(60), "a snapshot on its way", || {
             hub.snapshots_waiting
                 .load(std::sync::atomic::Ordering::SeqCst)
                 > 0
@@ -1522,7 +1540,7 @@ fn a_change_read_after_a_snapshot_never_arrives_before_it() {
         std::thread::sleep(Duration::from_millis(500));
         hub.hold_snapshots(false);
         let mut snapshot = None;
-        wait_until(Duration::from_secs(10), "the snapshot delivered", || {
+        wait_until(Duration::from_secs(60), "the snapshot delivered", || {
             snapshot = hub.recorded_to("bob")[sent..]
                 .iter()
                 .find_map(|(_, m)| match m {

@@ -188,6 +188,8 @@ struct Inner {
     fill_failed: Mutex<HashSet<GroupId>>,
     /// Full copy: whether a recomputation of the exact pin set is scheduled.
     repin_scheduled: Mutex<bool>,
+    /// Block requests that got no answer within the read timeout, since start.
+    fetch_timeouts: std::sync::atomic::AtomicU64,
 }
 
 /// Owner side: the pushes held back for a member while snapshots go to it.
@@ -334,6 +336,7 @@ impl Engine {
             filling: Mutex::new(HashMap::new()),
             fill_failed: Mutex::new(HashSet::new()),
             repin_scheduled: Mutex::new(false),
+            fetch_timeouts: std::sync::atomic::AtomicU64::new(0),
         });
         let engine = Self { inner };
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
@@ -1165,6 +1168,13 @@ impl Engine {
         self.inner.config.read_timeout
     }
 
+    /// Block requests that got no answer within the read timeout, since start.
+    pub fn fetch_timeouts(&self) -> u64 {
+        self.inner
+            .fetch_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Gets block `index` (hash `hash`) of mirrored file `ino` of group `g`: from
     /// the cache, or from the owner, waiting at most the read timeout.
     pub async fn fetch(
@@ -1221,6 +1231,9 @@ impl Engine {
         match tokio::time::timeout(self.inner.config.read_timeout, rx).await {
             Ok(Ok(r)) => r,
             _ => {
+                self.inner
+                    .fetch_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 lock(&self.inner.waiters).remove(&hash);
                 // The group's next fill looks at every file again.
                 lock(&self.inner.fill_failed).insert(g);
