@@ -29,6 +29,8 @@ pub(crate) struct Hub {
     queues: Mutex<HashMap<String, Queue>>,
     /// Users that are currently unreachable.
     offline: Mutex<HashSet<String>>,
+    /// (from, to) pairs whose `Subscribe` messages fail as to an unreachable user.
+    muted: Mutex<HashSet<(String, String)>>,
     /// Bytes delivered to each user.
     bytes_to: Mutex<HashMap<String, u64>>,
     /// While recording: every message delivered, as (to, payload).
@@ -59,6 +61,7 @@ impl Hub {
                 .unwrap(),
             queues: Mutex::new(HashMap::new()),
             offline: Mutex::new(HashSet::new()),
+            muted: Mutex::new(HashSet::new()),
             bytes_to: Mutex::new(HashMap::new()),
             recorded: Mutex::new(None),
             corrupt_to: Mutex::new(HashMap::new()),
@@ -149,6 +152,30 @@ impl Hub {
         }
     }
 
+    /// Makes `Subscribe` messages from `from` to `to` fail (`true`) or pass again.
+    fn mute_subscribes(&self, from: &str, to: &str, muted: bool) {
+        let pair = (from.to_owned(), to.to_owned());
+        let mut m = self.muted.lock().unwrap();
+        if muted {
+            m.insert(pair);
+        } else {
+            m.remove(&pair);
+        }
+    }
+
+    /// The messages delivered to `user` since recording started, decoded as a
+    /// member's.
+    fn recorded_from_members_to(&self, user: &str) -> Vec<MemberToOwner> {
+        self.recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .filter(|(to, _)| to == user)
+            .filter_map(|(_, p)| MemberToOwner::decode(p).ok())
+            .collect()
+    }
+
     fn bytes_to(&self, user: &str) -> u64 {
         *self.bytes_to.lock().unwrap().get(user).unwrap_or(&0)
     }
@@ -170,6 +197,15 @@ impl Link for HubLink {
             {
                 let off = self.hub.offline.lock().unwrap();
                 if off.contains(to.as_str()) || off.contains(self.me.as_str()) {
+                    return Err("ENODEST".to_string());
+                }
+                let pair = (self.me.to_string(), to.to_string());
+                if self.hub.muted.lock().unwrap().contains(&pair)
+                    && matches!(
+                        MemberToOwner::decode(&payload),
+                        Ok(MemberToOwner::Subscribe { .. })
+                    )
+                {
                     return Err("ENODEST".to_string());
                 }
             }
@@ -1556,4 +1592,124 @@ fn a_change_read_after_a_snapshot_never_arrives_before_it() {
         }
     }
     assert!(exercised, "every snapshot was read after f was hashed");
+}
+
+/// The problem bob's engine shows for alice/g, as `brume status` would.
+fn problem_of(member: &Peer) -> Option<String> {
+    member.engine().member_status()["alice/g"].problem.clone()
+}
+
+#[test]
+fn rewriting_members_in_place_keeps_every_member_served() {
+    let (hub, alice, bob) = shared();
+    joined(&bob);
+    hub.record();
+    // `echo bob > .members`: opened with O_TRUNC (empty for a moment), written,
+    // closed. Only the closed file counts.
+    for _ in 0..3 {
+        std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    }
+    std::fs::write(alice.path("alice/g/after"), b"still here").unwrap();
+    read_when(&bob.path("alice/g/after"), b"still here");
+    assert_eq!(problem_of(&bob), None);
+    assert!(
+        !hub.recorded_to("bob")
+            .iter()
+            .any(|(_, m)| matches!(m, OwnerToMember::Refused { .. })),
+        "bob was refused while listed"
+    );
+}
+
+#[test]
+fn a_removed_member_is_told_and_one_listed_again_is_served_at_once() {
+    let (hub, alice, bob) = shared();
+    joined(&bob);
+    std::fs::write(alice.path("alice/g/one"), b"1").unwrap();
+    read_when(&bob.path("alice/g/one"), b"1");
+    hub.record();
+    // Removed (an editor's temp file renamed into place, as `sed -i` does):
+    // bob is told, and what he holds says so.
+    std::fs::write(alice.path("alice/g/.members.new"), b"carol\n").unwrap();
+    read_when(&bob.path("alice/g/.members.new"), b"carol\n");
+    std::fs::rename(
+        alice.path("alice/g/.members.new"),
+        alice.path("alice/g/.members"),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(60), "ENOTMEMBER at bob", || {
+        problem_of(&bob).as_deref() == Some("ENOTMEMBER")
+    });
+    // The changes made before the removal reached him: no stray temp file.
+    gone_when(&bob.path("alice/g/.members.new"));
+    // Nothing made after it does; bob cannot even ask (his subscriptions to
+    // alice fail from now on), so only alice can serve him again.
+    hub.mute_subscribes("bob", "alice", true);
+    std::fs::write(alice.path("alice/g/two"), b"2").unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"carol\nbob\n").unwrap();
+    read_when(&bob.path("alice/g/two"), b"2");
+    wait_until(Duration::from_secs(60), "bob's problem cleared", || {
+        problem_of(&bob).is_none()
+    });
+    // Between the refusal and the snapshot that served him again, bob got no
+    // change: `two` came in the snapshot, after `.members` listed him.
+    let to_bob: Vec<OwnerToMember> = hub.recorded_to("bob").into_iter().map(|(_, m)| m).collect();
+    let refused = to_bob
+        .iter()
+        .position(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER"))
+        .expect("a refusal");
+    let served = to_bob
+        .iter()
+        .position(|m| matches!(m, OwnerToMember::Snapshot { .. }))
+        .expect("a snapshot");
+    assert!(refused < served);
+    assert!(
+        to_bob[refused..served]
+            .iter()
+            .all(|m| !matches!(m, OwnerToMember::Changes { .. })),
+        "bob got changes while removed: {:?}",
+        &to_bob[refused..served]
+    );
+    assert!(
+        !hub.recorded_from_members_to("alice")
+            .iter()
+            .any(|m| matches!(m, MemberToOwner::Subscribe { .. })),
+        "bob subscribed again himself"
+    );
+    hub.mute_subscribes("bob", "alice", false);
+    std::fs::write(alice.path("alice/g/three"), b"3").unwrap();
+    read_when(&bob.path("alice/g/three"), b"3");
+}
+
+#[test]
+fn reads_of_a_group_whose_owner_refuses_fail_at_once() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // Nothing is kept: every read must ask alice.
+    let bob = Peer::start_with_cache(&hub, "bob", 1, false);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 239) as u8).collect();
+    std::fs::write(alice.path("alice/g/big"), &big).unwrap();
+    // The blocks bob asks for are never answered...
+    hub.hold_blocks(true);
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    wait_until(Duration::from_secs(60), "big listed at bob", || {
+        std::fs::metadata(bob.path("alice/g/big")).is_ok_and(|m| m.len() == big.len() as u64)
+    });
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(bob.path("alice/g/big")).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_at(&mut buf, 0).map_err(|e| e.raw_os_error())
+    });
+    wait_until(Duration::from_secs(60), "bob asking for blocks", || {
+        hub.blocks_waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    // ...because alice removes bob, who is told so: the waiting read fails
+    // then, not after its timeout.
+    std::fs::write(alice.path("alice/g/.members"), b"carol\n").unwrap();
+    assert_eq!(reader.join().unwrap(), Err(Some(libc::EIO)));
+    assert_eq!(bob.engine().fetch_timeouts(), 0);
+    assert_eq!(problem_of(&bob).as_deref(), Some("ENOTMEMBER"));
+    hub.hold_blocks(false);
 }

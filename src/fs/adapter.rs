@@ -93,15 +93,18 @@ async fn fetch_range(
     }
     let first = (offset / crate::blocks::BLOCK_SIZE) as usize;
     let last = ((end - 1) / crate::blocks::BLOCK_SIZE) as usize;
-    for i in first..=last {
-        let Some((hash, _)) = h.blocks.get(i) else {
-            // A size beyond its blocks: nothing more to read.
-            break;
-        };
+    // Every block of the range at once: a read waits for the slowest, not for
+    // the sum of them (a size beyond its blocks has nothing more to read).
+    let blocks = (first..=last).map_while(|i| h.blocks.get(i).map(|(hash, _)| (i, *hash)));
+    let fetched = futures_util::future::try_join_all(blocks.map(|(i, hash)| async move {
         let data = engine
-            .fetch(h.group, h.ino, i as u32, *hash, true)
+            .fetch(h.group, h.ino, i as u32, hash, true)
             .await
             .map_err(|e| (i, e))?;
+        Ok::<_, (usize, FetchError)>((i, data))
+    }))
+    .await?;
+    for (i, data) in fetched {
         let block_start = i as u64 * crate::blocks::BLOCK_SIZE;
         let from = offset.saturating_sub(block_start) as usize;
         let to = ((end - block_start) as usize).min(data.len());
@@ -157,6 +160,36 @@ async fn with_block_list(
     }
 }
 
+/// Counts an open for writing of one inode as under way until it drops (once
+/// the open has its handle, or failed).
+struct WriterOpening<'a> {
+    opening: &'a Mutex<HashMap<Ino, u32>>,
+    ino: Ino,
+}
+
+impl<'a> WriterOpening<'a> {
+    fn new(opening: &'a Mutex<HashMap<Ino, u32>>, ino: Ino) -> Self {
+        *opening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ino)
+            .or_default() += 1;
+        Self { opening, ino }
+    }
+}
+
+impl Drop for WriterOpening<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = opening.get_mut(&self.ino) {
+            *n -= 1;
+            if *n == 0 {
+                opening.remove(&self.ino);
+            }
+        }
+    }
+}
+
 /// What finishing an open needs, detached from `BrumeFs` so that a task can do it
 /// after fetching blocks.
 #[derive(Clone)]
@@ -192,6 +225,9 @@ pub(crate) struct BrumeFs {
     cached: Mutex<HashMap<u64, CachedHandle>>,
     /// Mirrored files: the content sequence their kernel pages were read at.
     page_seq: Mutex<HashMap<Ino, u64>>,
+    /// Opens for writing under way, by inode, until their handle exists: a
+    /// `.members` is not read while one may have emptied it (`O_TRUNC`).
+    writers_opening: Mutex<HashMap<Ino, u32>>,
     /// Directory handles by fh.
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: Arc<AtomicU64>,
@@ -258,6 +294,7 @@ impl BrumeFs {
             handles: Arc::new(Mutex::new(HashMap::new())),
             cached: Mutex::new(HashMap::new()),
             page_seq: Mutex::new(HashMap::new()),
+            writers_opening: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: Arc::new(AtomicU64::new(1)),
             store,
@@ -433,7 +470,6 @@ impl BrumeFs {
         };
         let seq = tree.content_changed(ino, m.size(), mtime, ctime, ranges)?;
         self.hasher.enqueue(ino, self.store.path(ino), seq);
-        self.refresh_members_of(tree, ino)?;
         Ok(())
     }
 
@@ -621,7 +657,22 @@ impl BrumeFs {
                 return reply.error(Errno::EIO);
             };
             loop {
-                let (i, e) = match fetch_range(&engine, &h, offset, size).await {
+                // However many blocks it needs, a read waits at most the timeout.
+                let fetched =
+                    tokio::time::timeout_at(deadline, fetch_range(&engine, &h, offset, size))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err((
+                                0,
+                                FetchError::Unreachable {
+                                    reason: format!(
+                                        "no answer from the owner within {:?}",
+                                        engine.read_timeout()
+                                    ),
+                                },
+                            ))
+                        });
+                let (i, e) = match fetched {
                     Ok(data) => return reply.data(&data),
                     Err(failed) => failed,
                 };
@@ -661,6 +712,28 @@ impl BrumeFs {
         if h.writable && self.content_may_have_changed(h.ino) {
             let mut tree = self.tree_write();
             self.reconcile(&mut tree, h.ino, true)?;
+        }
+        // A group's `.members` is read when its last writer closes it, never
+        // while it is half-written: the kernel's release of one writer may come
+        // after the next one's open, which an `O_TRUNC` empties. That open
+        // counts as a writer from its start, and truncates under the tree lock,
+        // which this holds while it looks and reads.
+        if h.writable && self.tree_read().is_members_file(h.ino) {
+            let mut tree = self.tree_write();
+            let writers = self
+                .handle_map()
+                .values()
+                .filter(|other| other.ino == h.ino && other.writable)
+                .count()
+                + self
+                    .writers_opening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&h.ino)
+                    .map_or(0, |n| *n as usize);
+            if writers == 0 {
+                self.refresh_members_of(&mut tree, h.ino)?;
+            }
         }
         {
             let mut open = self.open_map();
@@ -737,7 +810,8 @@ impl BrumeFs {
             outsider: self.outsider(req, ino),
             ..SetAttr::default()
         };
-        self.do_setattr(ino, set, None).map(|_| ())
+        // The opener writes the new content and closes: `.members` is read then.
+        self.do_setattr(ino, set, None, false).map(|_| ())
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<(Ino, Arc<File>, bool)> {
@@ -747,7 +821,15 @@ impl BrumeFs {
             .ok_or(FsError::BadHandle)
     }
 
-    fn do_setattr(&self, ino: Ino, set: SetAttr, fh: Option<FileHandle>) -> FsResult<FileAttr> {
+    /// Applies `set` to `ino`; `complete`: a truncation is all the caller does
+    /// to the file (a `truncate` by path), so a `.members` it empties is read now.
+    fn do_setattr(
+        &self,
+        ino: Ino,
+        set: SetAttr,
+        fh: Option<FileHandle>,
+        complete: bool,
+    ) -> FsResult<FileAttr> {
         if ino == WSSERVER {
             return Err(FsError::NotPermitted {
                 why: ".wsserver.json is read-only",
@@ -806,7 +888,11 @@ impl BrumeFs {
         if set.size.is_some() {
             let seq = tree.get(ino)?.content_seq;
             self.hasher.enqueue(ino, self.store.path(ino), seq);
-            self.refresh_members_of(&mut tree, ino)?;
+            // A truncation by path is complete; one through an open file is
+            // read when the writer closes it.
+            if complete && !self.open_map().contains_key(&ino) {
+                self.refresh_members_of(&mut tree, ino)?;
+            }
         }
         Ok(self.attr_of(tree.get(ino)?))
     }
@@ -1097,7 +1183,7 @@ impl fuser::Filesystem for BrumeFs {
             && set.uid.is_none()
             && set.gid.is_none()
             && self.outsider(req, Ino(ino.0));
-        match self.do_setattr(Ino(ino.0), set, fh) {
+        match self.do_setattr(Ino(ino.0), set, fh, fh.is_none()) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e.errno()),
         }
@@ -1265,6 +1351,7 @@ impl fuser::Filesystem for BrumeFs {
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
+        let _opening = writable.then(|| WriterOpening::new(&self.writers_opening, ino));
         // `O_TRUNC` comes with the open (FUSE_ATOMIC_O_TRUNC), not as a setattr
         // after it: a mirrored file is emptied without fetching the bytes it
         // is about to lose, so it can be overwritten with the owner away.

@@ -99,6 +99,15 @@ pub enum TreeEvent {
         /// The group.
         group: GroupId,
     },
+    /// The member list of an owned group changed (its `.members` was closed
+    /// after writing, renamed into place or removed): in order with the
+    /// changes around it.
+    Members {
+        /// The group.
+        group: GroupId,
+        /// Who is listed now.
+        members: Vec<String>,
+    },
     /// The member left a group (rmdir of its root).
     Left {
         /// The group's owner.
@@ -1469,6 +1478,14 @@ impl Tree {
         (group.row.root == parent && group.row.owned).then_some(g)
     }
 
+    /// Whether `ino` is the `.members` file of an owned group.
+    pub fn is_members_file(&self, ino: Ino) -> bool {
+        self.get(ino).is_ok_and(|n| {
+            self.members_file_group(n.parent, MEMBERS_NAME).is_some()
+                && self.child(n.parent, MEMBERS_NAME) == Some(ino)
+        })
+    }
+
     /// Replaces a group's member list (from its `.members`).
     pub fn set_members(&mut self, g: GroupId, members: Vec<String>) -> FsResult<()> {
         if let Some(group) = self.groups.get_mut(&g)
@@ -1476,6 +1493,10 @@ impl Tree {
         {
             tracing::info!(group = %group.row.name, ?members, "members changed");
             group.members = members.clone();
+            let _ = self.events.send(TreeEvent::Members {
+                group: g,
+                members: members.clone(),
+            });
             self.catalog.send(Op::SetMembers {
                 group: g,
                 users: members,

@@ -42,6 +42,12 @@ pub trait Link: Send + Sync + 'static {
 /// Why a block could not be had.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FetchError {
+    /// The owner refused us the group (`ENOTMEMBER`, `EHELD`).
+    #[error("the owner refused: {code}")]
+    Refused {
+        /// The code it gave.
+        code: String,
+    },
     /// The owner did not answer in time (offline, unreachable).
     #[error("the owner did not send block {hash} in time")]
     Timeout {
@@ -152,7 +158,7 @@ struct Inner {
     config: EngineConfig,
     /// Readers and fills waiting for a block, by hash. A request goes out once
     /// per hash; every waiter gets the answer.
-    waiters: Mutex<HashMap<BlockHash, Vec<oneshot::Sender<Fetched>>>>,
+    waiters: Mutex<HashMap<BlockHash, Waiting>>,
     /// Owner side: which members are subscribed to which owned groups.
     subscribers: Mutex<HashMap<GroupId, HashSet<UserName>>>,
     /// Owner side: how many times each member has subscribed. A send that
@@ -190,6 +196,23 @@ struct Inner {
     repin_scheduled: Mutex<bool>,
     /// Block requests that got no answer within the read timeout, since start.
     fetch_timeouts: std::sync::atomic::AtomicU64,
+    /// Owner side: each owned group's member list as of the changes pushed so
+    /// far (it follows the tree's `Members` events in order, so the changes made
+    /// before a member was removed still reach it, and none after).
+    membership: Mutex<HashMap<GroupId, HashSet<String>>>,
+    /// Owner side: users refused or revoked per owned group, served at once if
+    /// `.members` lists them again (at most [`REFUSED_MOST`] per group).
+    refused: Mutex<HashMap<GroupId, HashSet<UserName>>>,
+    /// Member side: joined groups with a retry of a refused subscription
+    /// scheduled.
+    retrying: Mutex<HashSet<GroupId>>,
+}
+
+/// Member side: those waiting for one block, and the group it was asked of.
+#[derive(Debug)]
+struct Waiting {
+    group: GroupId,
+    senders: Vec<oneshot::Sender<Fetched>>,
 }
 
 /// Owner side: the pushes held back for a member while snapshots go to it.
@@ -258,6 +281,8 @@ const COALESCE: Duration = Duration::from_millis(3);
 const COALESCE_MAX: Duration = Duration::from_millis(25);
 /// Owner side: block requests served at once.
 const SERVE_PARALLELISM: usize = 8;
+/// Owner side: most refused users remembered per group.
+const REFUSED_MOST: usize = 1024;
 
 /// Member side: blocks verified and written to the cache at once.
 const INSERT_PARALLELISM: usize = 2;
@@ -337,6 +362,9 @@ impl Engine {
             fill_failed: Mutex::new(HashSet::new()),
             repin_scheduled: Mutex::new(false),
             fetch_timeouts: std::sync::atomic::AtomicU64::new(0),
+            membership: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            retrying: Mutex::new(HashSet::new()),
         });
         let engine = Self { inner };
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
@@ -429,6 +457,9 @@ impl Engine {
                         self.push_changes(std::mem::take(&mut pushes)).await;
                         match other {
                             Ok(TreeEvent::Joined { group }) => self.subscribe(group).await,
+                            Ok(TreeEvent::Members { group, members }) => {
+                                self.members_changed(group, members).await;
+                            }
                             Ok(TreeEvent::Left { owner, name }) => {
                                 if let Ok(owner) = UserName::new(&owner) {
                                     let msg = MemberToOwner::Unsubscribe { group: name };
@@ -488,19 +519,12 @@ impl Engine {
             if g.held.is_some() {
                 return;
             }
-            // A member removed from `.members` gets nothing more.
-            let (members, revoked): (Vec<UserName>, Vec<UserName>) = members
+            // Only members as of these changes (a removal is handled, in
+            // order, by `members_changed`).
+            let members: Vec<UserName> = members
                 .into_iter()
-                .partition(|m| tree.is_member(group, m.as_str()));
-            if !revoked.is_empty() {
-                let mut subs = lock(&self.inner.subscribers);
-                if let Some(s) = subs.get_mut(&group) {
-                    for r in &revoked {
-                        tracing::info!(peer = %r, group = %g.row.name, "membership revoked");
-                        s.remove(r);
-                    }
-                }
-            }
+                .filter(|m| self.in_membership(&tree, group, m))
+                .collect();
             let name = g.row.name.clone();
             let root = tree.group_root(group).ok();
             let links = tree.linked_names(group, inos.iter().copied());
@@ -618,6 +642,95 @@ impl Engine {
         for subs in lock(&self.inner.subscribers).values_mut() {
             subs.remove(member);
         }
+    }
+
+    /// Whether `user` is a member of owned group `g` as of the changes pushed
+    /// so far.
+    fn in_membership(&self, tree: &Tree, g: GroupId, user: &UserName) -> bool {
+        match lock(&self.inner.membership).get(&g) {
+            Some(members) => members.contains(user.as_str()),
+            None => tree.is_member(g, user.as_str()),
+        }
+    }
+
+    /// Remembers that `user` asked for owned group `g` and was refused.
+    fn remember_refused(&self, g: GroupId, user: &UserName) {
+        let mut refused = lock(&self.inner.refused);
+        let set = refused.entry(g).or_default();
+        if set.len() < REFUSED_MOST {
+            set.insert(user.clone());
+        }
+    }
+
+    /// `.members` of owned group `g` now lists `members` (every change before
+    /// this has been pushed): removed subscribers are told `ENOTMEMBER` and get
+    /// nothing more; users refused or removed before and listed again are
+    /// served at once, without waiting for them to ask again.
+    async fn members_changed(&self, g: GroupId, members: Vec<String>) {
+        let members: HashSet<String> = members.into_iter().collect();
+        lock(&self.inner.membership).insert(g, members.clone());
+        let Some(name) = self.tree_read().group(g).map(|grp| grp.row.name.clone()) else {
+            return;
+        };
+        let revoked: Vec<UserName> = {
+            let mut subs = lock(&self.inner.subscribers);
+            match subs.get_mut(&g) {
+                Some(s) => {
+                    let gone: Vec<UserName> = s
+                        .iter()
+                        .filter(|m| !members.contains(m.as_str()))
+                        .cloned()
+                        .collect();
+                    for m in &gone {
+                        s.remove(m);
+                    }
+                    gone
+                }
+                None => Vec::new(),
+            }
+        };
+        for m in revoked {
+            tracing::info!(peer = %m, group = %name, "membership revoked");
+            self.remember_refused(g, &m);
+            self.refuse(&m, &name, "ENOTMEMBER").await;
+        }
+        self.serve_readded(g, &members).await;
+    }
+
+    /// Subscribes the users of `g` refused before whom `members` lists now, and
+    /// sends each a snapshot.
+    async fn serve_readded(&self, g: GroupId, members: &HashSet<String>) {
+        let back: Vec<UserName> = {
+            let mut refused = lock(&self.inner.refused);
+            let Some(set) = refused.get_mut(&g) else {
+                return;
+            };
+            let back: Vec<UserName> = set
+                .iter()
+                .filter(|u| members.contains(u.as_str()))
+                .cloned()
+                .collect();
+            for u in &back {
+                set.remove(u);
+            }
+            back
+        };
+        for user in back {
+            tracing::info!(peer = %user, "member listed again; serving it");
+            self.add_subscriber(g, &user);
+            self.send_snapshot(&user, g).await;
+        }
+    }
+
+    /// Makes `member` a subscriber of owned group `g`.
+    fn add_subscriber(&self, g: GroupId, member: &UserName) {
+        *lock(&self.inner.subscriptions)
+            .entry(member.clone())
+            .or_default() += 1;
+        lock(&self.inner.subscribers)
+            .entry(g)
+            .or_default()
+            .insert(member.clone());
     }
 
     async fn resend_all_snapshots(&self) {
@@ -745,6 +858,13 @@ impl Engine {
             MemberToOwner::Subscribe { group, since } => {
                 let Some(g) = self.member_group(from, &group) else {
                     tracing::info!(peer = %from, %group, "refused: not a member");
+                    let owned = {
+                        let tree = self.tree_read();
+                        tree.find_group(tree.me().as_str(), &group)
+                    };
+                    if let Some(g) = owned {
+                        self.remember_refused(g, from);
+                    }
                     return self.refuse(from, &group, "ENOTMEMBER").await;
                 };
                 if self
@@ -756,13 +876,10 @@ impl Engine {
                     return self.refuse(from, &group, "EHELD").await;
                 }
                 tracing::info!(peer = %from, %group, since, "member subscribed");
-                *lock(&self.inner.subscriptions)
-                    .entry(from.clone())
-                    .or_default() += 1;
-                lock(&self.inner.subscribers)
-                    .entry(g)
-                    .or_default()
-                    .insert(from.clone());
+                if let Some(set) = lock(&self.inner.refused).get_mut(&g) {
+                    set.remove(from);
+                }
+                self.add_subscriber(g, from);
                 self.send_snapshot(from, g).await;
             }
             MemberToOwner::Unsubscribe { group } => {
@@ -1040,30 +1157,42 @@ impl Engine {
                 self.wake(&hash, Err(FetchError::Stale { hash }));
             }
             OwnerToMember::Refused { group, code } => {
-                tracing::warn!(owner = %from, %group, %code, "owner refused");
-                if let Some(g) = self.joined(from, &group) {
-                    let delay = {
-                        let mut groups = lock(&self.inner.groups);
-                        let s = groups.entry(g).or_default();
-                        s.problem = Some(code);
-                        s.refusals += 1;
-                        RETRY_FIRST
-                            .saturating_mul(1 << s.refusals.min(16))
-                            .min(RETRY_MAX)
-                    };
-                    // Ask again later: the owner may add us to `.members` (or may
-                    // not have read its new `.members` yet).
-                    let engine = self.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let still = lock(&engine.inner.groups)
-                            .get(&g)
-                            .is_some_and(|s| s.problem.is_some());
-                        if still {
-                            engine.subscribe(g).await;
-                        }
-                    });
+                let Some(g) = self.joined(from, &group) else {
+                    return;
+                };
+                let delay = {
+                    let mut groups = lock(&self.inner.groups);
+                    let s = groups.entry(g).or_default();
+                    if s.problem.as_deref() == Some(code.as_str()) {
+                        tracing::debug!(owner = %from, %group, %code, "owner refused again");
+                    } else {
+                        tracing::warn!(owner = %from, %group, %code, "owner refused");
+                    }
+                    s.problem = Some(code.clone());
+                    s.refusals += 1;
+                    RETRY_FIRST
+                        .saturating_mul(1 << s.refusals.min(16))
+                        .min(RETRY_MAX)
+                };
+                // Reads and fills waiting on the group fail now, not at their
+                // timeout (after the refusal is recorded: see `fetch`).
+                self.wake_group(g, FetchError::Refused { code });
+                // Ask again later, once: the owner may add us to `.members` (it
+                // also serves us at once when it does, if we are reachable).
+                if !lock(&self.inner.retrying).insert(g) {
+                    return;
                 }
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    lock(&engine.inner.retrying).remove(&g);
+                    let still = lock(&engine.inner.groups)
+                        .get(&g)
+                        .is_some_and(|s| s.problem.is_some());
+                    if still {
+                        engine.subscribe(g).await;
+                    }
+                });
             }
         }
     }
@@ -1157,9 +1286,37 @@ impl Engine {
     }
 
     fn wake(&self, hash: &BlockHash, result: Fetched) {
-        let waiters = lock(&self.inner.waiters).remove(hash).unwrap_or_default();
-        for w in waiters {
+        let waiting = lock(&self.inner.waiters).remove(hash);
+        for w in waiting.map(|w| w.senders).unwrap_or_default() {
             let _ = w.send(result.clone());
+        }
+    }
+
+    /// What the owner of joined group `g` refused us, while it does.
+    fn refusal(&self, g: GroupId) -> Option<String> {
+        lock(&self.inner.groups)
+            .get(&g)
+            .filter(|s| s.refusals > 0)
+            .and_then(|s| s.problem.clone())
+    }
+
+    /// Fails every fetch waiting on joined group `g`: its owner refused us.
+    fn wake_group(&self, g: GroupId, err: FetchError) {
+        let senders: Vec<oneshot::Sender<Fetched>> = {
+            let mut waiters = lock(&self.inner.waiters);
+            let hashes: Vec<BlockHash> = waiters
+                .iter()
+                .filter(|(_, w)| w.group == g)
+                .map(|(h, _)| *h)
+                .collect();
+            hashes
+                .iter()
+                .filter_map(|h| waiters.remove(h))
+                .flat_map(|w| w.senders)
+                .collect()
+        };
+        for s in senders {
+            let _ = s.send(Err(err.clone()));
         }
     }
 
@@ -1201,6 +1358,7 @@ impl Engine {
         let Some(id) = id else {
             return Err(FetchError::Stale { hash });
         };
+
         let Ok(owner) = UserName::new(&owner) else {
             return Err(FetchError::Unreachable {
                 reason: "bad owner name".into(),
@@ -1209,10 +1367,21 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         let first = {
             let mut w = lock(&self.inner.waiters);
-            let list = w.entry(hash).or_default();
-            list.push(tx);
-            list.len() == 1
+            let waiting = w.entry(hash).or_insert_with(|| Waiting {
+                group: g,
+                senders: Vec::new(),
+            });
+            waiting.senders.push(tx);
+            waiting.senders.len() == 1
         };
+        // An owner that refused us refuses this too: fail now, not at the
+        // timeout. (Looked at once waiting: a refusal that comes after this
+        // wakes the waiters it finds.)
+        if let Some(code) = self.refusal(g) {
+            let err = FetchError::Refused { code };
+            self.wake(&hash, Err(err.clone()));
+            return Err(err);
+        }
         if first {
             let msg = MemberToOwner::GetBlock {
                 group,
@@ -1362,6 +1531,11 @@ impl Engine {
             for (i, (hash, _)) in blocks.iter().enumerate() {
                 if self.inner.cache.contains(hash) || lock(&self.inner.waiters).contains_key(hash) {
                     continue;
+                }
+                // An owner that refuses us would refuse every request: none
+                // until it serves us again (its snapshot starts a fill).
+                if self.refusal(g).is_some() {
+                    return;
                 }
                 let Ok(permit) = self.inner.fill_slots.clone().acquire_owned().await else {
                     return;
