@@ -710,7 +710,8 @@ fn push_op(batch: &mut Vec<Op>, op: Op) {
 
 /// Drops node writes that a later write or delete of the same node in the batch
 /// supersedes: a file created, written and closed within one window is stored
-/// once, and its directory's times once per batch.
+/// once, and its directory's times once per batch. A node write that a block
+/// list after it needs (it is stored only for a node that exists) is kept.
 fn coalesce(batch: &mut Vec<Op>) {
     let mut later = std::collections::HashSet::new();
     let mut keep = vec![true; batch.len()];
@@ -719,6 +720,9 @@ fn coalesce(batch: &mut Vec<Op>) {
             Op::PutNode(n) => keep[i] = later.insert(n.ino),
             Op::DeleteNode(ino) => {
                 later.insert(*ino);
+            }
+            Op::PutBlocks { ino, .. } => {
+                later.remove(ino);
             }
             _ => {}
         }
@@ -1214,6 +1218,49 @@ mod tests {
         assert!(cat.begin_barrier_if_needed().unwrap().is_some());
         cat.barrier().unwrap();
         assert!(cat.begin_barrier_if_needed().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_block_list_stored_between_two_writes_of_its_new_node_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let row = |size: u64| NodeRow {
+            ino: Ino(42),
+            group: None,
+            kind: NodeKind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            rdev: 0,
+            size,
+            atime: Stamp::now(),
+            mtime: Stamp::now(),
+            ctime: Stamp::now(),
+            version: Version(1),
+            target: None,
+            remote: None,
+        };
+        let hash = BlockHash([7; 32]);
+        {
+            let (cat, _, _thread) = Catalog::open(&path).unwrap();
+            // One batch: the node is created, its blocks stored, then it is
+            // written again (a member installing a mirror, say).
+            cat.send(Op::Batch(vec![
+                Op::PutNode(row(5)),
+                Op::PutBlocks {
+                    ino: Ino(42),
+                    from: 0,
+                    blocks: vec![(hash, 5)],
+                    count: 1,
+                },
+                Op::PutNode(row(5)),
+            ]))
+            .unwrap();
+            cat.barrier().unwrap();
+        }
+        let (_, snapshot, _thread) = Catalog::open(&path).unwrap();
+        assert_eq!(snapshot.blocks, vec![(Ino(42), 0, hash, 5)]);
     }
 
     #[test]
