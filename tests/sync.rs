@@ -1713,3 +1713,80 @@ fn reads_of_a_group_whose_owner_refuses_fail_at_once() {
     assert_eq!(problem_of(&bob).as_deref(), Some("ENOTMEMBER"));
     hub.hold_blocks(false);
 }
+
+/// What bob sees of `name`: (size, bytes) when the size is `want`'s, as a
+/// reader that checks both would.
+fn seen_as(bob: &Peer, name: &str) -> Option<(u64, Vec<u8>)> {
+    let size = std::fs::metadata(bob.path(name)).ok()?.len();
+    Some((size, std::fs::read(bob.path(name)).ok()?))
+}
+
+#[test]
+fn a_file_being_written_reaches_members_whole_never_empty_or_partial() {
+    let (_hub, alice, bob) = shared();
+    joined(&bob);
+    let v1 = b"the first version".to_vec();
+    std::fs::write(alice.path("alice/g/old"), &v1).unwrap();
+    read_when(&bob.path("alice/g/old"), &v1);
+    let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 233) as u8).collect();
+    let v2: Vec<u8> = (0..1_000_000u32).map(|i| (i % 227) as u8).collect();
+    // A new file and a rewritten one, both still open for writing, half written.
+    use std::io::Write;
+    let mut new = std::fs::File::create(alice.path("alice/g/new")).unwrap();
+    new.write_all(&big[..1_000_000]).unwrap();
+    let mut old = std::fs::File::create(alice.path("alice/g/old")).unwrap();
+    old.write_all(&v2[..300_000]).unwrap();
+    // A change made after them has reached bob...
+    std::fs::write(alice.path("alice/g/marker"), b"m").unwrap();
+    read_when(&bob.path("alice/g/marker"), b"m");
+    // ...but neither the new file, nor the old one emptied or half written.
+    assert!(
+        !bob.path("alice/g/new").exists(),
+        "bob sees a file still being written: {:?}",
+        std::fs::metadata(bob.path("alice/g/new")).map(|m| m.len())
+    );
+    assert_eq!(
+        seen_as(&bob, "alice/g/old"),
+        Some((v1.len() as u64, v1.clone()))
+    );
+    // Once closed, each arrives whole, and whatever bob saw on the way was
+    // one whole version or the other.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, new_path, old_path) = (
+            stop.clone(),
+            bob.path("alice/g/new"),
+            bob.path("alice/g/old"),
+        );
+        let (big, v1, v2) = (big.clone(), v1.clone(), v2.clone());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(m) = std::fs::metadata(&new_path)
+                    && m.len() != big.len() as u64
+                {
+                    bad.push(format!("new listed with {} bytes", m.len()));
+                }
+                if let Ok(d) = std::fs::read(&old_path)
+                    && d != v1
+                    && d != v2
+                {
+                    bad.push(format!("old read as {} other bytes", d.len()));
+                }
+            }
+            bad
+        })
+    };
+    new.write_all(&big[1_000_000..]).unwrap();
+    drop(new);
+    old.write_all(&v2[300_000..]).unwrap();
+    drop(old);
+    read_when(&bob.path("alice/g/new"), &big);
+    read_when(&bob.path("alice/g/old"), &v2);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bad = watcher.join().unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    // An empty file made and closed without a write still arrives.
+    std::fs::File::create(alice.path("alice/g/empty")).unwrap();
+    read_when(&bob.path("alice/g/empty"), b"");
+}

@@ -51,6 +51,8 @@ struct OpenInode {
     backing: Option<BackingId>,
     /// Open handles.
     handles: u32,
+    /// Open handles that may write.
+    writers: u32,
     /// Size and mtime of the backing file when last reconciled with the node:
     /// a difference means a passthrough write the daemon did not see.
     seen: (u64, i64, i64),
@@ -713,36 +715,30 @@ impl BrumeFs {
             let mut tree = self.tree_write();
             self.reconcile(&mut tree, h.ino, true)?;
         }
-        // A group's `.members` is read when its last writer closes it, never
-        // while it is half-written: the kernel's release of one writer may come
-        // after the next one's open, which an `O_TRUNC` empties. That open
-        // counts as a writer from its start, and truncates under the tree lock,
-        // which this holds while it looks and reads.
-        if h.writable && self.tree_read().is_members_file(h.ino) {
-            let mut tree = self.tree_write();
-            let writers = self
-                .handle_map()
-                .values()
-                .filter(|other| other.ino == h.ino && other.writable)
-                .count()
-                + self
-                    .writers_opening
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&h.ino)
-                    .map_or(0, |n| *n as usize);
-            if writers == 0 {
-                self.refresh_members_of(&mut tree, h.ino)?;
-            }
-        }
-        {
+        let writers_left = {
             let mut open = self.open_map();
-            if let Some(oi) = open.get_mut(&h.ino) {
-                oi.handles -= 1;
-                if oi.handles == 0 {
-                    open.remove(&h.ino);
+            let left = match open.get_mut(&h.ino) {
+                Some(oi) => {
+                    oi.handles -= 1;
+                    oi.writers -= u32::from(h.writable);
+                    let left = oi.writers;
+                    if oi.handles == 0 {
+                        open.remove(&h.ino);
+                    }
+                    left
                 }
-            }
+                None => 0,
+            };
+            left + self
+                .writers_opening
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&h.ino)
+                .copied()
+                .unwrap_or(0)
+        };
+        if writers_left == 0 {
+            self.settle(h.ino, h.writable)?;
         }
         let unused = self.tree_read().closed(h.ino)?;
         if unused {
@@ -751,6 +747,45 @@ impl BrumeFs {
             let gone = self.tree_write().release_if_unused(h.ino);
             if let Ok(gone) = gone {
                 self.drop_node(gone);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the last writer of `ino` has closed it: a file of a group we own
+    /// whose content is not hashed yet (new, or truncated) is hashed now, so
+    /// that members get it whole; and a group's `.members` is read, never
+    /// while it is half-written (the kernel's release of one writer may come
+    /// after the next one's open, which an `O_TRUNC` empties: that open counts
+    /// as a writer from its start, and truncates under the tree lock, which
+    /// this holds while it reads).
+    fn settle(&self, ino: Ino, wrote: bool) -> FsResult<()> {
+        let (unhashed, members) = {
+            let tree = self.tree_read();
+            let Ok(n) = tree.get(ino) else {
+                return Ok(());
+            };
+            (
+                n.row.kind == NodeKind::File && n.blocks.is_none() && tree.in_owned_group(ino),
+                wrote && tree.is_members_file(ino),
+            )
+        };
+        if unhashed {
+            let seq = self.tree_read().get(ino)?.content_seq;
+            self.hasher.enqueue(ino, self.store.path(ino), seq);
+        }
+        if members {
+            let mut tree = self.tree_write();
+            let writers = self.open_map().get(&ino).map_or(0, |oi| oi.writers)
+                + self
+                    .writers_opening
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&ino)
+                    .copied()
+                    .unwrap_or(0);
+            if writers == 0 {
+                self.refresh_members_of(&mut tree, ino)?;
             }
         }
         Ok(())
@@ -885,14 +920,13 @@ impl BrumeFs {
             }
         }
         tree.setattr(ino, &set)?;
-        if set.size.is_some() {
+        // A truncation by path is complete: hashed (and a `.members` read) now.
+        // One through an open file is completed by its writer, whose close
+        // does both (see `settle`): members never see it emptied half-way.
+        if set.size.is_some() && complete && !self.open_map().contains_key(&ino) {
             let seq = tree.get(ino)?.content_seq;
             self.hasher.enqueue(ino, self.store.path(ino), seq);
-            // A truncation by path is complete; one through an open file is
-            // read when the writer closes it.
-            if complete && !self.open_map().contains_key(&ino) {
-                self.refresh_members_of(&mut tree, ino)?;
-            }
+            self.refresh_members_of(&mut tree, ino)?;
         }
         Ok(self.attr_of(tree.get(ino)?))
     }
@@ -994,6 +1028,7 @@ impl Opener {
                     file: Arc::new(file),
                     backing,
                     handles: 0,
+                    writers: 0,
                     seen: (m.size(), m.mtime(), m.mtime_nsec()),
                     dirty: false,
                     ranges: Some(Vec::new()),
@@ -1001,6 +1036,7 @@ impl Opener {
             }
         };
         oi.handles += 1;
+        oi.writers += u32::from(writable);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
             .lock()
@@ -1210,11 +1246,17 @@ impl fuser::Filesystem for BrumeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.do_mknod(req, Ino(parent.0), name_bytes(name), mode, umask, rdev)
-                .map(|(attr, _)| attr),
-        );
+        let made = self
+            .do_mknod(req, Ino(parent.0), name_bytes(name), mode, umask, rdev)
+            .map(|(attr, _)| attr);
+        // A regular file made without an open handle is complete (and empty):
+        // no close will settle it.
+        if let Ok(attr) = &made
+            && attr.kind == fuser::FileType::RegularFile
+        {
+            let _ = self.settle(Ino(attr.ino.0), false);
+        }
+        reply_entry(reply, made);
     }
 
     fn mkdir(

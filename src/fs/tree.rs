@@ -853,7 +853,7 @@ impl Tree {
     }
 
     /// Whether `ino` is in a group this client owns.
-    fn in_owned_group(&self, ino: Ino) -> bool {
+    pub(crate) fn in_owned_group(&self, ino: Ino) -> bool {
         self.nodes
             .get(&ino)
             .and_then(|n| n.row.group)
@@ -987,7 +987,10 @@ impl Tree {
                 pending_join = Some(id);
             }
         }
-        let blocks = (kind == NodeKind::File).then(|| Blocks::from(Vec::new()));
+        // A new file of a group we own has no block list until it is hashed,
+        // once its creator closes it: members get it whole, never empty first.
+        let owned = group.is_some_and(|g| self.groups.get(&g).is_some_and(|g| g.row.owned));
+        let blocks = (kind == NodeKind::File && !owned).then(|| Blocks::from(Vec::new()));
         self.nodes.insert(ino, Node::new(row, parent, blocks));
         let p = self.get_mut(parent)?;
         if let Some(c) = p.children.as_mut() {
