@@ -1168,6 +1168,7 @@ mod sync {
                         version,
                         target: (kind == 3).then_some(target),
                         blocks,
+                        list: None,
                     }
                 },
             )
@@ -1198,7 +1199,8 @@ mod sync {
                     group,
                     seq,
                     nodes,
-                    last
+                    last,
+                    unsettled: vec![seq],
                 }),
             (group, any::<u64>(), prop::collection::vec(change(), 0..4)).prop_map(
                 |(group, seq, changes)| OwnerToMember::Changes {
@@ -1327,7 +1329,7 @@ mod sync {
                 seq: 1,
                 changes: vec![Change::Remove { id: 1 }, Change::Upsert(n.clone())],
             };
-            let snapshot = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes: vec![n.clone()], last: true };
+            let snapshot = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes: vec![n.clone()], last: true, unsettled: vec![] };
             for m in [changes, snapshot] {
                 match OwnerToMember::decode(&m.encode()) {
                     Ok(d) => {
@@ -1434,6 +1436,19 @@ mod sync {
                 .concat(),
                 // Refused { group, code: <len> }
                 [&[b'O', 5][..], &g, &n, b"E"].concat(),
+                // Snapshot { group, seq, nodes: [], last, unsettled: <len> }
+                [&[b'O', 1][..], &g, &varint(1), &varint(0), &[1], &n, b"abc"].concat(),
+                // BlockList { group, id, hash, from, blocks: <len> }
+                [
+                    &[b'O', 6][..],
+                    &g,
+                    &varint(1),
+                    &hash,
+                    &varint(0),
+                    &n,
+                    b"abc",
+                ]
+                .concat(),
                 // Hello-less member messages: Subscribe { group: <len> }
                 [&[b'M', 1][..], &n, b"g"].concat(),
             ];
@@ -1587,6 +1602,7 @@ mod sync {
             version: 1,
             target: None,
             blocks: Vec::new(),
+            list: None,
         };
         let dir = NodeState {
             id: 6,

@@ -1373,6 +1373,21 @@ fn a_full_disk_at_the_member_is_reported_loses_nothing_and_sync_resumes() {
     );
     let s = bob.engine().member_status()["alice/g"].clone();
     assert!(s.bytes_done < s.bytes_total, "{s:?}");
+    // Blocks that cannot be stored are not fetched again and again: over three
+    // rounds of the refill (6 s), a block or so to see whether there is room.
+    let round = bob.engine().refills();
+    wait_until(Duration::from_secs(60), "a refill round", || {
+        bob.engine().refills() > round
+    });
+    let before = hub.bytes_to("bob");
+    wait_until(Duration::from_secs(60), "three more refill rounds", || {
+        bob.engine().refills() > round + 3
+    });
+    let fetched = hub.bytes_to("bob") - before;
+    assert!(
+        fetched <= 4 * 300_000,
+        "{fetched} bytes fetched while the disk was full"
+    );
     // Room again: the fill resumes by itself and completes.
     small.resize("64m");
     wait_until(Duration::from_secs(30), "every block at bob", || {
@@ -1789,4 +1804,95 @@ fn a_file_being_written_reaches_members_whole_never_empty_or_partial() {
     // An empty file made and closed without a write still arrives.
     std::fs::File::create(alice.path("alice/g/empty")).unwrap();
     read_when(&bob.path("alice/g/empty"), b"");
+}
+
+#[test]
+fn files_of_any_size_reach_members_and_after_a_restart() {
+    use std::os::unix::fs::FileExt;
+    let (hub, alice, mut bob) = shared();
+    joined(&bob);
+    // Sparse files with bytes at a few places: one over 8 GiB, and one of the
+    // 2.6 GiB whose block list alone was once too large for a message.
+    let marks = |len: u64| -> Vec<(u64, Vec<u8>)> {
+        vec![
+            (0, b"start".to_vec()),
+            (len / 2 - 3, format!("middle of {len}").into_bytes()),
+            (len - 3, b"end".to_vec()),
+        ]
+    };
+    let write = |name: &str, len: u64| {
+        let f = std::fs::File::create(alice.path(name)).unwrap();
+        f.set_len(len).unwrap();
+        for (at, bytes) in marks(len) {
+            f.write_all_at(&bytes, at).unwrap();
+        }
+    };
+    let huge = (8u64 << 30) + 12_345;
+    let big = 2_600u64 << 20;
+    write("alice/g/huge", huge);
+    write("alice/g/big", big);
+    let check = |bob: &Peer, name: &str, len: u64| {
+        wait_until(Duration::from_secs(120), &format!("{name} at bob"), || {
+            std::fs::metadata(bob.path(name)).is_ok_and(|m| m.len() == len)
+        });
+        let f = std::fs::File::open(bob.path(name)).unwrap();
+        for (at, want) in marks(len) {
+            let mut got = vec![0u8; want.len()];
+            wait_until(Duration::from_secs(60), &format!("{name} at {at}"), || {
+                f.read_exact_at(&mut got, at).is_ok() && got == want
+            });
+        }
+        // Between the marks: zeros.
+        let mut zeros = vec![1u8; 4096];
+        f.read_exact_at(&mut zeros, len / 4).unwrap();
+        assert!(zeros.iter().all(|b| *b == 0));
+    };
+    check(&bob, "alice/g/huge", huge);
+    check(&bob, "alice/g/big", big);
+    // After a restart, bob's resync carries both again; one changed meanwhile.
+    bob.unmount(&hub);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(alice.path("alice/g/big"))
+        .unwrap();
+    f.write_all_at(b"changed", 7).unwrap();
+    drop(f);
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    let f = std::fs::File::open(bob.path("alice/g/big")).unwrap();
+    let mut got = [0u8; 7];
+    wait_until(Duration::from_secs(120), "the change at bob", || {
+        f.read_exact_at(&mut got, 7).is_ok() && &got == b"changed"
+    });
+    check(&bob, "alice/g/huge", huge);
+    assert_eq!(problem_of(&bob), None);
+}
+
+#[test]
+fn a_group_of_a_hundred_thousand_files_can_be_joined() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    let bob = Peer::start(&hub, "bob");
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    let (dirs, per_dir) = (100, 1000);
+    for d in 0..dirs {
+        let dir = alice.path(&format!("alice/g/d{d:03}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..per_dir {
+            std::fs::File::create(dir.join(format!("file-with-a-longish-name-{f:04}"))).unwrap();
+        }
+    }
+    std::fs::write(alice.path("alice/g/last"), b"all there").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    read_when(&bob.path("alice/g/last"), b"all there");
+    wait_until(Duration::from_secs(300), "every file at bob", || {
+        (0..dirs).all(|d| {
+            std::fs::read_dir(bob.path(&format!("alice/g/d{d:03}")))
+                .is_ok_and(|entries| entries.count() == per_dir)
+        })
+    });
+    let status = bob.engine().member_status()["alice/g"].clone();
+    assert_eq!(status.files_total, (dirs * per_dir + 2) as u64);
+    assert_eq!(status.problem, None);
 }

@@ -174,6 +174,19 @@ impl BlockCache {
         block_path(&self.dir, h)
     }
 
+    /// Bytes free for an unprivileged writer on the cache's filesystem, if
+    /// the OS tells.
+    pub fn free_bytes(&self) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes into a zeroed struct we own; `path` is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Whether block `h` is in the cache.
     pub fn contains(&self, h: &BlockHash) -> bool {
         let s = self.state();

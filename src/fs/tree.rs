@@ -55,6 +55,9 @@ pub struct Node {
     /// a record of it (a write through passthrough cut short by a crash): its
     /// next hash decides, and a different one makes it a new version.
     pub suspect: Option<(Stamp, Stamp)>,
+    /// Member side: the owner's block list for this content, named but not
+    /// here yet (a list too long to travel in the node; fetched in pieces).
+    pub pending_list: Option<crate::sync::proto::ListRef>,
 }
 
 impl Node {
@@ -70,6 +73,7 @@ impl Node {
             blocks,
             content_seq: 0,
             suspect: None,
+            pending_list: None,
         }
     }
 }

@@ -22,7 +22,8 @@ use crate::fs::store::Store;
 use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent, ino_of_id};
 use crate::ids::{BlockHash, GroupId, Ino, UserName};
 use crate::sync::proto::{
-    Change, MemberToOwner, NodeState, OwnerToMember, SNAPSHOT_CHUNK, VERSION,
+    BlockRef, Change, LIST_PIECE, ListRef, MemberToOwner, NODES_BYTES, NodeState, OwnerToMember,
+    SNAPSHOT_CHUNK, VERSION,
 };
 
 /// A boxed future, for the object-safe [`Link`].
@@ -177,8 +178,13 @@ struct Inner {
     /// snapshot, which removes what it does not name (such as a file still being
     /// hashed when the snapshot was read, which that push had just brought).
     snapshotting: Mutex<HashMap<UserName, HeldBack>>,
-    /// Member side: snapshot chunks received so far, per group.
-    snapshots: Mutex<HashMap<GroupId, Vec<NodeState>>>,
+    /// Member side: snapshot chunks received so far, per group: the nodes, and
+    /// the owner's inode numbers of the files not settled yet.
+    snapshots: Mutex<HashMap<GroupId, SnapshotParts>>,
+    /// Member side: files the last snapshot named unsettled, per group: their
+    /// state, when it comes, completes that sync (so a member edit is kept as a
+    /// sync conflict).
+    unsettled: Mutex<HashMap<GroupId, HashSet<u64>>>,
     /// Member side: per-group status.
     groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
     /// Bounds background block requests.
@@ -206,6 +212,106 @@ struct Inner {
     /// Member side: joined groups with a retry of a refused subscription
     /// scheduled.
     retrying: Mutex<HashSet<GroupId>>,
+    /// Member side: named block lists asked for, by (group, owner's node id),
+    /// with the pieces received so far.
+    lists: Mutex<HashMap<(GroupId, u64), ListAssembly>>,
+    /// Member side: background fetches paused while the cache cannot store
+    /// what they bring.
+    local_full: LocalFull,
+    /// Rounds of [`Engine::refill`] so far.
+    refills: std::sync::atomic::AtomicU64,
+}
+
+/// Member side: whether the block cache is full (its disk, say). While it is,
+/// background fetches wait, then try one block to see whether there is room.
+#[derive(Debug, Default)]
+struct LocalFull {
+    state: Mutex<Room>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum Room {
+    /// Blocks are stored.
+    #[default]
+    Free,
+    /// A block could not be stored: nothing until `until`; the next pause
+    /// lasts `next`.
+    Paused {
+        until: tokio::time::Instant,
+        next: Duration,
+    },
+    /// One block is on its way to see whether there is room (since `since`).
+    Probing {
+        since: tokio::time::Instant,
+        next: Duration,
+    },
+}
+
+impl LocalFull {
+    /// First pause after a failed store; doubles with each failure up to
+    /// [`LocalFull::LONGEST`].
+    const FIRST: Duration = Duration::from_secs(2);
+    const LONGEST: Duration = Duration::from_secs(60);
+
+    /// Pauses background fetches after a block could not be stored; true if
+    /// they were not paused already.
+    fn pause(&self) -> bool {
+        let mut state = lock(&self.state);
+        let now = tokio::time::Instant::now();
+        let next = match *state {
+            Room::Paused { .. } => return false,
+            Room::Probing { next, .. } => next,
+            Room::Free => Self::FIRST,
+        };
+        *state = Room::Paused {
+            until: now + next,
+            next: (next * 2).min(Self::LONGEST),
+        };
+        true
+    }
+
+    /// Whether a background fetch may go now: always while blocks are stored;
+    /// while they are not, one at a time once the pause is over.
+    fn may_fetch(&self) -> bool {
+        let mut state = lock(&self.state);
+        let now = tokio::time::Instant::now();
+        match *state {
+            Room::Free => true,
+            Room::Paused { until, next } if until <= now => {
+                *state = Room::Probing { since: now, next };
+                true
+            }
+            // A probe that got no answer (the owner went away) is not waited
+            // for forever.
+            Room::Probing { since, next } if now - since >= Self::LONGEST => {
+                *state = Room::Probing { since: now, next };
+                true
+            }
+            Room::Paused { .. } | Room::Probing { .. } => false,
+        }
+    }
+
+    /// Whether blocks could not be stored lately.
+    fn full(&self) -> bool {
+        !matches!(*lock(&self.state), Room::Free)
+    }
+
+    /// A block was stored, or room was found: fetch freely again.
+    fn clear(&self) {
+        *lock(&self.state) = Room::Free;
+    }
+}
+
+/// Member side: a snapshot's nodes and unsettled files, as its chunks arrive.
+type SnapshotParts = (Vec<NodeState>, HashSet<u64>);
+
+/// Member side: a block list arriving in pieces.
+#[derive(Debug)]
+struct ListAssembly {
+    list: ListRef,
+    blocks: Vec<BlockRef>,
+    /// When it was asked for: asked again if nothing came for a while.
+    asked: tokio::time::Instant,
 }
 
 /// Member side: those waiting for one block, and the group it was asked of.
@@ -290,10 +396,6 @@ const INSERT_PARALLELISM: usize = 2;
 /// Most tree events handled at once.
 const DRAIN_MOST: usize = 4096;
 
-/// Rough bound on a `Changes` message built from several changes (one larger
-/// change still goes alone).
-const CHANGES_BYTES: usize = 192 * 1024;
-
 /// A client's sync engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -357,6 +459,7 @@ impl Engine {
             links_sent: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
+            unsettled: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
             fill_failed: Mutex::new(HashSet::new()),
@@ -365,6 +468,9 @@ impl Engine {
             membership: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
             retrying: Mutex::new(HashSet::new()),
+            lists: Mutex::new(HashMap::new()),
+            local_full: LocalFull::default(),
+            refills: std::sync::atomic::AtomicU64::new(0),
         });
         let engine = Self { inner };
         // Follows the tree: pushes owner changes, subscribes on join. Ends when
@@ -416,6 +522,14 @@ impl Engine {
                     }
                     s.files_total += 1;
                     s.files_done += u64::from(complete);
+                }
+                // Files whose block list is still on its way are not here yet.
+                for (id, _) in tree.pending_lists(g) {
+                    s.files_total += 1;
+                    s.bytes_total += tree
+                        .mirror(g, id)
+                        .and_then(|ino| tree.get(ino).ok())
+                        .map_or(0, |n| n.row.size);
                 }
                 (format!("{owner}/{name}"), s)
             })
@@ -570,7 +684,7 @@ impl Engine {
             let mut bytes = 0;
             for c in changes {
                 let size = change_size(&c);
-                if !batch.is_empty() && bytes + size > CHANGES_BYTES {
+                if !batch.is_empty() && bytes + size > NODES_BYTES {
                     msgs.push(std::mem::take(&mut batch));
                     bytes = 0;
                 }
@@ -746,7 +860,7 @@ impl Engine {
     }
 
     async fn send_snapshot(&self, to: &UserName, g: GroupId) {
-        let (name, seq, nodes) = {
+        let (name, seq, nodes, unsettled) = {
             let tree = self.tree_read();
             let Some(group) = tree.group(g) else {
                 return;
@@ -759,7 +873,7 @@ impl Engine {
             };
             // Recorded under the tree lock: a file's `Hashed` event comes from
             // under the write lock, so it cannot slip in before this and be missed.
-            lock(&self.inner.unhashed).extend(pending);
+            lock(&self.inner.unhashed).extend(pending.iter().copied());
             let mut links_sent = lock(&self.inner.links_sent);
             for id in nodes
                 .iter()
@@ -774,9 +888,15 @@ impl Engine {
                 .entry(to.clone())
                 .or_default()
                 .snapshots += 1;
-            (group.row.name.clone(), tree.log_position(g), nodes)
+            let unsettled: Vec<u64> = pending.iter().map(|ino| ino.0).collect();
+            (
+                group.row.name.clone(),
+                tree.log_position(g),
+                nodes,
+                unsettled,
+            )
         };
-        let mut delivered = self.send_chunks(to, &name, seq, nodes).await;
+        let mut delivered = self.send_chunks(to, &name, seq, nodes, unsettled).await;
         // Then the pushes held back meanwhile, in order, until none is left; by
         // the last of several snapshots on their way at once.
         loop {
@@ -810,21 +930,41 @@ impl Engine {
         name: &str,
         seq: u64,
         nodes: Vec<NodeState>,
+        unsettled: Vec<u64>,
     ) -> bool {
-        let mut chunks: Vec<Vec<NodeState>> = nodes
-            .chunks(SNAPSHOT_CHUNK)
-            .map(<[NodeState]>::to_vec)
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(Vec::new());
+        // Chunks of a bounded number of nodes and bytes, whatever the group.
+        let mut chunks: Vec<Vec<NodeState>> = vec![Vec::new()];
+        let mut bytes = 0;
+        for n in nodes {
+            let size = n.wire_size();
+            let last = chunks.last().map_or(0, Vec::len);
+            if last > 0 && (last >= SNAPSHOT_CHUNK || bytes + size > NODES_BYTES) {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push(n);
+            }
         }
+        // The unsettled files' ids go in the last chunks, a bounded number each.
+        let mut unsettled = unsettled.chunks(NODES_BYTES / 10).map(<[u64]>::to_vec);
+        let mut chunks: Vec<(Vec<NodeState>, Vec<u64>)> = chunks
+            .into_iter()
+            .map(|nodes| (nodes, Vec::new()))
+            .collect();
+        if let Some(last) = chunks.last_mut() {
+            last.1 = unsettled.next().unwrap_or_default();
+        }
+        chunks.extend(unsettled.map(|ids| (Vec::new(), ids)));
         let count = chunks.len();
-        for (i, nodes) in chunks.into_iter().enumerate() {
+        for (i, (nodes, unsettled)) in chunks.into_iter().enumerate() {
             let msg = OwnerToMember::Snapshot {
                 group: name.to_owned(),
                 seq,
                 nodes,
                 last: i + 1 == count,
+                unsettled,
             };
             if !self.send_or_unsubscribe(to, msg.encode(), name).await {
                 return false;
@@ -921,6 +1061,48 @@ impl Engine {
                 });
             }
             MemberToOwner::Ack { .. } => {}
+            MemberToOwner::GetBlockList { group, id, hash } => {
+                let Some(g) = self.member_group(from, &group) else {
+                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                };
+                let list = {
+                    let tree = self.tree_read();
+                    let ino = ino_of_id(id);
+                    tree.get(ino)
+                        .is_ok_and(|n| n.row.group == Some(g))
+                        .then(|| tree.block_list(ino))
+                        .flatten()
+                };
+                // Sent from a task of its own: a long list is several messages.
+                let engine = self.clone();
+                let from = from.clone();
+                tokio::spawn(async move {
+                    let Some(blocks) = list.filter(|b| crate::sync::proto::list_hash(b) == hash)
+                    else {
+                        let msg = OwnerToMember::NoBlockList { group, id, hash };
+                        let _ = engine.inner.link.send(&from, false, msg.encode()).await;
+                        return;
+                    };
+                    for (k, piece) in blocks.chunks(LIST_PIECE).enumerate() {
+                        let msg = OwnerToMember::BlockList {
+                            group: group.clone(),
+                            id,
+                            hash,
+                            from: (k * LIST_PIECE) as u64,
+                            blocks: piece.to_vec(),
+                        };
+                        if engine
+                            .inner
+                            .link
+                            .send(&from, false, msg.encode())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
         }
     }
 
@@ -1038,14 +1220,16 @@ impl Engine {
                 seq,
                 nodes,
                 last,
+                unsettled,
             } => {
                 let Some(g) = self.joined(from, &group) else {
                     return;
                 };
-                let all = {
+                let (all, unsettled) = {
                     let mut snaps = lock(&self.inner.snapshots);
                     let buf = snaps.entry(g).or_default();
-                    buf.extend(nodes);
+                    buf.0.extend(nodes);
+                    buf.1.extend(unsettled);
                     if !last {
                         return;
                     }
@@ -1059,10 +1243,11 @@ impl Engine {
                             tracing::warn!(node = n.id, cause = %e, "cannot apply node");
                         }
                     }
-                    gone.extend(tree.finish_snapshot(g, seq, &seen, out)?);
+                    gone.extend(tree.finish_snapshot(g, seq, &seen, &unsettled, out)?);
                     Ok(())
                 })
                 .await;
+                lock(&self.inner.unsettled).insert(g, unsettled);
                 self.repin();
                 self.request_fill(g, FillWork::All);
             }
@@ -1074,10 +1259,30 @@ impl Engine {
                 let Some(g) = self.joined(from, &group) else {
                     return;
                 };
+                let completes_sync: HashSet<u64> = {
+                    let mut unsettled = lock(&self.inner.unsettled);
+                    let ids = unsettled.entry(g).or_default();
+                    changes
+                        .iter()
+                        .filter_map(|c| match c {
+                            Change::Upsert(n) => {
+                                ids.remove(&ino_of_id(n.id).0).then_some(ino_of_id(n.id).0)
+                            }
+                            Change::Remove { .. } => None,
+                        })
+                        .collect()
+                };
                 self.apply(g, seq, |tree, out, gone| {
                     for c in &changes {
                         let r = match c {
-                            Change::Upsert(n) => tree.apply_upsert(g, n, Situation::Update, out),
+                            Change::Upsert(n) => {
+                                let situation = if completes_sync.contains(&ino_of_id(n.id).0) {
+                                    Situation::Sync
+                                } else {
+                                    Situation::Update
+                                };
+                                tree.apply_upsert(g, n, situation, out)
+                            }
                             Change::Remove { id } => tree
                                 .apply_remove(g, *id, Situation::Update, out)
                                 .map(|g2| gone.extend(g2)),
@@ -1123,24 +1328,29 @@ impl Engine {
                     };
                     let cache = engine.inner.cache.clone();
                     let inserted = tokio::task::spawn_blocking(move || {
-                        cache.insert(&hash, &data).map(|()| data)
+                        let r = cache.insert(&hash, &data);
+                        (r, data)
                     })
                     .await;
                     let result = match inserted {
-                        Ok(Ok(data)) => {
+                        Ok((Ok(()), data)) => {
+                            engine.inner.local_full.clear();
                             engine.local_problem(&from, &group, None);
                             Ok(Arc::from(data))
                         }
-                        Ok(Err(e @ crate::blocks::cache::CacheError::Io { .. })) => {
-                            // Our side failed (a full disk, say): nothing is lost,
-                            // the block is fetched again once the retry finds room.
-                            tracing::error!(cause = %e, "cannot store a block; will retry");
+                        Ok((Err(e @ crate::blocks::cache::CacheError::Io { .. }), data)) => {
+                            // Our side failed (a full disk, say): nothing is lost.
+                            // The verified bytes still serve whoever waits for
+                            // them; background fetches pause until there is room
+                            // (or a while has passed), so nothing is fetched
+                            // again and again for nothing.
+                            if engine.inner.local_full.pause() {
+                                tracing::error!(cause = %e, "cannot store blocks; pausing background fetches until there is room");
+                            }
                             engine.local_problem(&from, &group, Some(format!("ELOCAL {e}")));
-                            Err(FetchError::Unreachable {
-                                reason: e.to_string(),
-                            })
+                            Ok(Arc::from(data))
                         }
-                        Ok(Err(e)) => {
+                        Ok((Err(e), _)) => {
                             tracing::warn!(peer = %from, cause = %e, "rejecting a block");
                             Err(FetchError::Stale { hash })
                         }
@@ -1151,6 +1361,49 @@ impl Engine {
                     };
                     engine.wake(&hash, result);
                 });
+            }
+            OwnerToMember::BlockList {
+                group,
+                id,
+                hash,
+                from: start,
+                blocks,
+            } => {
+                let Some(g) = self.joined(from, &group) else {
+                    return;
+                };
+                let complete = {
+                    let mut lists = lock(&self.inner.lists);
+                    let Some(a) = lists.get_mut(&(g, id)) else {
+                        return;
+                    };
+                    // Pieces come in order, and never beyond the list's length.
+                    if a.list.hash != hash
+                        || start != a.blocks.len() as u64
+                        || a.blocks.len() as u64 + blocks.len() as u64 > a.list.count
+                    {
+                        tracing::warn!(owner = %from, %group, id, "dropping a block list piece out of order");
+                        lists.remove(&(g, id));
+                        return;
+                    }
+                    a.blocks.extend(blocks);
+                    if (a.blocks.len() as u64) < a.list.count {
+                        return;
+                    }
+                    lists.remove(&(g, id))
+                };
+                if let Some(a) = complete {
+                    self.install_list(g, id, a).await;
+                }
+            }
+            OwnerToMember::NoBlockList { group, id, hash } => {
+                // The file changed since: its new state names another list.
+                if let Some(g) = self.joined(from, &group) {
+                    let mut lists = lock(&self.inner.lists);
+                    if lists.get(&(g, id)).is_some_and(|a| a.list.hash == hash) {
+                        lists.remove(&(g, id));
+                    }
+                }
             }
             OwnerToMember::NoBlock { hash, .. } => {
                 let hash = BlockHash(hash);
@@ -1220,16 +1473,24 @@ impl Engine {
                 tracing::warn!(cause = %e, "cannot record the applied position");
             }
         }
-        let mut status = lock(&self.inner.groups);
-        let s = status.entry(g).or_default();
-        s.problem = None;
-        s.refusals = 0;
-        s.applied = s.applied.max(seq);
-        drop(status);
+        {
+            let mut status = lock(&self.inner.groups);
+            let s = status.entry(g).or_default();
+            s.problem = None;
+            s.refusals = 0;
+            s.applied = s.applied.max(seq);
+        }
         for node in gone {
             // Mirrored files edited locally had their bytes in the store.
             self.inner.store.remove(node.row.ino);
         }
+        self.invalidate_later(invals);
+        self.request_lists(g).await;
+    }
+
+    /// Has the kernel forget `invals` (after the tree lock is gone: the kernel
+    /// may call back into the filesystem).
+    fn invalidate_later(&self, invals: Vec<Inval>) {
         if invals.is_empty() {
             return;
         }
@@ -1247,6 +1508,85 @@ impl Engine {
         };
         if let Some(n) = &self.inner.notifier {
             invalidate(n, invals);
+        }
+    }
+
+    /// Asks the owner of joined group `g` for the block lists its mirrors wait
+    /// for (named by their nodes, too long to travel in them), except those
+    /// already asked for lately.
+    async fn request_lists(&self, g: GroupId) {
+        let (owner, group, wanted) = {
+            let tree = self.tree_read();
+            let Some(grp) = tree.group(g) else {
+                return;
+            };
+            (
+                grp.row.owner.clone(),
+                grp.row.name.clone(),
+                tree.pending_lists(g),
+            )
+        };
+        if wanted.is_empty() || self.refusal(g).is_some() {
+            return;
+        }
+        let Ok(owner) = UserName::new(&owner) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let ask: Vec<(u64, ListRef)> = {
+            let mut lists = lock(&self.inner.lists);
+            let mut ask = Vec::new();
+            for (id, list) in wanted {
+                let fresh = lists.get(&(g, id)).is_some_and(|a| {
+                    a.list == list && now - a.asked < self.inner.config.read_timeout
+                });
+                if !fresh {
+                    lists.insert(
+                        (g, id),
+                        ListAssembly {
+                            list,
+                            blocks: Vec::new(),
+                            asked: now,
+                        },
+                    );
+                    ask.push((id, list));
+                }
+            }
+            ask
+        };
+        for (id, list) in ask {
+            let msg = MemberToOwner::GetBlockList {
+                group: group.clone(),
+                id,
+                hash: list.hash,
+            };
+            if let Err(e) = self.inner.link.send(&owner, true, msg.encode()).await {
+                tracing::debug!(%owner, %group, id, cause = %e, "cannot ask for a block list");
+                lock(&self.inner.lists).remove(&(g, id));
+                return;
+            }
+        }
+    }
+
+    /// Installs a block list that has arrived whole, then fetches its blocks.
+    async fn install_list(&self, g: GroupId, id: u64, a: ListAssembly) {
+        let mut invals = Vec::new();
+        let installed = self
+            .tree_write()
+            .install_list(g, id, a.list, &a.blocks, &mut invals);
+        match installed {
+            Ok(Some(_)) => {
+                if self.inner.config.full_copy {
+                    self.inner
+                        .cache
+                        .pin_at_least(a.blocks.iter().map(|b| BlockHash(b.hash)));
+                    self.schedule_repin();
+                }
+                self.invalidate_later(invals);
+                self.request_fill(g, FillWork::nodes([id]));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(id, cause = %e, "dropping a block list"),
         }
     }
 
@@ -1323,6 +1663,22 @@ impl Engine {
     /// How long a reader waits for a missing block.
     pub fn read_timeout(&self) -> Duration {
         self.inner.config.read_timeout
+    }
+
+    /// Rounds of the background refill (every 2 s) so far.
+    pub fn refills(&self) -> u64 {
+        self.inner
+            .refills
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the block cache's filesystem has room for a few more blocks.
+    fn cache_has_room(&self) -> bool {
+        const ROOM: u64 = 16 * BLOCK_SIZE;
+        self.inner
+            .cache
+            .free_bytes()
+            .is_some_and(|free| free >= ROOM)
     }
 
     /// Block requests that got no answer within the read timeout, since start.
@@ -1445,7 +1801,24 @@ impl Engine {
                 return;
             };
             let engine = Self { inner };
+            if engine.inner.local_full.full() && engine.cache_has_room() {
+                engine.inner.local_full.clear();
+            }
             engine.refill_once();
+            engine
+                .inner
+                .refills
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Block lists asked for that never came (the owner was away).
+            let joined: Vec<GroupId> = engine
+                .tree_read()
+                .joined_groups()
+                .into_iter()
+                .map(|(g, ..)| g)
+                .collect();
+            for g in joined {
+                engine.request_lists(g).await;
+            }
         }
     }
 
@@ -1533,8 +1906,9 @@ impl Engine {
                     continue;
                 }
                 // An owner that refuses us would refuse every request: none
-                // until it serves us again (its snapshot starts a fill).
-                if self.refusal(g).is_some() {
+                // until it serves us again (its snapshot starts a fill). Nor
+                // while the cache cannot store what comes.
+                if self.refusal(g).is_some() || !self.inner.local_full.may_fetch() {
                     return;
                 }
                 let Ok(permit) = self.inner.fill_slots.clone().acquire_owned().await else {
@@ -1579,9 +1953,7 @@ fn drain(
 /// About how many bytes `c` takes in a message.
 fn change_size(c: &Change) -> usize {
     match c {
-        Change::Upsert(n) => {
-            64 + n.name.len() + n.target.as_ref().map_or(0, Vec::len) + 40 * n.blocks.len()
-        }
+        Change::Upsert(n) => n.wire_size(),
         Change::Remove { .. } => 16,
     }
 }

@@ -8,11 +8,18 @@
 use serde::{Deserialize, Serialize};
 
 /// Version spoken by this build; exchanged in [`MemberToOwner::Hello`].
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest encoded message: one block plus headers.
 pub const MAX_MESSAGE: usize = crate::blocks::BLOCK_SIZE as usize + 64 * 1024;
 /// Most nodes in one snapshot chunk (snapshots are split to stay under the limit).
 pub const SNAPSHOT_CHUNK: usize = 512;
+/// About the most bytes of nodes in one snapshot chunk or `Changes` message.
+pub const NODES_BYTES: usize = 192 * 1024;
+/// Most blocks a node lists itself; a longer list is named by a [`ListRef`]
+/// and fetched in pieces (a file of more than 256 MiB).
+pub const INLINE_BLOCKS: usize = 1024;
+/// Most blocks in one [`OwnerToMember::BlockList`] piece (about 300 KB).
+pub const LIST_PIECE: usize = 8000;
 /// Longest name or symlink target accepted from a peer.
 const MAX_NAME: usize = 4096;
 
@@ -48,6 +55,27 @@ pub struct BlockRef {
     pub len: u32,
 }
 
+/// A block list too long to travel inside its node: how many blocks, and the
+/// BLAKE3 of the list ([`list_hash`]), by which the member asks for it and
+/// checks what it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ListRef {
+    /// Blocks in the list.
+    pub count: u64,
+    /// [`list_hash`] of the list.
+    pub hash: [u8; 32],
+}
+
+/// BLAKE3 of a block list: each block's hash and length (little endian), in order.
+pub fn list_hash(blocks: &[BlockRef]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for b in blocks {
+        h.update(&b.hash);
+        h.update(&b.len.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
 /// The state of one node of the owner's group, as members need it. `id` is the
 /// owner's inode number: stable across renames, so a rename is an update of
 /// `parent`/`name`.
@@ -72,8 +100,18 @@ pub struct NodeState {
     pub version: u64,
     /// Symlink target.
     pub target: Option<Vec<u8>>,
-    /// Content blocks, for regular files.
+    /// Content blocks, for regular files (empty when `list` names them).
     pub blocks: Vec<BlockRef>,
+    /// For a file of more than [`INLINE_BLOCKS`] blocks: its list, to fetch
+    /// with [`MemberToOwner::GetBlockList`].
+    pub list: Option<ListRef>,
+}
+
+impl NodeState {
+    /// Roughly how many bytes the node takes in a message.
+    pub fn wire_size(&self) -> usize {
+        64 + self.name.len() + self.target.as_ref().map_or(0, Vec::len) + 40 * self.blocks.len()
+    }
 }
 
 impl NodeState {
@@ -99,9 +137,24 @@ impl NodeState {
         if !(1..=7).contains(&self.kind) {
             return bad("node kind");
         }
-        let total: u64 = self.blocks.iter().map(|b| u64::from(b.len)).sum();
-        if self.kind == 1 && total != self.size {
-            return bad("blocks do not add up to the size");
+        if self.blocks.len() > INLINE_BLOCKS {
+            return bad("too many blocks listed in a node");
+        }
+        match self.list {
+            Some(list) => {
+                if self.kind != 1 || !self.blocks.is_empty() {
+                    return bad("a block list named by a node that lists blocks");
+                }
+                if list.count != self.size.div_ceil(crate::blocks::BLOCK_SIZE) {
+                    return bad("block list length does not match the size");
+                }
+            }
+            None => {
+                let total: u64 = self.blocks.iter().map(|b| u64::from(b.len)).sum();
+                if self.kind == 1 && total != self.size {
+                    return bad("blocks do not add up to the size");
+                }
+            }
         }
         if self
             .blocks
@@ -167,6 +220,15 @@ pub enum MemberToOwner {
         /// Log position.
         seq: u64,
     },
+    /// Tag 5: send the block list of a file, which its node named by `hash`.
+    GetBlockList {
+        /// Group name.
+        group: String,
+        /// Owner's node id of the file.
+        id: u64,
+        /// The [`ListRef::hash`] the member has.
+        hash: [u8; 32],
+    },
 }
 
 /// Messages from the owner of a group to a member.
@@ -189,6 +251,10 @@ pub enum OwnerToMember {
         nodes: Vec<NodeState>,
         /// Whether this is the last chunk.
         last: bool,
+        /// Owner's inode numbers of files that exist but whose content is not
+        /// settled (still written or hashed): the member keeps what it has of
+        /// them (under any of their ids) and gets their state once settled.
+        unsettled: Vec<u64>,
     },
     /// Tag 2: changes at log positions up to `seq`, in order.
     Changes {
@@ -216,13 +282,36 @@ pub enum OwnerToMember {
         /// The hash asked for.
         hash: [u8; 32],
     },
-    /// Tag 5: the request was refused; `code` is one of SPEC's codes
+    /// Tag 5: the request was refused; `code` is one of the error codes
     /// (`ENOTMEMBER`, …).
     Refused {
         /// Group name.
         group: String,
         /// Error code name.
         code: String,
+    },
+    /// Tag 6: one piece of a block list, blocks `from..` of it; the pieces of
+    /// one list are sent in order.
+    BlockList {
+        /// Group name.
+        group: String,
+        /// Owner's node id of the file.
+        id: u64,
+        /// The list's [`ListRef::hash`].
+        hash: [u8; 32],
+        /// Index of the first block in this piece.
+        from: u64,
+        /// At most [`LIST_PIECE`] blocks.
+        blocks: Vec<BlockRef>,
+    },
+    /// Tag 7: the file no longer has that block list (it changed since).
+    NoBlockList {
+        /// Group name.
+        group: String,
+        /// Owner's node id of the file.
+        id: u64,
+        /// The hash asked for.
+        hash: [u8; 32],
     },
 }
 
@@ -334,6 +423,21 @@ impl OwnerToMember {
                 Change::Upsert(n) => n.validate(),
                 Change::Remove { .. } => Ok(()),
             })?,
+            Self::BlockList { blocks, .. } => {
+                if blocks.len() > LIST_PIECE {
+                    return Err(ProtoError::Invalid {
+                        reason: "block list piece too long",
+                    });
+                }
+                if blocks
+                    .iter()
+                    .any(|b| u64::from(b.len) > crate::blocks::BLOCK_SIZE)
+                {
+                    return Err(ProtoError::Invalid {
+                        reason: "block longer than the block size",
+                    });
+                }
+            }
             _ => {}
         }
         Ok(msg)
@@ -394,6 +498,7 @@ mod tests {
                 hash: [1; 32],
                 len: 5,
             }],
+            list: None,
         }
     }
 
@@ -417,8 +522,14 @@ mod tests {
             }
             .encode()[1],
             MemberToOwner::Ack { group: g(), seq: 1 }.encode()[1],
+            MemberToOwner::GetBlockList {
+                group: g(),
+                id: 1,
+                hash: [0; 32],
+            }
+            .encode()[1],
         ];
-        assert_eq!(m, [0, 1, 2, 3, 4]);
+        assert_eq!(m, [0, 1, 2, 3, 4, 5]);
         assert_eq!(MemberToOwner::Hello { version: 1 }.encode()[0], b'M');
         assert_eq!(OwnerToMember::Hello { version: 1 }.encode()[0], b'O');
         // One direction's message never decodes as the other's.
@@ -430,6 +541,7 @@ mod tests {
                 seq: 1,
                 nodes: vec![],
                 last: true,
+                unsettled: vec![],
             }
             .encode()[1],
             OwnerToMember::Changes {
@@ -454,8 +566,22 @@ mod tests {
                 code: "ENOTMEMBER".into(),
             }
             .encode()[1],
+            OwnerToMember::BlockList {
+                group: g(),
+                id: 1,
+                hash: [0; 32],
+                from: 0,
+                blocks: vec![],
+            }
+            .encode()[1],
+            OwnerToMember::NoBlockList {
+                group: g(),
+                id: 1,
+                hash: [0; 32],
+            }
+            .encode()[1],
         ];
-        assert_eq!(o, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(o, [0, 1, 2, 3, 4, 5, 6, 7]);
     }
 
     #[test]
@@ -481,6 +607,7 @@ mod tests {
             seq: 1,
             nodes: vec![n],
             last: true,
+            unsettled: vec![],
         };
         assert!(OwnerToMember::decode(&msg.encode()).is_err());
     }
@@ -519,13 +646,14 @@ mod tests {
                     .into_iter()
                     .map(|len| BlockRef { hash: [7; 32], len })
                     .collect(),
+                list: None,
             })
     }
 
     proptest! {
         #[test]
         fn owner_messages_round_trip(nodes in proptest::collection::vec(arb_node(), 0..8), seq: u64, last: bool) {
-            let msg = OwnerToMember::Snapshot { group: "g".into(), seq, nodes, last };
+            let msg = OwnerToMember::Snapshot { group: "g".into(), seq, nodes, last, unsettled: vec![seq] };
             prop_assert_eq!(OwnerToMember::decode(&msg.encode()).unwrap(), msg);
         }
 
@@ -552,7 +680,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
             flip in any::<prop::sample::Index>(),
         ) {
-            let bytes = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes, last: false }.encode();
+            let bytes = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes, last: false, unsettled: vec![] }.encode();
             let _ = OwnerToMember::decode(&bytes[..cut.index(bytes.len())]);
             let mut flipped = bytes.clone();
             let i = flip.index(flipped.len());

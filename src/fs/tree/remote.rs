@@ -10,7 +10,7 @@ use super::{Blocks, Node, Tree};
 use crate::catalog::{NodeKind, NodeRow, Op, Remote, Stamp};
 use crate::fs::error::{FsError, FsResult};
 use crate::ids::{BlockHash, GroupId, Ino, Seq, Version};
-use crate::sync::proto::{BlockRef, NodeState};
+use crate::sync::proto::{BlockRef, INLINE_BLOCKS, ListRef, NodeState, list_hash};
 
 /// Which row of the conflict table applies: a full synchronization (subscribe,
 /// reconnect) or a live update.
@@ -56,7 +56,7 @@ fn mirrored_perm(perm: u16) -> u16 {
     perm & 0o1777
 }
 
-fn to_refs(blocks: &Blocks) -> Vec<BlockRef> {
+fn to_refs(blocks: &[(BlockHash, u32)]) -> Vec<BlockRef> {
     blocks
         .iter()
         .map(|(h, len)| BlockRef {
@@ -226,7 +226,7 @@ impl Tree {
             return None;
         }
         let parent = if dir == g.row.root { 0 } else { dir.0 };
-        let blocks = match n.row.kind {
+        let mut blocks = match n.row.kind {
             NodeKind::File => to_refs(n.blocks.as_ref()?),
             _ => Vec::new(),
         };
@@ -235,6 +235,14 @@ impl Tree {
         let listed: u64 = blocks.iter().map(|b| u64::from(b.len)).sum();
         if n.row.kind == NodeKind::File && listed != n.row.size {
             return None;
+        }
+        // A long list is named, and fetched by the members in pieces.
+        let list = (blocks.len() > INLINE_BLOCKS).then(|| ListRef {
+            count: blocks.len() as u64,
+            hash: list_hash(&blocks),
+        });
+        if list.is_some() {
+            blocks = Vec::new();
         }
         Some(NodeState {
             id: ino.0,
@@ -251,7 +259,20 @@ impl Tree {
             version: n.row.version.0,
             target: n.row.target.clone(),
             blocks,
+            list,
         })
+    }
+
+    /// Owner side: the block list of owned file `ino` for members, if it is
+    /// known for its current content.
+    pub fn block_list(&self, ino: Ino) -> Option<Vec<BlockRef>> {
+        let n = self.nodes.get(&ino)?;
+        if n.row.kind != NodeKind::File || n.row.nlink == 0 {
+            return None;
+        }
+        let refs = to_refs(n.blocks.as_ref()?);
+        let listed: u64 = refs.iter().map(|b| u64::from(b.len)).sum();
+        (listed == n.row.size).then_some(refs)
     }
 
     /// Owner side: every node of group `g`, parents before children, and the
@@ -577,7 +598,9 @@ impl Tree {
                 local_edit: false,
             }),
         };
-        let blocks = (kind == NodeKind::File).then(|| from_refs(&state.blocks));
+        // A list named by its hash arrives later: the file waits for it.
+        let blocks =
+            (kind == NodeKind::File && state.list.is_none()).then(|| from_refs(&state.blocks));
         self.catalog.send(Op::PutNode(row.clone()))?;
         if let Some(b) = &blocks {
             self.catalog.send(Op::PutBlocks {
@@ -587,7 +610,9 @@ impl Tree {
                 count: b.len() as u64,
             })?;
         }
-        self.nodes.insert(ino, Node::new(row, parent, blocks));
+        let mut node = Node::new(row, parent, blocks);
+        node.pending_list = state.list.filter(|_| kind == NodeKind::File);
+        self.nodes.insert(ino, node);
         self.set_child(parent, &state.name, ino)?;
         if kind == NodeKind::Dir {
             self.get_mut(parent)?.row.nlink += 1;
@@ -630,8 +655,15 @@ impl Tree {
             return Ok(());
         }
         let new_blocks = from_refs(&state.blocks);
-        let content_changed =
-            n.row.kind == NodeKind::File && n.blocks.as_deref().is_none_or(|b| *b != *new_blocks);
+        let content_changed = n.row.kind == NodeKind::File
+            && match state.list {
+                // The list it has (or awaits) is the one named, or it changed.
+                Some(list) => match n.blocks.as_deref() {
+                    Some(b) => list_hash(&to_refs(b)) != list.hash,
+                    None => n.pending_list != Some(list),
+                },
+                None => n.blocks.as_deref().is_none_or(|b| *b != *new_blocks),
+            };
         n.row.perm = mirrored_perm(state.perm);
         n.row.mtime = Stamp {
             secs: state.mtime.0,
@@ -650,13 +682,21 @@ impl Tree {
         }
         if content_changed {
             n.row.size = state.size;
-            n.blocks = Some(new_blocks.clone());
             n.content_seq += 1;
+            n.pending_list = state.list;
+            // A named list arrives later: until then the file waits for it.
+            let blocks = if state.list.is_some() {
+                n.blocks = None;
+                Vec::new()
+            } else {
+                n.blocks = Some(new_blocks.clone());
+                new_blocks.to_vec()
+            };
             self.catalog.send(Op::PutBlocks {
                 ino,
                 from: 0,
-                blocks: new_blocks.to_vec(),
-                count: new_blocks.len() as u64,
+                count: blocks.len() as u64,
+                blocks,
             })?;
         }
         self.persist(ino)?;
@@ -747,12 +787,15 @@ impl Tree {
     }
 
     /// Member side: after a full snapshot, removes the mirrors of owner nodes the
-    /// snapshot did not contain.
+    /// snapshot did not contain, except those of files whose content the owner
+    /// has not settled (`unsettled`, by owner's inode number): they keep their
+    /// previous version until their new one comes.
     pub fn finish_snapshot(
         &mut self,
         g: GroupId,
         seq: u64,
         seen: &HashSet<u64>,
+        unsettled: &HashSet<u64>,
         out: &mut Vec<Inval>,
     ) -> FsResult<Vec<Node>> {
         // Nodes newer than the snapshot came in a later change: they stay.
@@ -762,6 +805,7 @@ impl Tree {
             .filter(|((group, id), ino)| {
                 *group == g
                     && !seen.contains(id)
+                    && !unsettled.contains(&ino_of_id(*id).0)
                     && self
                         .nodes
                         .get(ino)
@@ -823,6 +867,63 @@ impl Tree {
                 && n.blocks.is_none()
                 && n.row.remote.is_some_and(|r| !r.local_edit)
         })
+    }
+
+    /// Member side: the mirrored files of `g` waiting for a named block list,
+    /// as (owner's id, list).
+    pub fn pending_lists(&self, g: GroupId) -> Vec<(u64, ListRef)> {
+        self.remote_ids
+            .iter()
+            .filter(|((group, _), _)| *group == g)
+            .filter_map(|((_, id), ino)| {
+                let n = self.nodes.get(ino)?;
+                n.row
+                    .remote
+                    .is_some_and(|r| !r.local_edit)
+                    .then_some((*id, n.pending_list?))
+            })
+            .collect()
+    }
+
+    /// Member side: installs the block list named `list` of the mirror of the
+    /// owner's file `id` in `g`, if that is still the list it waits for and
+    /// the blocks add up to its size. Returns the mirror.
+    pub fn install_list(
+        &mut self,
+        g: GroupId,
+        id: u64,
+        list: ListRef,
+        blocks: &[BlockRef],
+        out: &mut Vec<Inval>,
+    ) -> FsResult<Option<Ino>> {
+        let Some(ino) = self.mirror(g, id) else {
+            return Ok(None);
+        };
+        let n = self.get_mut(ino)?;
+        if n.pending_list != Some(list) {
+            return Ok(None);
+        }
+        let total: u64 = blocks.iter().map(|b| u64::from(b.len)).sum();
+        if blocks.len() as u64 != list.count
+            || list_hash(blocks) != list.hash
+            || total != n.row.size
+        {
+            return Err(FsError::Invalid {
+                why: "a block list that does not match its node",
+            });
+        }
+        let blocks = from_refs(blocks);
+        n.pending_list = None;
+        n.blocks = Some(blocks.clone());
+        n.content_seq += 1;
+        self.catalog.send(Op::PutBlocks {
+            ino,
+            from: 0,
+            count: blocks.len() as u64,
+            blocks: blocks.to_vec(),
+        })?;
+        out.push(Inval::Inode(ino));
+        Ok(Some(ino))
     }
 
     /// Member side: every mirrored file of `g` with its blocks, for filling the
