@@ -1896,3 +1896,53 @@ fn a_group_of_a_hundred_thousand_files_can_be_joined() {
     assert_eq!(status.files_total, (dirs * per_dir + 2) as u64);
     assert_eq!(status.problem, None);
 }
+
+#[test]
+fn a_members_save_over_a_mirrored_file_stays_until_the_owner_changes_it() {
+    let (hub, alice, mut bob) = shared();
+    std::fs::write(alice.path("alice/g/f"), b"owner's v1").unwrap();
+    read_when(&bob.path("alice/g/f"), b"owner's v1");
+    // An editor's save: a temp file renamed over the original.
+    std::fs::write(bob.path("alice/g/.f.swp"), b"mine").unwrap();
+    std::fs::rename(bob.path("alice/g/.f.swp"), bob.path("alice/g/f")).unwrap();
+    // A restart and a full resync leave it alone: the owner never changed f.
+    bob.unmount(&hub);
+    std::fs::write(alice.path("alice/g/marker"), b"m").unwrap();
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    read_when(&bob.path("alice/g/marker"), b"m");
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), b"mine");
+    assert!(!bob.path("alice/g/f-conflict-sync").exists());
+    // When the owner does change it, bob's version becomes a conflict copy.
+    std::fs::write(alice.path("alice/g/f"), b"owner's v2").unwrap();
+    read_when(&bob.path("alice/g/f"), b"owner's v2");
+    read_when(&bob.path("alice/g/f-conflict-update-change"), b"mine");
+}
+
+#[test]
+fn conflict_copies_of_the_longest_names_fit_the_name_limit() {
+    let (_hub, alice, bob) = shared();
+    let name = format!("{}.txt", "é".repeat(125));
+    assert_eq!(name.len(), 254);
+    let at = |who: &Peer| who.path(&format!("alice/g/{name}"));
+    std::fs::write(at(&alice), b"owner v1").unwrap();
+    read_when(&at(&bob), b"owner v1");
+    std::fs::write(at(&bob), b"bob's edit").unwrap();
+    std::fs::write(at(&alice), b"owner v2").unwrap();
+    read_when(&at(&bob), b"owner v2");
+    let copies: Vec<String> = std::fs::read_dir(bob.path("alice/g"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().expect("UTF-8 name"))
+        .filter(|n| n.contains("-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let copy = &copies[0];
+    assert!(
+        copy.len() <= 255 && copy.ends_with(".txt-conflict-update-change"),
+        "{copy}"
+    );
+    assert_eq!(
+        std::fs::read(bob.path(&format!("alice/g/{copy}"))).unwrap(),
+        b"bob's edit"
+    );
+}

@@ -1239,6 +1239,7 @@ impl Tree {
             return Ok(None);
         }
         let mut replaced = None;
+        let mut inherit = None;
         if let Some(t) = target {
             if noreplace {
                 return Err(FsError::Exists);
@@ -1252,6 +1253,13 @@ impl Tree {
                     return Err(FsError::NotEmpty);
                 }
                 _ => {}
+            }
+            // A member's file put in place of a mirrored one (an editor's save
+            // in a joined group) is the member's edit of that file: it takes
+            // over the mirror's identity, so that it stays until the owner
+            // changes the file, and is kept as a conflict copy when it does.
+            if !t_dir && !src_dir && !self.in_owned_group(t) {
+                inherit = tn.row.remote.zip(tn.row.group);
             }
             replaced = self.remove(newparent, newname, t_dir)?;
         }
@@ -1273,6 +1281,23 @@ impl Tree {
         let n = self.get_mut(ino)?;
         n.parent = newparent;
         n.row.ctime = now;
+        // Only content of the member's own (in the backing store) can take
+        // over; a clean mirror moved over another stays what it is.
+        if let Some((r, g)) = inherit
+            && n.row.remote.is_none_or(|own| own.local_edit)
+        {
+            let before = n.row.remote.replace(crate::catalog::Remote {
+                id: r.id,
+                version: r.version,
+                local_edit: true,
+            });
+            if let Some(own) = before
+                && self.remote_ids.get(&(g, own.id)) == Some(&ino)
+            {
+                self.remote_ids.remove(&(g, own.id));
+            }
+            self.remote_ids.insert((g, r.id), ino);
+        }
         self.touch_dir(parent, now)?;
         if newparent != parent {
             self.touch_dir(newparent, now)?;

@@ -73,6 +73,31 @@ fn from_refs(refs: &[BlockRef]) -> Blocks {
         .into()
 }
 
+/// Longest name of a directory entry, in bytes.
+const NAME_MAX: usize = 255;
+
+/// `name` followed by `tail`, with `name` shortened if that would be longer
+/// than [`NAME_MAX`]: its extension (a short `.ext` at its end) is kept and
+/// the part before it cut, never inside a UTF-8 character.
+pub(crate) fn fit_name(name: &[u8], tail: &[u8]) -> Vec<u8> {
+    if name.len() + tail.len() <= NAME_MAX {
+        return [name, tail].concat();
+    }
+    let ext_at = name
+        .iter()
+        .rposition(|b| *b == b'.')
+        .filter(|&i| i > 0 && name.len() - i <= 16);
+    let (stem, ext) = name.split_at(ext_at.unwrap_or(name.len()));
+    let mut keep = NAME_MAX
+        .saturating_sub(tail.len() + ext.len())
+        .min(stem.len());
+    // Back to the start of a character: never leave half of one.
+    while keep > 0 && keep < stem.len() && stem[keep] & 0b1100_0000 == 0b1000_0000 {
+        keep -= 1;
+    }
+    [&stem[..keep], ext, tail].concat()
+}
+
 /// Every name of a file with several: (directory, name), sorted.
 pub type LinkNames = HashMap<Ino, Vec<(Ino, Vec<u8>)>>;
 
@@ -348,19 +373,20 @@ impl Tree {
     }
 
     /// A free name for a conflict copy of `name` in `dir`: `name-SUFFIX`, then
-    /// `name-SUFFIX-2`, `-3`, …
+    /// `name-SUFFIX-2`, `-3`, … (each shortened to fit, see [`fit_name`]).
     fn conflict_name(&self, dir: Ino, name: &[u8], suffix: &str) -> Vec<u8> {
-        let mut base = name.to_vec();
-        base.extend_from_slice(b"-");
-        base.extend_from_slice(suffix.as_bytes());
-        let mut candidate = base.clone();
-        let mut n = 2;
-        while self.child(dir, &candidate).is_some() {
-            candidate = base.clone();
-            candidate.extend_from_slice(format!("-{n}").as_bytes());
+        let mut n = 1;
+        loop {
+            let tail = match n {
+                1 => format!("-{suffix}"),
+                n => format!("-{suffix}-{n}"),
+            };
+            let candidate = fit_name(name, tail.as_bytes());
+            if self.child(dir, &candidate).is_none() {
+                return candidate;
+            }
             n += 1;
         }
-        candidate
     }
 
     /// Moves `ino` from `dir/name` to `dir/new_name` without logging (sync only).
@@ -953,5 +979,34 @@ impl Tree {
                 )
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_fit_in_255_bytes_with_their_extension_and_whole_characters() {
+        let tail = b"-conflict-update-change-12";
+        assert_eq!(fit_name(b"a.txt", b"-x"), b"a.txt-x");
+        for stem in ["a", "é", "日本", "x\u{1F600}"] {
+            for ext in ["", ".txt", ".tar.gz"] {
+                let mut name = stem.repeat(300).into_bytes();
+                name.truncate(255 - ext.len());
+                while std::str::from_utf8(&name).is_err() {
+                    name.pop();
+                }
+                name.extend_from_slice(ext.as_bytes());
+                let fitted = fit_name(&name, tail);
+                assert!(fitted.len() <= 255, "{} bytes", fitted.len());
+                let text = std::str::from_utf8(&fitted).expect("valid UTF-8");
+                let ext_kept = if ext == ".tar.gz" { ".gz" } else { ext };
+                assert!(
+                    text.ends_with(&format!("{ext_kept}-conflict-update-change-12")),
+                    "{text}"
+                );
+            }
+        }
     }
 }
