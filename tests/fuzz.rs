@@ -1169,6 +1169,7 @@ mod sync {
                         target: (kind == 3).then_some(target),
                         blocks,
                         list: None,
+                        xattrs: Vec::new(),
                     }
                 },
             )
@@ -1603,6 +1604,7 @@ mod sync {
             target: None,
             blocks: Vec::new(),
             list: None,
+            xattrs: Vec::new(),
         };
         let dir = NodeState {
             id: 6,

@@ -1946,3 +1946,72 @@ fn conflict_copies_of_the_longest_names_fit_the_name_limit() {
         b"bob's edit"
     );
 }
+
+/// `name`'s extended attribute `attr` on `path`, if it has it.
+fn xattr(path: &Path, attr: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    let attr = std::ffi::CString::new(attr).unwrap();
+    let n = unsafe {
+        libc::getxattr(
+            crate::harness::cpath(path).as_ptr(),
+            attr.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+fn set_xattr(path: &Path, attr: &str, value: &[u8]) {
+    let attr = std::ffi::CString::new(attr).unwrap();
+    let rc = unsafe {
+        libc::setxattr(
+            crate::harness::cpath(path).as_ptr(),
+            attr.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn user_extended_attributes_reach_members_live_and_at_sync() {
+    let (hub, alice, mut bob) = shared();
+    let f = alice.path("alice/g/tagged");
+    std::fs::write(&f, b"x").unwrap();
+    set_xattr(&f, "user.color", b"blue");
+    set_xattr(&f, "user.xdg.origin.url", b"https://example.org/x");
+    set_xattr(&f, "trusted.secret", b"not for members");
+    let at_bob = bob.path("alice/g/tagged");
+    wait_until(Duration::from_secs(60), "user.color at bob", || {
+        xattr(&at_bob, "user.color").as_deref() == Some(b"blue")
+    });
+    assert_eq!(
+        xattr(&at_bob, "user.xdg.origin.url").as_deref(),
+        Some(&b"https://example.org/x"[..])
+    );
+    assert_eq!(xattr(&at_bob, "trusted.secret"), None);
+    // Changed and removed live...
+    set_xattr(&f, "user.color", b"green");
+    let name = std::ffi::CString::new("user.xdg.origin.url").unwrap();
+    assert_eq!(
+        unsafe { libc::removexattr(crate::harness::cpath(&f).as_ptr(), name.as_ptr()) },
+        0
+    );
+    wait_until(Duration::from_secs(60), "the changes at bob", || {
+        xattr(&at_bob, "user.color").as_deref() == Some(b"green")
+            && xattr(&at_bob, "user.xdg.origin.url").is_none()
+    });
+    // ...and while bob is away, brought by the resync.
+    bob.unmount(&hub);
+    set_xattr(&f, "user.color", b"red");
+    bob.mount(&hub);
+    online(&hub, &bob, "alice");
+    wait_until(
+        Duration::from_secs(60),
+        "the resync's change at bob",
+        || xattr(&bob.path("alice/g/tagged"), "user.color").as_deref() == Some(b"red"),
+    );
+}

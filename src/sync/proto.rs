@@ -105,12 +105,31 @@ pub struct NodeState {
     /// For a file of more than [`INLINE_BLOCKS`] blocks: its list, to fetch
     /// with [`MemberToOwner::GetBlockList`].
     pub list: Option<ListRef>,
+    /// Its `user.*` extended attributes (name, value), at most [`XATTRS_BYTES`]
+    /// in all.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Most bytes of extended attributes (names and values) a node carries.
+pub const XATTRS_BYTES: usize = 16 * 1024;
+
+/// Whether an extended attribute of this name goes to members: `user.*`,
+/// except Brume's own.
+pub fn mirrored_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") && !name.starts_with(b"user.brume.")
 }
 
 impl NodeState {
     /// Roughly how many bytes the node takes in a message.
     pub fn wire_size(&self) -> usize {
-        64 + self.name.len() + self.target.as_ref().map_or(0, Vec::len) + 40 * self.blocks.len()
+        64 + self.name.len()
+            + self.target.as_ref().map_or(0, Vec::len)
+            + 40 * self.blocks.len()
+            + self
+                .xattrs
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 8)
+                .sum::<usize>()
     }
 }
 
@@ -139,6 +158,15 @@ impl NodeState {
         }
         if self.blocks.len() > INLINE_BLOCKS {
             return bad("too many blocks listed in a node");
+        }
+        let xattr_bytes: usize = self.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if xattr_bytes > XATTRS_BYTES
+            || self
+                .xattrs
+                .iter()
+                .any(|(n, _)| !mirrored_xattr(n) || n.len() > 255 || n.contains(&0))
+        {
+            return bad("extended attributes");
         }
         match self.list {
             Some(list) => {
@@ -499,6 +527,7 @@ mod tests {
                 len: 5,
             }],
             list: None,
+            xattrs: Vec::new(),
         }
     }
 
@@ -647,6 +676,7 @@ mod tests {
                     .map(|len| BlockRef { hash: [7; 32], len })
                     .collect(),
                 list: None,
+                xattrs: vec![(b"user.x".to_vec(), perm.to_le_bytes().to_vec())],
             })
     }
 

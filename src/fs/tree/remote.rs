@@ -10,7 +10,9 @@ use super::{Blocks, Node, Tree};
 use crate::catalog::{NodeKind, NodeRow, Op, Remote, Stamp};
 use crate::fs::error::{FsError, FsResult};
 use crate::ids::{BlockHash, GroupId, Ino, Seq, Version};
-use crate::sync::proto::{BlockRef, INLINE_BLOCKS, ListRef, NodeState, list_hash};
+use crate::sync::proto::{
+    BlockRef, INLINE_BLOCKS, ListRef, NodeState, XATTRS_BYTES, list_hash, mirrored_xattr,
+};
 
 /// Which row of the conflict table applies: a full synchronization (subscribe,
 /// reconnect) or a live update.
@@ -96,6 +98,27 @@ pub(crate) fn fit_name(name: &[u8], tail: &[u8]) -> Vec<u8> {
         keep -= 1;
     }
     [&stem[..keep], ext, tail].concat()
+}
+
+/// The extended attributes of a node that go to members, in name order, as
+/// many as fit [`XATTRS_BYTES`].
+fn mirrored_xattrs(
+    xattrs: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut left = XATTRS_BYTES;
+    xattrs
+        .iter()
+        .filter(|(name, _)| mirrored_xattr(name))
+        .filter(|(name, value)| {
+            let size = name.len() + value.len();
+            let fits = size <= left;
+            if fits {
+                left -= size;
+            }
+            fits
+        })
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect()
 }
 
 /// Every name of a file with several: (directory, name), sorted.
@@ -285,6 +308,7 @@ impl Tree {
             target: n.row.target.clone(),
             blocks,
             list,
+            xattrs: mirrored_xattrs(&n.xattrs),
         })
     }
 
@@ -639,6 +663,7 @@ impl Tree {
         let mut node = Node::new(row, parent, blocks);
         node.pending_list = state.list.filter(|_| kind == NodeKind::File);
         self.nodes.insert(ino, node);
+        self.mirror_xattrs(ino, &state.xattrs)?;
         self.set_child(parent, &state.name, ino)?;
         if kind == NodeKind::Dir {
             self.get_mut(parent)?.row.nlink += 1;
@@ -706,6 +731,8 @@ impl Tree {
             n.row.size = state.target.as_ref().map_or(0, |t| t.len() as u64);
             n.row.target = state.target.clone();
         }
+        self.mirror_xattrs(ino, &state.xattrs)?;
+        let n = self.get_mut(ino)?;
         if content_changed {
             n.row.size = state.size;
             n.content_seq += 1;
@@ -727,6 +754,36 @@ impl Tree {
         }
         self.persist(ino)?;
         out.push(Inval::Inode(ino));
+        Ok(())
+    }
+
+    /// Member side: gives mirrored node `ino` the owner's `user.*` extended
+    /// attributes (its own other ones stay).
+    fn mirror_xattrs(&mut self, ino: Ino, xattrs: &[(Vec<u8>, Vec<u8>)]) -> FsResult<()> {
+        let n = self.get_mut(ino)?;
+        let gone: Vec<Vec<u8>> = n
+            .xattrs
+            .keys()
+            .filter(|name| mirrored_xattr(name) && !xattrs.iter().any(|(x, _)| x == *name))
+            .cloned()
+            .collect();
+        let changed: Vec<(Vec<u8>, Vec<u8>)> = xattrs
+            .iter()
+            .filter(|(name, value)| n.xattrs.get(name) != Some(value))
+            .cloned()
+            .collect();
+        for name in &gone {
+            n.xattrs.remove(name);
+        }
+        for (name, value) in &changed {
+            n.xattrs.insert(name.clone(), value.clone());
+        }
+        for name in gone {
+            self.catalog.send(Op::DeleteXattr { ino, name })?;
+        }
+        for (name, value) in changed {
+            self.catalog.send(Op::PutXattr { ino, name, value })?;
+        }
         Ok(())
     }
 
