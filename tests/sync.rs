@@ -748,14 +748,42 @@ fn a_mirror_without_its_block_list_waits_for_it_instead_of_reading_empty() {
 }
 
 #[test]
-fn leaving_by_rmdir_removes_the_group() {
+fn leaving_by_rmdir_removes_the_group_and_frees_its_blocks() {
     let (_hub, alice, bob) = shared();
-    std::fs::write(alice.path("alice/g/f"), b"x").unwrap();
-    read_when(&bob.path("alice/g/f"), b"x");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &data).unwrap();
+    read_when(&bob.path("alice/g/f"), &data);
+    wait_until(Duration::from_secs(60), "f complete at bob", || {
+        cached_xattr(&bob.path("alice/g/f")).as_deref() == Some("8/8")
+    });
+    assert!(bob.engine().cache_usage().pinned_bytes >= 2_000_000);
     std::fs::remove_dir_all(bob.path("alice/g")).unwrap();
     assert!(!bob.path("alice/g").exists());
+    // Nothing of the group is kept: its blocks leave the disk.
+    wait_until(Duration::from_secs(60), "bob's cache emptied", || {
+        let u = bob.engine().cache_usage();
+        u.blocks == 0 && u.pinned_bytes == 0 && u.evictable_bytes == 0
+    });
+    let cached_files = walk_files(&bob.dir.path().join("data/cache"));
+    assert_eq!(cached_files, 0, "block files left in the cache");
     // alice's side is untouched.
-    assert_eq!(std::fs::read(alice.path("alice/g/f")).unwrap(), b"x");
+    assert_eq!(std::fs::read(alice.path("alice/g/f")).unwrap(), data);
+}
+
+/// Regular files under `dir`, at any depth.
+fn walk_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk_files(&e.path()),
+                    Ok(t) if t.is_file() => 1,
+                    _ => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[test]

@@ -399,6 +399,47 @@ impl BlockCache {
         self.evict();
     }
 
+    /// Removes every block not in `wanted`, pinned or not, from memory and from
+    /// disk (after leaving a group: nothing of it is kept). Returns the bytes
+    /// freed.
+    pub fn keep_only(&self, wanted: &std::collections::HashSet<BlockHash>) -> u64 {
+        let drop: Vec<BlockHash> = {
+            let mut s = self.state();
+            let mut drop: Vec<BlockHash> = s
+                .pinned
+                .keys()
+                .filter(|h| !wanted.contains(h))
+                .copied()
+                .collect();
+            drop.extend(
+                s.evictable
+                    .iter()
+                    .map(|(h, _)| *h)
+                    .filter(|h| !wanted.contains(h)),
+            );
+            s.pending_pins.retain(|h, _| wanted.contains(h));
+            drop
+        };
+        let mut freed = 0;
+        for h in drop {
+            {
+                let mut s = self.state();
+                if let Some((len, _)) = s.pinned.remove(&h) {
+                    s.pinned_bytes -= len;
+                    freed += len;
+                } else if let Some(len) = s.evictable.pop(&h) {
+                    s.evictable_bytes -= len;
+                    freed += len;
+                }
+                if let Some(d) = s.hot.pop(&h) {
+                    s.hot_bytes -= d.len() as u64;
+                }
+            }
+            let _ = std::fs::remove_file(self.path(&h));
+        }
+        freed
+    }
+
     /// Evicts least recently used blocks until the evictable bytes fit the budget.
     fn evict(&self) {
         loop {

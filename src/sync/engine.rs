@@ -575,6 +575,7 @@ impl Engine {
                                 self.members_changed(group, members).await;
                             }
                             Ok(TreeEvent::Left { owner, name }) => {
+                                self.free_left_blocks();
                                 if let Ok(owner) = UserName::new(&owner) {
                                     let msg = MemberToOwner::Unsubscribe { group: name };
                                     let _ = self.inner.link.send(&owner, false, msg.encode()).await;
@@ -1588,6 +1589,20 @@ impl Engine {
             Ok(None) => {}
             Err(e) => tracing::warn!(id, cause = %e, "dropping a block list"),
         }
+    }
+
+    /// After leaving a group: drops every cached block that no joined group's
+    /// mirrors hold any more, pinned or not, so leaving frees the disk.
+    fn free_left_blocks(&self) {
+        let tree = self.tree_read();
+        let wanted: HashSet<BlockHash> = tree
+            .joined_groups()
+            .into_iter()
+            .flat_map(|(g, ..)| tree.mirrored_files(g))
+            .flat_map(|(_, _, blocks)| blocks.iter().map(|(h, _)| *h).collect::<Vec<_>>())
+            .collect();
+        let freed = self.inner.cache.keep_only(&wanted);
+        tracing::info!(freed, "left a group; its blocks are removed from the cache");
     }
 
     /// Full copy: makes what the joined groups hold now exactly the pinned blocks;
