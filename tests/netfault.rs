@@ -870,3 +870,31 @@ fn a_member_killed_during_sync_recovers_and_catches_up() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// When a daemon unmounts cleanly it closes its links, so its peers see it
+/// gone at once, not when their connection times out.
+#[test]
+fn a_clean_unmount_closes_the_links_so_peers_see_it_at_once() {
+    let log = vec![(
+        "RUST_LOG".to_owned(),
+        "error,brume::sync::network=info".to_owned(),
+    )];
+    let mut w = World::new(Vec::new(), log);
+    std::fs::write(w.a("f"), "x").unwrap();
+    read_when(&w.b("f"), b"x");
+    wait_until(Duration::from_secs(30), "bob's link to alice up", || {
+        status(&w.bob)["live"]["peers"]["alice"]["state"] == "up"
+    });
+    w.alice.unmount();
+    wait_until(Duration::from_secs(30), "bob's link to alice down", || {
+        status(&w.bob)["live"]["peers"]["alice"]["state"] != "up"
+    });
+    let log = w.bob.log_text();
+    let down: Vec<&str> = log.lines().filter(|l| l.contains("peer link down")).collect();
+    println!("netfault: {down:?}");
+    // Closed by alice, not timed out by bob.
+    assert!(
+        down.len() == 1 && !down[0].contains("failed") && !down[0].contains("disconnected"),
+        "the link was not closed by alice: {down:?}"
+    );
+}

@@ -71,6 +71,8 @@ pub struct Mounted {
     catalog: Catalog,
     state_file: PathBuf,
     engine: Option<Engine>,
+    /// The peer links, closed at unmount so that peers see us go at once.
+    peers: Option<crate::peer::Peers>,
     /// The sync engine's runtime; shut down after the session ends.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -131,6 +133,16 @@ impl Mounted {
         }
         self.engine = None;
         if let Some(rt) = self.runtime.take() {
+            // Links closed, not dropped: the peers learn at once that we left,
+            // instead of when their connection times out.
+            if let Some(peers) = self.peers.take() {
+                let closed = rt.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(2), peers.shutdown()).await
+                });
+                if closed.is_err() {
+                    tracing::debug!("peer links did not all close in time");
+                }
+            }
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
         }
         // Files closed before the unmount are hashed and recorded first.
@@ -288,7 +300,7 @@ pub fn mount_with_link(
         })?;
     let unmounter = session.unmount_callable();
     // Sync runs on its own small runtime, started only with a link or network.
-    let (runtime, engine) = if link.is_some() || opts.network {
+    let (runtime, engine, peers) = if link.is_some() || opts.network {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("brume-sync")
@@ -296,8 +308,8 @@ pub fn mount_with_link(
             .build()
             .map_err(io)?;
         let _guard = runtime.enter();
-        let (link, network): (Arc<dyn Link>, _) = match link {
-            Some(link) => (link, None),
+        let (link, network, peers): (Arc<dyn Link>, _, _) = match link {
+            Some(link) => (link, None, None),
             None => {
                 let (link, network) = crate::sync::network::start(
                     &opts.config,
@@ -309,7 +321,8 @@ pub fn mount_with_link(
                     path: data.clone(),
                     source: std::io::Error::other(e),
                 })?;
-                (link, Some(network))
+                let peers = link.peers().clone();
+                (link, Some(network), Some(peers))
             }
         };
         let engine = Engine::start(
@@ -341,9 +354,9 @@ pub fn mount_with_link(
         }
         let _ = sync_slot.set((engine.clone(), runtime.handle().clone()));
         drop(_guard);
-        (Some(runtime), Some(engine))
+        (Some(runtime), Some(engine), peers)
     } else {
-        (None, None)
+        (None, None, None)
     };
     let (tx, done) = mpsc::channel();
     // The session loop: serves the kernel until the filesystem is unmounted.
@@ -374,6 +387,7 @@ pub fn mount_with_link(
         catalog: catalog_handle,
         state_file,
         engine,
+        peers,
         runtime,
     })
 }
