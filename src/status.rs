@@ -109,6 +109,12 @@ pub fn collect(user: &str, server: &str, data_dir: &Path) -> anyhow::Result<Stat
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let (_, config) = load_config(args.config.as_deref())?;
     let data_dir = args.data.unwrap_or_else(config::default_data_dir);
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "data directory {} does not exist (give the one `brume mount` uses with --data)",
+            data_dir.display()
+        );
+    }
     loop {
         let status = collect(config.username.as_str(), &config.server_url, &data_dir)?;
         match (args.json, args.watch) {
@@ -181,14 +187,19 @@ pub fn render(s: &Status) -> String {
         );
         if let Some(peers) = live.peers.as_object() {
             for (user, p) in peers {
+                // A problem the link has recovered from is history, not news.
+                let state = p["state"].as_str().unwrap_or("?");
                 let _ = writeln!(
                     out,
-                    "peer {user}: {}, sent {} B, received {} B, key {}{}",
-                    p["state"].as_str().unwrap_or("?"),
+                    "peer {user}: {state}, sent {} B, received {} B, key {}{}",
                     p["bytes_sent"],
                     p["bytes_received"],
                     p["key_fingerprint"].as_str().unwrap_or("not yet seen"),
-                    problem(&p["last_error"])
+                    if state == "up" {
+                        String::new()
+                    } else {
+                        problem(&p["last_error"])
+                    }
                 );
                 if let Some(changed) = p["key_changed"].as_array() {
                     let _ = writeln!(
@@ -204,12 +215,17 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(out, "HELD {}/{group}: {why}", s.user);
         }
         for (group, g) in &live.groups {
+            let syncing = g.full_copy && g.bytes_done < g.bytes_total;
             let state = match &g.problem {
                 Some(p) => format!("problem: {p}"),
                 None if g.applied == 0 => "waiting for the owner".to_string(),
-                None if g.bytes_done < g.bytes_total => format!(
+                None if syncing => format!(
                     "syncing, {} of {} files, {} of {} bytes",
                     g.files_done, g.files_total, g.bytes_done, g.bytes_total
+                ),
+                None if !g.full_copy => format!(
+                    "synced, {} files, {} bytes, {} of them here (the rest comes when read)",
+                    g.files_total, g.bytes_total, g.bytes_done
                 ),
                 None => format!("synced, {} files, {} bytes", g.files_total, g.bytes_total),
             };
@@ -218,7 +234,7 @@ pub fn render(s: &Status) -> String {
                 "joined {group}: {state}, at the owner's log position {}",
                 g.applied
             );
-            if g.problem.is_none() && g.bytes_done < g.bytes_total {
+            if g.problem.is_none() && syncing {
                 let _ = writeln!(out, "  {}", progress_line(g));
             }
         }
@@ -329,5 +345,61 @@ mod tests {
         assert_eq!(human_bytes(999), "999 B");
         assert_eq!(human_bytes(1_500), "1.5 kB");
         assert_eq!(human_bytes(2_000_000_000), "2.0 GB");
+    }
+
+    fn with_live(peers: serde_json::Value, group: MemberGroupStatus) -> Status {
+        Status {
+            user: "bob".into(),
+            server: "ws://s/".into(),
+            data_dir: "/d".into(),
+            mount: None,
+            groups: Vec::new(),
+            catalog_bytes: 0,
+            live: Some(LiveStatus {
+                updated_unix: 0,
+                signal: serde_json::json!({"state": "connected"}),
+                peers,
+                groups: [("alice/g".to_string(), group)].into(),
+                cache: Default::default(),
+                held: Default::default(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_group_kept_on_demand_is_synced_and_a_recovered_peer_shows_no_old_problem() {
+        let problem = serde_json::json!({"code": "ENODEST", "message": "alice is not connected"});
+        let peers = serde_json::json!({
+            "alice": {"state": "up", "bytes_sent": 1, "bytes_received": 2, "last_error": problem},
+            "carol": {"state": "backoff", "bytes_sent": 0, "bytes_received": 0, "last_error": problem},
+        });
+        let on_demand = MemberGroupStatus {
+            applied: 7,
+            files_total: 3,
+            bytes_total: 1000,
+            bytes_done: 10,
+            full_copy: false,
+            ..Default::default()
+        };
+        let text = render(&with_live(peers.clone(), on_demand.clone()));
+        assert!(
+            text.contains("joined alice/g: synced, 3 files, 1000 bytes, 10 of them here"),
+            "{text}"
+        );
+        assert!(!text.contains('%'), "no progress bar: {text}");
+        let alice = text.lines().find(|l| l.starts_with("peer alice")).unwrap();
+        assert!(!alice.contains("problem"), "{alice}");
+        let carol = text.lines().find(|l| l.starts_with("peer carol")).unwrap();
+        assert!(carol.contains("last problem: ENODEST"), "{carol}");
+        // The same group kept in full is still syncing.
+        let full = MemberGroupStatus {
+            full_copy: true,
+            ..on_demand
+        };
+        let text = render(&with_live(peers, full));
+        assert!(
+            text.contains("joined alice/g: syncing, 0 of 3 files"),
+            "{text}"
+        );
     }
 }

@@ -890,7 +890,10 @@ fn a_clean_unmount_closes_the_links_so_peers_see_it_at_once() {
         status(&w.bob)["live"]["peers"]["alice"]["state"] != "up"
     });
     let log = w.bob.log_text();
-    let down: Vec<&str> = log.lines().filter(|l| l.contains("peer link down")).collect();
+    let down: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("peer link down"))
+        .collect();
     println!("netfault: {down:?}");
     // Closed by alice, not timed out by bob.
     assert!(

@@ -193,7 +193,15 @@ fn status_json_has_the_documented_fields() {
     }
     let g0 = &v["groups"][0];
     for key in [
-        "owner", "name", "owned", "files", "dirs", "bytes", "members", "last_seq",
+        "owner",
+        "name",
+        "owned",
+        "files",
+        "dirs",
+        "bytes",
+        "members",
+        "members_known",
+        "last_seq",
     ] {
         assert!(g0.get(key).is_some(), "missing groups[].{key} in {v}");
     }
@@ -201,6 +209,18 @@ fn status_json_has_the_documented_fields() {
     // The human form names the group.
     let out = c.brume(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("group alice/g (owner)"));
+    // A data directory that does not exist is an error, not an empty status.
+    let out = std::process::Command::new(crate::harness::brume_bin())
+        .args(["status", "--config"])
+        .arg(&c.config)
+        .args(["--data", "/nonexistent/brume-data"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/nonexistent/brume-data does not exist"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -94,7 +94,7 @@ impl Default for EngineConfig {
 }
 
 /// Sync state of one joined group, for `brume status`.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct MemberGroupStatus {
     /// Owner's log position applied.
     pub applied: u64,
@@ -116,6 +116,31 @@ pub struct MemberGroupStatus {
     /// Seconds until complete at that rate, while syncing.
     #[serde(default)]
     pub eta_secs: Option<u64>,
+    /// Whether the whole content is kept here (`cache.full_copy`); otherwise
+    /// blocks come when read, and `bytes_done` is what happens to be here.
+    #[serde(default = "yes")]
+    pub full_copy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for MemberGroupStatus {
+    fn default() -> Self {
+        Self {
+            applied: 0,
+            problem: None,
+            refusals: 0,
+            files_total: 0,
+            files_done: 0,
+            bytes_total: 0,
+            bytes_done: 0,
+            rate: 0,
+            eta_secs: None,
+            full_copy: true,
+        }
+    }
 }
 
 /// Batches of kernel invalidations queued for the invalidation thread.
@@ -510,6 +535,7 @@ impl Engine {
             .map(|(g, owner, name, applied)| {
                 let mut s = groups.get(&g).cloned().unwrap_or_default();
                 s.applied = applied;
+                s.full_copy = self.inner.config.full_copy;
                 for (_, _, blocks) in tree.mirrored_files(g) {
                     let mut complete = true;
                     for (hash, len) in blocks.iter() {
