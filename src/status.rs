@@ -218,7 +218,10 @@ pub fn render(s: &Status) -> String {
             let syncing = g.full_copy && g.bytes_done < g.bytes_total;
             let state = match &g.problem {
                 Some(p) => format!("problem: {p}"),
-                None if g.applied == 0 => "waiting for the owner".to_string(),
+                None if g.applied == 0 => match &g.waiting_for {
+                    Some(why) => format!("waiting for the owner ({why})"),
+                    None => "waiting for the owner".to_string(),
+                },
                 None if syncing => format!(
                     "syncing, {} of {} files, {} of {} bytes",
                     g.files_done, g.files_total, g.bytes_done, g.bytes_total

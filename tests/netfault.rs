@@ -901,3 +901,32 @@ fn a_clean_unmount_closes_the_links_so_peers_see_it_at_once() {
         "the link was not closed by alice: {down:?}"
     );
 }
+
+/// Joining a group of a user the server does not know says so (`EBADDEST`) as
+/// soon as the server has, not once the request to that owner gives up (after
+/// the 20 s connect timeout), and never as "waiting for the owner".
+#[test]
+fn joining_a_group_of_an_unknown_user_says_ebaddest() {
+    let w = World::new(Vec::new(), Vec::new());
+    std::fs::create_dir_all(w.bob.mnt.join("nobody/g")).unwrap();
+    let mut seen = serde_json::Value::Null;
+    // Polls for 10 s, half the connect timeout.
+    let ok = (0..200).any(|_| {
+        seen = status(&w.bob)["live"]["groups"]["nobody/g"].clone();
+        if seen["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("EBADDEST"))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        false
+    });
+    let out = w.bob.brume(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(ok, "bob's status of nobody/g: {seen}\n{text}");
+    assert!(
+        text.contains("joined nobody/g: problem: EBADDEST"),
+        "{text}"
+    );
+}

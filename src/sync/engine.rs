@@ -120,6 +120,10 @@ pub struct MemberGroupStatus {
     /// blocks come when read, and `bytes_done` is what happens to be here.
     #[serde(default = "yes")]
     pub full_copy: bool,
+    /// Why the owner cannot be reached now, if it cannot (its link's last
+    /// problem, e.g. `ENODEST`).
+    #[serde(default)]
+    pub waiting_for: Option<String>,
 }
 
 fn yes() -> bool {
@@ -139,6 +143,7 @@ impl Default for MemberGroupStatus {
             rate: 0,
             eta_secs: None,
             full_copy: true,
+            waiting_for: None,
         }
     }
 }

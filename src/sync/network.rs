@@ -167,6 +167,10 @@ async fn write_live_status(
         let mut groups: std::collections::BTreeMap<_, _> =
             engine.member_status().into_iter().collect();
         rates.update(std::time::Instant::now(), &mut groups);
+        let links = peers.status();
+        for (name, g) in groups.iter_mut() {
+            owner_link_problem(name, g, &links);
+        }
         let live = crate::status::LiveStatus {
             updated_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -186,6 +190,34 @@ async fn write_live_status(
         {
             tracing::debug!("cannot write the live status file");
         }
+    }
+}
+
+/// A joined group whose owner cannot be reached says why: an owner the server
+/// does not know is a problem of the group (`EBADDEST`); any other reason the
+/// link is down (`ENODEST`, …) is why the group waits.
+fn owner_link_problem(
+    group: &str,
+    g: &mut crate::sync::engine::MemberGroupStatus,
+    links: &std::collections::BTreeMap<UserName, crate::peer::PeerStatus>,
+) {
+    let Some(link) = group
+        .split_once('/')
+        .and_then(|(owner, _)| UserName::new(owner).ok())
+        .and_then(|owner| links.get(&owner))
+    else {
+        return;
+    };
+    if g.problem.is_some() || link.state == crate::peer::PeerState::Up {
+        return;
+    }
+    let Some(last) = &link.last_error else {
+        return;
+    };
+    if last.code == Some(crate::signal::protocol::ErrorCode::BadDest) {
+        g.problem = Some(last.message.clone());
+    } else {
+        g.waiting_for = Some(last.message.clone());
     }
 }
 
