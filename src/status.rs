@@ -32,6 +32,10 @@ pub struct LiveStatus {
     /// Owned groups the mass-delete guard holds, with the reason.
     #[serde(default)]
     pub held: std::collections::BTreeMap<String, String>,
+    /// Owned groups whose `.members` names users the signaling server does
+    /// not know (`EBADDEST`), with those users.
+    #[serde(default)]
+    pub unknown_members: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Everything `brume status` shows.
@@ -168,7 +172,7 @@ pub fn render(s: &Status) -> String {
             g.dirs,
             g.bytes,
             g.last_seq,
-            members_text(g),
+            members_text(g, s.live.as_ref()),
             match g.conflicts {
                 _ if g.owned => String::new(),
                 0 => ", no conflict copies".to_string(),
@@ -253,15 +257,21 @@ pub fn render(s: &Status) -> String {
     out
 }
 
-/// `members: bob, carol` for a group: for a joined group, as its owner lists them.
-fn members_text(g: &GroupSummary) -> String {
+/// `members: bob, carol` for a group: for a joined group, as its owner lists them;
+/// for an owned one, with the names the signaling server does not know.
+fn members_text(g: &GroupSummary, live: Option<&LiveStatus>) -> String {
     let list = if g.members.is_empty() {
         "none".to_string()
     } else {
         g.members.join(", ")
     };
+    let unknown = live
+        .and_then(|l| l.unknown_members.get(&g.name))
+        .filter(|u| g.owned && !u.is_empty())
+        .map(|u| format!(" (EBADDEST: unknown to the server: {})", u.join(", ")))
+        .unwrap_or_default();
     match (g.owned, g.members_known) {
-        (true, _) => format!("members: {list}"),
+        (true, _) => format!("members: {list}{unknown}"),
         (false, true) => format!("members (as {} lists them): {list}", g.owner),
         (false, false) => format!(
             "members: as {} lists them in .members, not received yet",
@@ -365,6 +375,7 @@ mod tests {
                 groups: [("alice/g".to_string(), group)].into(),
                 cache: Default::default(),
                 held: Default::default(),
+                unknown_members: Default::default(),
             }),
         }
     }

@@ -930,3 +930,24 @@ fn joining_a_group_of_an_unknown_user_says_ebaddest() {
         "{text}"
     );
 }
+
+/// A `.members` naming a user the signaling server does not know is flagged
+/// to the owner (a typo would otherwise share with nobody, silently).
+#[test]
+fn unknown_users_in_members_are_flagged_to_the_owner() {
+    let w = World::new(Vec::new(), Vec::new());
+    std::fs::write(w.a(".members"), "bob\nbobb\n").unwrap();
+    let mut text = String::new();
+    wait_until(Duration::from_secs(30), "the owner told of bobb", || {
+        text = String::from_utf8_lossy(&w.alice.brume(&["status"]).stdout).into_owned();
+        text.contains("unknown to the server: bobb")
+    });
+    assert!(
+        text.contains("members: bob, bobb (EBADDEST: unknown to the server: bobb)"),
+        "{text}"
+    );
+    assert_eq!(
+        status(&w.alice)["live"]["unknown_members"]["g"],
+        serde_json::json!(["bobb"])
+    );
+}

@@ -526,6 +526,15 @@ impl Engine {
             .collect()
     }
 
+    /// Owned groups by name, with the users their `.members` lists.
+    pub fn owned_members(&self) -> Vec<(String, Vec<String>)> {
+        self.tree_read()
+            .groups()
+            .filter(|g| g.row.owned)
+            .map(|g| (g.row.name.clone(), g.members.clone()))
+            .collect()
+    }
+
     /// Block cache usage.
     pub fn cache_usage(&self) -> crate::blocks::cache::CacheUsage {
         self.inner.cache.usage()

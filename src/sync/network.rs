@@ -162,8 +162,10 @@ async fn write_live_status(
     let tmp = path.with_extension("tmp");
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut rates = Rates::default();
+    let mut accounts = Accounts::default();
     loop {
         tick.tick().await;
+        accounts.check(&signal, engine.owned_members()).await;
         let mut groups: std::collections::BTreeMap<_, _> =
             engine.member_status().into_iter().collect();
         rates.update(std::time::Instant::now(), &mut groups);
@@ -180,6 +182,7 @@ async fn write_live_status(
             groups,
             cache: engine.cache_usage(),
             held: engine.held_groups(),
+            unknown_members: accounts.unknown(&engine.owned_members()),
         };
         let Ok(text) = serde_json::to_vec_pretty(&live) else {
             continue;
@@ -190,6 +193,81 @@ async fn write_live_status(
         {
             tracing::debug!("cannot write the live status file");
         }
+    }
+}
+
+/// Whether the users that owned groups list in `.members` have accounts on the
+/// signaling server, asked once each (again after [`Accounts::RECHECK`]), a few
+/// per second.
+#[derive(Default)]
+struct Accounts {
+    /// By user: whether the server knows it, and when it was asked.
+    known: std::collections::HashMap<String, (bool, std::time::Instant)>,
+}
+
+impl Accounts {
+    /// How long an answer holds (accounts are added by an administrator).
+    const RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
+    /// Most users asked about per call.
+    const PER_CALL: usize = 8;
+
+    async fn check(
+        &mut self,
+        signal: &crate::signal::client::SignalClient,
+        groups: Vec<(String, Vec<String>)>,
+    ) {
+        let now = std::time::Instant::now();
+        let mut due: Vec<String> = groups
+            .into_iter()
+            .flat_map(|(_, members)| members)
+            .filter(|u| {
+                self.known
+                    .get(u)
+                    .is_none_or(|(_, at)| now.duration_since(*at) >= Self::RECHECK)
+            })
+            .collect();
+        due.sort();
+        due.dedup();
+        for user in due.into_iter().take(Self::PER_CALL) {
+            let Ok(name) = UserName::new(&user) else {
+                continue;
+            };
+            let asked = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                signal.identity_key(&name),
+            )
+            .await;
+            let exists = match asked {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) if e.code() == Some(crate::signal::protocol::ErrorCode::BadDest) => {
+                    false
+                }
+                // Not connected, or no answer: ask again next time.
+                _ => continue,
+            };
+            if !exists && self.known.get(&user).is_none_or(|(known, _)| *known) {
+                tracing::warn!(%user, "a .members lists a user the signaling server does not know (EBADDEST)");
+            }
+            self.known.insert(user, (exists, now));
+        }
+    }
+
+    /// By owned group, the listed users known not to exist.
+    fn unknown(
+        &self,
+        groups: &[(String, Vec<String>)],
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
+        groups
+            .iter()
+            .filter_map(|(group, members)| {
+                let unknown: Vec<String> = members
+                    .iter()
+                    .filter(|u| self.known.get(*u).is_some_and(|(known, _)| !known))
+                    .cloned()
+                    .collect();
+                (!unknown.is_empty()).then(|| (group.clone(), unknown))
+            })
+            .collect()
     }
 }
 
