@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::sync::{Hub, Peer, online};
+use crate::sync::{Hub, Peer, SmallFs, online};
 
 /// Seeds the test suite runs when `BRUME_CONVERGE_SEEDS` is not set.
 const DEFAULT_SEEDS: std::ops::Range<u64> = 0..200;
@@ -107,17 +107,25 @@ fn is_member_data(e: &Entry) -> bool {
     matches!(e, Entry::File { data, .. } if data.starts_with(MEMBER_MARK))
 }
 
+/// Whether `e` is what a member write that failed (a full disk) may have
+/// left: its file truncated, and a part of its bytes.
+fn is_failed_member_write(e: &Entry, failed: &[Vec<u8>]) -> bool {
+    matches!(e, Entry::File { data, .. } if failed.iter().any(|f| f.starts_with(data)))
+}
+
 /// Why the member's tree does not (yet) match, or `None` when it does.
 fn mismatch(
     owner: &BTreeMap<PathBuf, Entry>,
     member: &BTreeMap<PathBuf, Entry>,
     written: &[Vec<u8>],
+    failed: &[Vec<u8>],
 ) -> Option<String> {
     for (path, want) in owner {
         match member.get(path) {
             None => return Some(format!("{} missing at the member", path.display())),
             // A file the member edited keeps the edit until the owner changes it.
-            Some(got) if got == want || is_member_data(got) => {}
+            Some(got)
+                if got == want || is_member_data(got) || is_failed_member_write(got, failed) => {}
             Some(got) => {
                 return Some(format!(
                     "{} differs: owner {want:?}, member {got:?}",
@@ -131,11 +139,11 @@ fn mismatch(
             continue;
         }
         let ok = match got {
-            Entry::File { .. } => is_member_data(got),
+            Entry::File { .. } => is_member_data(got) || is_failed_member_write(got, failed),
             // A directory stays only to hold the member's files.
-            Entry::Dir { .. } => member
-                .iter()
-                .any(|(p, e)| p.starts_with(path) && is_member_data(e)),
+            Entry::Dir { .. } => member.iter().any(|(p, e)| {
+                p.starts_with(path) && (is_member_data(e) || is_failed_member_write(e, failed))
+            }),
             Entry::Link { .. } => false,
         };
         if !ok {
@@ -196,7 +204,21 @@ fn owner_step(rng: &mut Rng, root: &Path) -> String {
     let name = *rng.pick(NAMES).unwrap();
     let file = rng.pick(&files).cloned();
     let at = |p: &Path| root.join(p);
-    match rng.below(100) {
+    match rng.below(1000) / 10 {
+        // Now and then a sparse file whose block list is too long to travel
+        // in its node (over 256 MiB), with a few bytes in it.
+        0 if rng.chance(10) => {
+            let len = (256 << 20) + rng.below(64 << 20);
+            let p = dir.join(name);
+            if let Ok(f) = std::fs::File::create(at(&p)) {
+                let _ = f.set_len(len);
+                use std::os::unix::fs::FileExt;
+                for _ in 0..3 {
+                    let _ = f.write_all_at(&rng.letters(100), rng.below(len - 100));
+                }
+            }
+            format!("write sparse {} ({len} bytes)", p.display())
+        }
         0..=24 => {
             let len = if rng.chance(15) {
                 rng.below(700_000) as usize
@@ -288,6 +310,7 @@ fn member_step(
     root: &Path,
     tag: &str,
     written: &mut Vec<Vec<u8>>,
+    failed: &mut Vec<Vec<u8>>,
     touched: &mut HashSet<PathBuf>,
 ) -> String {
     let (dirs, files) = listing(root);
@@ -326,7 +349,10 @@ fn member_step(
             written.push(data);
             format!("member write {}", p.display())
         }
-        Err(e) => format!("member write {}: {e}", p.display()),
+        Err(e) => {
+            failed.push(data);
+            format!("member write {}: {e}", p.display())
+        }
     }
 }
 
@@ -337,15 +363,22 @@ struct Tally {
     conflict_copies: usize,
     cuts: usize,
     restarts: usize,
+    removals: usize,
+    full_disks: usize,
     operating: Duration,
     settling: Duration,
 }
+
+/// The size of bob's data filesystem, and how much room a full period leaves.
+const ROOMY: &str = "4g";
+const FULL_MARGIN: u64 = 256 << 10;
 
 fn run_seed(
     seed: u64,
     hub: &Arc<Hub>,
     alice: &Peer,
     bob: &mut Peer,
+    disk: &SmallFs,
     tally: &mut Tally,
 ) -> Result<(), String> {
     let t0 = Instant::now();
@@ -359,10 +392,50 @@ fn run_seed(
 
     let mut log = Vec::new();
     let mut written = Vec::new();
+    let mut failed = Vec::new();
     let mut touched = HashSet::new();
     let mut offline_for = 0;
+    let mut removed_for = 0;
+    let mut full_for = 0;
     for step in 0..STEPS {
         log.push(owner_step(&mut rng, &owner_root));
+        // `.members`: rewritten in place with the same content, or bob
+        // removed for a few steps (by a temp file renamed over it, as `sed -i`
+        // does) and listed again.
+        if removed_for > 0 {
+            removed_for -= 1;
+            if removed_for == 0 {
+                std::fs::write(owner_root.join(".members"), b"bob\n").unwrap();
+                log.push("bob listed again".into());
+            }
+        } else if rng.chance(3) {
+            std::fs::write(owner_root.join(".members"), b"bob\n").unwrap();
+            log.push(".members rewritten".into());
+        } else if rng.chance(2) {
+            removed_for = 1 + rng.below(4);
+            let tmp = owner_root.join(".members.tmp");
+            std::fs::write(&tmp, b"carol\n").unwrap();
+            std::fs::rename(&tmp, owner_root.join(".members")).unwrap();
+            log.push(format!("bob removed for {removed_for} steps"));
+            tally.removals += 1;
+        }
+        // bob's disk fills up for a few steps: nothing fits but a little.
+        if full_for > 0 {
+            full_for -= 1;
+            if full_for == 0 {
+                disk.resize(ROOMY);
+                log.push("bob's disk has room again".into());
+            }
+        } else if rng.chance(3) {
+            full_for = 1 + rng.below(5);
+            // Blocks keep arriving while it shrinks: leave a little more room
+            // if they took what was left.
+            let shrunk =
+                (0..8).any(|i| disk.try_resize(&format!("{}", disk.used() + (FULL_MARGIN << i))));
+            assert!(shrunk, "cannot shrink bob's disk");
+            log.push(format!("bob's disk full for {full_for} steps"));
+            tally.full_disks += 1;
+        }
         if offline_for > 0 {
             offline_for -= 1;
             if offline_for == 0 {
@@ -378,6 +451,7 @@ fn run_seed(
                 &member_root,
                 &tag,
                 &mut written,
+                &mut failed,
                 &mut touched,
             ));
         }
@@ -387,7 +461,8 @@ fn run_seed(
             log.push(format!("link cut for {offline_for} steps"));
             tally.cuts += 1;
         }
-        if rng.chance(3) {
+        // (Not while his disk is full: a mount needs room for its catalog.)
+        if full_for == 0 && rng.chance(3) {
             bob.unmount(hub);
             bob.mount(hub);
             if offline_for == 0 {
@@ -397,7 +472,13 @@ fn run_seed(
             tally.restarts += 1;
         }
     }
-    // Settle: the link is up and the member has resynchronized.
+    // Settle: bob is listed, has room, the link is up and he has resynchronized.
+    if removed_for > 0 {
+        std::fs::write(owner_root.join(".members"), b"bob\n").unwrap();
+    }
+    if full_for > 0 {
+        disk.resize(ROOMY);
+    }
     let t1 = Instant::now();
     tally.operating += t1 - t0;
     hub.set_offline("bob", false);
@@ -406,7 +487,7 @@ fn run_seed(
     loop {
         let owner = walk(&owner_root, true);
         let member = walk(&member_root, true);
-        match mismatch(&owner, &member, &written) {
+        match mismatch(&owner, &member, &written, &failed) {
             None => {
                 tally.member_writes += written.len();
                 tally.conflict_copies += member
@@ -446,11 +527,16 @@ fn random_owner_operations_converge_at_the_member() {
     let seeds = seeds();
     let hub = Hub::new();
     let alice = Peer::start(&hub, "alice");
-    let mut bob = Peer::start(&hub, "bob");
+    // bob's data directory is a filesystem of its own, which can fill up.
+    let mut disk = None;
+    let mut bob = Peer::start_prepared(&hub, "bob", 1 << 30, true, |data| {
+        disk = Some(SmallFs::mount(data, ROOMY));
+    });
+    let disk = disk.unwrap();
     let started = Instant::now();
     let mut tally = Tally::default();
     for &seed in &seeds {
-        if let Err(e) = run_seed(seed, &hub, &alice, &mut bob, &mut tally) {
+        if let Err(e) = run_seed(seed, &hub, &alice, &mut bob, &disk, &mut tally) {
             panic!("{e}\nrerun with BRUME_CONVERGE_SEEDS={seed}");
         }
     }
@@ -467,5 +553,8 @@ fn random_owner_operations_converge_at_the_member() {
             "{tally:?}"
         );
         assert!(tally.cuts > 0 && tally.restarts > 0, "{tally:?}");
+        assert!(tally.removals > 0 && tally.full_disks > 0, "{tally:?}");
     }
+    bob.unmount(&hub);
+    drop(disk);
 }

@@ -1190,3 +1190,26 @@ fn demo_runs_shows_the_group_and_stops_on_sigint_leaving_no_mount() {
     assert!(!crate::harness::is_mounted(&alice));
     assert!(!crate::harness::is_mounted(&root.join("bob/Brume")));
 }
+
+#[test]
+fn members_written_right_after_a_rename_into_place_is_read() {
+    let (c, g) = Client::with_group(true);
+    let members = |c: &Client| -> Vec<String> {
+        let db = c.db();
+        let mut q = db
+            .prepare("SELECT user FROM members ORDER BY user")
+            .unwrap();
+        q.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    for i in 0..30 {
+        fs::write(g.join(".members.tmp"), b"carol\n").unwrap();
+        fs::rename(g.join(".members.tmp"), g.join(".members")).unwrap();
+        fs::write(g.join(".members"), format!("bob{i}\n")).unwrap();
+        wait_until(Duration::from_secs(10), &format!("members bob{i}"), || {
+            members(&c) == [format!("bob{i}")]
+        });
+    }
+}

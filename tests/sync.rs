@@ -289,7 +289,7 @@ impl Peer {
     }
 
     /// Starts a client after `prepare` has had its (still empty) data dir.
-    fn start_prepared(
+    pub(crate) fn start_prepared(
         hub: &Arc<Hub>,
         user: &str,
         cache_bytes: u64,
@@ -1328,10 +1328,18 @@ fn a_handle_opened_before_an_update_never_brings_old_bytes_back() {
 }
 
 /// A size-limited filesystem (tmpfs) mounted for a test, unmounted on drop.
-struct SmallFs(PathBuf);
+pub(crate) struct SmallFs(PathBuf);
 
 impl SmallFs {
-    fn mount(at: &Path, size: &str) -> Self {
+    /// Bytes in use on it.
+    pub(crate) fn used(&self) -> u64 {
+        let path = crate::harness::cpath(&self.0);
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        (st.f_blocks - st.f_bfree) * st.f_frsize
+    }
+
+    pub(crate) fn mount(at: &Path, size: &str) -> Self {
         let ok = std::process::Command::new("mount")
             .args([
                 "-t",
@@ -1348,14 +1356,19 @@ impl SmallFs {
         Self(at.to_owned())
     }
 
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
+    pub(crate) fn resize(&self, size: &str) {
+        assert!(self.try_resize(size), "cannot resize {}", self.0.display());
+    }
+
+    /// Resizes; false if it cannot be (smaller than what it holds).
+    pub(crate) fn try_resize(&self, size: &str) -> bool {
+        std::process::Command::new("mount")
             .args(["-o", &format!("remount,size={size}")])
             .arg(&self.0)
+            .stderr(std::process::Stdio::null())
             .status()
             .unwrap()
-            .success();
-        assert!(ok, "cannot resize {}", self.0.display());
+            .success()
     }
 }
 

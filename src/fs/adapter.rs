@@ -162,25 +162,32 @@ async fn with_block_list(
     }
 }
 
-/// Counts an open for writing of one inode as under way until it drops (once
-/// the open has its handle, or failed).
-struct WriterOpening<'a> {
-    opening: &'a Mutex<HashMap<Ino, u32>>,
+/// Opens for writing under way, by inode, until their handle exists.
+type Opening = Arc<Mutex<HashMap<Ino, u32>>>;
+
+/// Counts an open for writing of one inode as under way until it drops: once
+/// the open has its handle (before its reply: the handle's release may come
+/// at once), or failed.
+struct WriterOpening {
+    opening: Opening,
     ino: Ino,
 }
 
-impl<'a> WriterOpening<'a> {
-    fn new(opening: &'a Mutex<HashMap<Ino, u32>>, ino: Ino) -> Self {
+impl WriterOpening {
+    fn new(opening: &Opening, ino: Ino) -> Self {
         *opening
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(ino)
             .or_default() += 1;
-        Self { opening, ino }
+        Self {
+            opening: opening.clone(),
+            ino,
+        }
     }
 }
 
-impl Drop for WriterOpening<'_> {
+impl Drop for WriterOpening {
     fn drop(&mut self) {
         let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = opening.get_mut(&self.ino) {
@@ -229,7 +236,7 @@ pub(crate) struct BrumeFs {
     page_seq: Mutex<HashMap<Ino, u64>>,
     /// Opens for writing under way, by inode, until their handle exists: a
     /// `.members` is not read while one may have emptied it (`O_TRUNC`).
-    writers_opening: Mutex<HashMap<Ino, u32>>,
+    writers_opening: Opening,
     /// Directory handles by fh.
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: Arc<AtomicU64>,
@@ -296,7 +303,7 @@ impl BrumeFs {
             handles: Arc::new(Mutex::new(HashMap::new())),
             cached: Mutex::new(HashMap::new()),
             page_seq: Mutex::new(HashMap::new()),
-            writers_opening: Mutex::new(HashMap::new()),
+            writers_opening: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: Arc::new(AtomicU64::new(1)),
             store,
@@ -592,7 +599,7 @@ impl BrumeFs {
                     return reply.error(Errno::EIO);
                 }
             }
-            opener.open_and_reply(h.ino, true, reply);
+            opener.open_and_reply(h.ino, true, None, reply);
         });
     }
 
@@ -711,10 +718,13 @@ impl BrumeFs {
         };
         // Only a handle that may have changed the file needs the write lock, and
         // only if the content did change.
-        if h.writable && self.content_may_have_changed(h.ino) {
+        // The handle's bookkeeping below is done whatever this says.
+        let reconciled = if h.writable && self.content_may_have_changed(h.ino) {
             let mut tree = self.tree_write();
-            self.reconcile(&mut tree, h.ino, true)?;
-        }
+            self.reconcile(&mut tree, h.ino, true)
+        } else {
+            Ok(())
+        };
         let writers_left = {
             let mut open = self.open_map();
             let left = match open.get_mut(&h.ino) {
@@ -740,6 +750,7 @@ impl BrumeFs {
         if writers_left == 0 {
             self.settle(h.ino, h.writable)?;
         }
+        reconciled?;
         let unused = self.tree_read().closed(h.ino)?;
         if unused {
             // Re-checked under the write lock: another handle may have gone first.
@@ -953,13 +964,20 @@ impl BrumeFs {
 
 impl Opener {
     /// Opens an existing file and sends the reply (passthrough when possible).
-    fn open_and_reply(&self, ino: Ino, writable: bool, reply: ReplyOpen) {
+    fn open_and_reply(
+        &self,
+        ino: Ino,
+        writable: bool,
+        opening: Option<WriterOpening>,
+        reply: ReplyOpen,
+    ) {
         // The reply is needed both to register the backing file and to answer.
         let reply = std::cell::RefCell::new(Some(reply));
         let r = self.open_file(
             ino,
             None,
             writable,
+            opening,
             |f| match reply.borrow().as_ref() {
                 Some(r) => r.open_backing(f),
                 None => Err(std::io::Error::other("reply already sent")),
@@ -990,6 +1008,7 @@ impl Opener {
         ino: Ino,
         created: Option<File>,
         writable: bool,
+        opening: Option<WriterOpening>,
         register: impl FnOnce(&File) -> std::io::Result<BackingId>,
         reply_with: impl FnOnce(FileHandle, Option<&BackingId>),
     ) -> FsResult<()> {
@@ -1050,6 +1069,8 @@ impl Opener {
                 },
             );
         tree.opened(ino)?;
+        // The handle exists: from now on it counts as the writer.
+        drop(opening);
         reply_with(FileHandle(fh), oi.backing.as_ref());
         Ok(())
     }
@@ -1393,7 +1414,7 @@ impl fuser::Filesystem for BrumeFs {
             }
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
-        let _opening = writable.then(|| WriterOpening::new(&self.writers_opening, ino));
+        let opening = writable.then(|| WriterOpening::new(&self.writers_opening, ino));
         // `O_TRUNC` comes with the open (FUSE_ATOMIC_O_TRUNC), not as a setattr
         // after it: a mirrored file is emptied without fetching the bytes it
         // is about to lose, so it can be overwritten with the owner away.
@@ -1436,7 +1457,7 @@ impl fuser::Filesystem for BrumeFs {
                 return self.open_after_fetch(h, reply);
             }
         }
-        self.opener().open_and_reply(ino, writable, reply);
+        self.opener().open_and_reply(ino, writable, opening, reply);
     }
 
     fn create(
@@ -1467,6 +1488,7 @@ impl fuser::Filesystem for BrumeFs {
             Ino(attr.ino.0),
             file,
             writable,
+            None,
             |f| match reply.borrow().as_ref() {
                 Some(r) => r.open_backing(f),
                 None => Err(std::io::Error::other("reply already sent")),

@@ -209,7 +209,7 @@ struct Inner {
     /// hashed when the snapshot was read, which that push had just brought).
     snapshotting: Mutex<HashMap<UserName, HeldBack>>,
     /// Member side: snapshot chunks received so far, per group: the nodes, and
-    /// the owner's inode numbers of the files not settled yet.
+    /// the ids of the files not settled yet.
     snapshots: Mutex<HashMap<GroupId, SnapshotParts>>,
     /// Member side: files the last snapshot named unsettled, per group: their
     /// state, when it comes, completes that sync (so a member edit is kept as a
@@ -915,10 +915,18 @@ impl Engine {
             // Recorded under the tree lock: a file's `Hashed` event comes from
             // under the write lock, so it cannot slip in before this and be missed.
             lock(&self.inner.unhashed).extend(pending.iter().copied());
+            let links = tree.linked_names(g, pending.iter().copied());
+            let unsettled: Vec<u64> = pending
+                .iter()
+                .flat_map(|ino| tree.node_ids(*ino, &links))
+                .collect();
+            // The member may hold every name named here, settled or not: the
+            // removal of one that goes is sent.
             let mut links_sent = lock(&self.inner.links_sent);
             for id in nodes
                 .iter()
                 .map(|n| n.id)
+                .chain(unsettled.iter().copied())
                 .filter(|id| ino_of_id(*id).0 != *id)
             {
                 links_sent.entry(ino_of_id(id)).or_default().insert(id);
@@ -929,7 +937,6 @@ impl Engine {
                 .entry(to.clone())
                 .or_default()
                 .snapshots += 1;
-            let unsettled: Vec<u64> = pending.iter().map(|ino| ino.0).collect();
             (
                 group.row.name.clone(),
                 tree.log_position(g),
@@ -1306,9 +1313,7 @@ impl Engine {
                     changes
                         .iter()
                         .filter_map(|c| match c {
-                            Change::Upsert(n) => {
-                                ids.remove(&ino_of_id(n.id).0).then_some(ino_of_id(n.id).0)
-                            }
+                            Change::Upsert(n) => ids.remove(&n.id).then_some(n.id),
                             Change::Remove { .. } => None,
                         })
                         .collect()
@@ -1317,7 +1322,7 @@ impl Engine {
                     for c in &changes {
                         let r = match c {
                             Change::Upsert(n) => {
-                                let situation = if completes_sync.contains(&ino_of_id(n.id).0) {
+                                let situation = if completes_sync.contains(&n.id) {
                                     Situation::Sync
                                 } else {
                                     Situation::Update

@@ -279,9 +279,9 @@ pub enum OwnerToMember {
         nodes: Vec<NodeState>,
         /// Whether this is the last chunk.
         last: bool,
-        /// Owner's inode numbers of files that exist but whose content is not
+        /// Ids (one per name) of files that exist but whose content is not
         /// settled (still written or hashed): the member keeps what it has of
-        /// them (under any of their ids) and gets their state once settled.
+        /// them and gets their state once settled.
         unsettled: Vec<u64>,
     },
     /// Tag 2: changes at log positions up to `seq`, in order.

@@ -257,6 +257,24 @@ impl Tree {
         Some(out)
     }
 
+    /// Owner side: the ids members know `ino` by, one per name, as
+    /// [`Tree::node_states`] gives them (needs no block list).
+    pub fn node_ids(&self, ino: Ino, links: &LinkNames) -> Vec<u64> {
+        let Some(names) = links.get(&ino).filter(|n| !n.is_empty()) else {
+            return vec![ino.0];
+        };
+        let mut out = vec![ino.0];
+        let mut taken = HashSet::new();
+        for (dir, name) in &names[1..] {
+            let Some(id) = link_id(ino, *dir, name, &taken) else {
+                break;
+            };
+            taken.insert(id);
+            out.push(id);
+        }
+        out
+    }
+
     /// Owner side: the state of `ino` for members, under its first name, or
     /// `None` while it cannot be sent yet (a file whose blocks are still being
     /// hashed).
@@ -871,7 +889,7 @@ impl Tree {
 
     /// Member side: after a full snapshot, removes the mirrors of owner nodes the
     /// snapshot did not contain, except those of files whose content the owner
-    /// has not settled (`unsettled`, by owner's inode number): they keep their
+    /// has not settled (`unsettled`, by node id, one per name): they keep their
     /// previous version until their new one comes.
     pub fn finish_snapshot(
         &mut self,
@@ -888,7 +906,7 @@ impl Tree {
             .filter(|((group, id), ino)| {
                 *group == g
                     && !seen.contains(id)
-                    && !unsettled.contains(&ino_of_id(*id).0)
+                    && !unsettled.contains(id)
                     && self
                         .nodes
                         .get(ino)
