@@ -577,6 +577,42 @@ impl Peers {
             })
     }
 
+    /// Sends `payload` to `peer` on `lane` if a link to it is up now; never
+    /// waits for one to be set up (`ENODEST` at once otherwise).
+    pub async fn send_if_linked(
+        &self,
+        peer: &UserName,
+        lane: Lane,
+        payload: &[u8],
+    ) -> Result<(), PeerError> {
+        let link = {
+            let slots = lock(&self.inner.slots);
+            slots
+                .get(peer)
+                .and_then(|slot| slot.link.borrow().clone())
+                .filter(|l| !l.is_dead())
+        };
+        let Some(link) = link else {
+            return Err(PeerError::Unreachable {
+                peer: peer.clone(),
+                code: Some(ErrorCode::NoDest),
+                reason: "no link to it is up".into(),
+            });
+        };
+        if payload.len() > wire::MAX_MESSAGE {
+            return Err(PeerError::TooBig {
+                len: payload.len(),
+                limit: wire::MAX_MESSAGE,
+            });
+        }
+        link.send(lane, payload)
+            .await
+            .map_err(|e| PeerError::LinkLost {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            })
+    }
+
     /// Asks `owner` about its `group` on the interactive lane and waits at most
     /// `wait` for the answer. A non-member gets [`PeerError::NotMember`], which is also
     /// recorded in the peer's status.

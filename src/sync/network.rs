@@ -47,13 +47,20 @@ impl Link for PeersLink {
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            self.peers
-                .send(to, lane_of(&payload, urgent), &payload)
-                .await
-                .map_err(|e| match e.code() {
-                    Some(code) => format!("{}: {e}", code.name()),
-                    None => e.to_string(),
-                })
+            let lane = lane_of(&payload, urgent);
+            // An owner answers and pushes to members over the links they set
+            // up; it never waits for one to a member that is away (which
+            // resyncs when it is back), so that one absent member delays
+            // nothing and no push is delivered late as if it were live.
+            let sent = if payload.first() == Some(&b'O') {
+                self.peers.send_if_linked(to, lane, &payload).await
+            } else {
+                self.peers.send(to, lane, &payload).await
+            };
+            sent.map_err(|e| match e.code() {
+                Some(code) => format!("{}: {e}", code.name()),
+                None => e.to_string(),
+            })
         })
     }
 }
