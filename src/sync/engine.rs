@@ -232,10 +232,6 @@ struct Inner {
     repin_scheduled: Mutex<bool>,
     /// Block requests that got no answer within the read timeout, since start.
     fetch_timeouts: std::sync::atomic::AtomicU64,
-    /// Owner side: each owned group's member list as of the changes pushed so
-    /// far (it follows the tree's `Members` events in order, so the changes made
-    /// before a member was removed still reach it, and none after).
-    membership: Mutex<HashMap<GroupId, HashSet<String>>>,
     /// Owner side: users refused or revoked per owned group, served at once if
     /// `.members` lists them again (at most [`REFUSED_MOST`] per group).
     refused: Mutex<HashMap<GroupId, HashSet<UserName>>>,
@@ -495,7 +491,6 @@ impl Engine {
             fill_failed: Mutex::new(HashSet::new()),
             repin_scheduled: Mutex::new(false),
             fetch_timeouts: std::sync::atomic::AtomicU64::new(0),
-            membership: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
             retrying: Mutex::new(HashSet::new()),
             lists: Mutex::new(HashMap::new()),
@@ -674,12 +669,10 @@ impl Engine {
             if g.held.is_some() {
                 return;
             }
-            // Only members as of these changes (a removal is handled, in
-            // order, by `members_changed`).
-            let members: Vec<UserName> = members
-                .into_iter()
-                .filter(|m| self.in_membership(&tree, group, m))
-                .collect();
+            // Subscribers are members as of these changes: a removal takes the
+            // member out, in order with them, in `members_changed`. (A member
+            // listed again may subscribe before that runs: the tree, which the
+            // subscription checks, has it already.)
             let name = g.row.name.clone();
             let root = tree.group_root(group).ok();
             let links = tree.linked_names(group, inos.iter().copied());
@@ -799,15 +792,6 @@ impl Engine {
         }
     }
 
-    /// Whether `user` is a member of owned group `g` as of the changes pushed
-    /// so far.
-    fn in_membership(&self, tree: &Tree, g: GroupId, user: &UserName) -> bool {
-        match lock(&self.inner.membership).get(&g) {
-            Some(members) => members.contains(user.as_str()),
-            None => tree.is_member(g, user.as_str()),
-        }
-    }
-
     /// Remembers that `user` asked for owned group `g` and was refused.
     fn remember_refused(&self, g: GroupId, user: &UserName) {
         let mut refused = lock(&self.inner.refused);
@@ -823,7 +807,6 @@ impl Engine {
     /// served at once, without waiting for them to ask again.
     async fn members_changed(&self, g: GroupId, members: Vec<String>) {
         let members: HashSet<String> = members.into_iter().collect();
-        lock(&self.inner.membership).insert(g, members.clone());
         let Some(name) = self.tree_read().group(g).map(|grp| grp.row.name.clone()) else {
             return;
         };
