@@ -73,6 +73,7 @@ async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
     let key = identity();
     let (signal, events) = client::connect(ClientConfig {
         server_url: url.to_owned(),
+        server_ca: None,
         username: user.clone(),
         credential,
         identity: key.clone(),

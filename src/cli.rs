@@ -75,6 +75,9 @@ pub struct StatusArgs {
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // TLS (wss://) uses ring, which the peer link builds too; libraries that ask
+    // for the process's default provider get the same one.
+    crate::signal::tls::install_provider();
     // The demo talks to a person on the terminal: only problems are logged there.
     init_logging(if matches!(cli.command, Command::Demo) {
         "warn,rtc_dtls=error,rtc_ice=error,rtc_sctp=error,webrtc=error"

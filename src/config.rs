@@ -45,8 +45,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// WebSocket URL of the signaling server, e.g. `ws://127.0.0.1:8787/`.
+    /// WebSocket URL of the signaling server, e.g. `ws://127.0.0.1:8787/` or
+    /// `wss://signal.example.org/`.
     pub server_url: String,
+    /// A PEM bundle of certificates to trust for a `wss://` server, beyond the
+    /// OS's (a private CA, a self-signed server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_ca: Option<PathBuf>,
     /// The account this client acts as.
     pub username: UserName,
     /// Long-lived account credential, exchanged for short-lived access tokens.
@@ -131,6 +136,7 @@ impl Config {
     pub fn for_account(server_url: String, username: UserName, credential: String) -> Self {
         Self {
             server_url,
+            server_ca: None,
             username,
             credential,
             ice_servers: Vec::new(),
@@ -146,10 +152,17 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        // A relative `server_ca` is relative to the config file.
+        if let (Some(ca), Some(dir)) = (&config.server_ca, path.parent())
+            && ca.is_relative()
+        {
+            config.server_ca = Some(dir.join(ca));
+        }
+        Ok(config)
     }
 
     /// Parses the text of a config file.
@@ -217,6 +230,7 @@ mod tests {
     fn round_trips_through_toml() {
         let c = Config {
             server_url: "ws://127.0.0.1:8787/".into(),
+            server_ca: Some("/etc/brume/ca.pem".into()),
             username: UserName::new("alice").unwrap(),
             credential: "secret".into(),
             ice_servers: vec!["stun:127.0.0.1:3478".into()],

@@ -7,6 +7,7 @@
 //! - [`server`]: the server: HTTP token endpoint, WebSocket sessions, relay, presence.
 //! - [`client`]: the client the daemon uses: reconnects, refreshes, relays, presence.
 //! - [`identity`]: the client's ed25519 identity key file.
+//! - [`tls`]: TLS for `wss://`: what the client trusts, the server's certificate.
 //! - [`cli`]: `brume server …` and `brume token`.
 
 pub mod accounts;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod identity;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 pub mod token;
 
 pub use protocol::ErrorCode;

@@ -277,6 +277,7 @@ mod config {
                 )| {
                     Config {
                         server_url,
+                        server_ca: None,
                         username: UserName::new(&user).unwrap(),
                         credential,
                         ice_servers,

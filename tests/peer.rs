@@ -59,6 +59,7 @@ impl TestServer {
             db: dir.path().join("server.db"),
             limits: Limits::default(),
             clock: Clock::System,
+            tls: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async {
@@ -251,6 +252,7 @@ async fn start_at(server_url: String, account: &Account, opts: Options) -> Clien
     crate::harness::log_to_test_output();
     let config = ClientConfig {
         server_url,
+        server_ca: None,
         username: account.user.clone(),
         credential: account.credential.clone(),
         identity: account.identity.clone(),
@@ -631,6 +633,7 @@ async fn a_peer_restarted_without_closing_its_link_is_relinked_at_once() {
     let (carol_user, carol_credential) = server.add_user("carol");
     let (carol, mut carol_events) = client::connect(ClientConfig {
         server_url: server.url(),
+        server_ca: None,
         username: carol_user,
         credential: carol_credential,
         identity: random_identity(),

@@ -60,6 +60,16 @@ impl TestServer {
     }
 
     async fn with_limits(limits: Limits) -> Self {
+        Self::with(limits, None).await
+    }
+
+    /// A server speaking `wss://` and `https://` with `tls`.
+    async fn with_tls(tls: std::sync::Arc<rustls::ServerConfig>) -> Self {
+        Self::with(Limits::default(), Some(tls)).await
+    }
+
+    async fn with(limits: Limits, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Self {
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("server.db");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -69,6 +79,7 @@ impl TestServer {
             db: db.clone(),
             limits,
             clock,
+            tls,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async {
@@ -80,7 +91,7 @@ impl TestServer {
             _dir: dir,
             db,
             addr,
-            url: format!("ws://{addr}/"),
+            url: format!("{scheme}://{addr}/"),
             clock,
             key,
             accounts,
@@ -104,6 +115,7 @@ impl TestServer {
     fn client_config(&self, user: &UserName, credential: &str) -> ClientConfig {
         ClientConfig {
             server_url: self.url.clone(),
+            server_ca: None,
             username: user.clone(),
             credential: credential.to_owned(),
             identity: random_identity(),
@@ -1009,7 +1021,7 @@ async fn client_reports_econnrefused_503_when_the_server_is_unreachable() {
     };
     let url = format!("ws://{addr}/");
     let user = UserName::new("alice").unwrap();
-    let err = client::fetch_token(&url, &user, "cred", None)
+    let err = client::fetch_token(&url, None, &user, "cred", None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ConnRefused));
@@ -1017,6 +1029,7 @@ async fn client_reports_econnrefused_503_when_the_server_is_unreachable() {
 
     let (handle, _events) = client::connect(ClientConfig {
         server_url: url,
+        server_ca: None,
         username: user.clone(),
         credential: "cred".into(),
         identity: random_identity(),
@@ -1172,4 +1185,261 @@ fn real_binary_serves_add_user_and_token() {
     });
     let status = server.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A certificate authority made for one test, and server certificates it signs,
+/// written as PEM files in a temp dir.
+struct TestCa {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Brume test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Self {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// The CA's certificate (what a client puts in `server_ca`).
+    fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A server configuration with a certificate for `names`, valid from
+    /// `days_from_now.0` to `days_from_now.1` days from now.
+    fn server(
+        &self,
+        names: &[&str],
+        days_from_now: (i64, i64),
+    ) -> std::sync::Arc<rustls::ServerConfig> {
+        let (cert, key) = self.server_files(names, days_from_now);
+        brume::signal::tls::server_config(&cert, &key).unwrap()
+    }
+
+    /// The PEM files (certificate, key) of such a server certificate.
+    fn server_files(&self, names: &[&str], days_from_now: (i64, i64)) -> (PathBuf, PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(days_from_now.0);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days_from_now.1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let tag = format!("{}-{}", names.join("_"), days_from_now.1);
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{tag}.pem")),
+            self.dir.path().join(format!("{tag}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+#[test]
+fn real_binary_serves_wss_and_a_client_trusts_it_through_server_ca() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.server_files(&["127.0.0.1"], (-1, 30));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let bin = env!("CARGO_BIN_EXE_brume");
+    let mut server = ChildGuard(
+        Command::new(bin)
+            .args(["server", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("brume server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+    let out = Command::new(bin)
+        .args(["server", "add-user", "dora", "--db"])
+        .arg(&db)
+        .args(["--url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Without the CA: refused, saying so; with it (a path relative to the
+    // config file): a token.
+    let conf = dir.path().join("brume.conf");
+    std::fs::write(&conf, &out.stdout).unwrap();
+    let token = |conf: &std::path::Path| {
+        Command::new(bin)
+            .args(["token", "--ttl", "60", "--config"])
+            .arg(conf)
+            .output()
+            .unwrap()
+    };
+    let refused = token(&conf);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("certificate") && err.contains(&url),
+        "{refused:?}"
+    );
+    std::fs::copy(ca.ca_pem(), dir.path().join("ca.pem")).unwrap();
+    let mut text = String::from_utf8(out.stdout).unwrap();
+    text.insert_str(0, "server_ca = \"ca.pem\"\n");
+    std::fs::write(&conf, text).unwrap();
+    let ok = token(&conf);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(!String::from_utf8_lossy(&ok.stdout).trim().is_empty());
+}
+
+#[tokio::test]
+async fn wss_with_a_private_ca_serves_tokens_sessions_and_relay() {
+    let ca = TestCa::new();
+    let server = TestServer::with_tls(ca.server(&["localhost", "127.0.0.1"], (-1, 30))).await;
+    assert!(server.url.starts_with("wss://"));
+    let (alice, alice_cred) = server.add_user("alice");
+    let (bob, bob_cred) = server.add_user("bob");
+    // POST /token over https.
+    let token = within(client::fetch_token(
+        &server.url,
+        Some(&ca.ca_pem()),
+        &alice,
+        &alice_cred,
+        None,
+    ))
+    .await
+    .unwrap();
+    assert!(!token.token.is_empty());
+    // Sessions and relay over wss, by IP address and by name.
+    let mut a_config = server.client_config(&alice, &alice_cred);
+    a_config.server_ca = Some(ca.ca_pem());
+    let mut b_config = server.client_config(&bob, &bob_cred);
+    b_config.server_ca = Some(ca.ca_pem());
+    b_config.server_url = format!("wss://localhost:{}/", server.addr.port());
+    let (a, _a_events) = client::connect(a_config);
+    let (b, mut b_events) = client::connect(b_config);
+    within(a.connected()).await.unwrap();
+    within(b.connected()).await.unwrap();
+    a.send(&bob, serde_json::json!({"over": "tls"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(b_events.recv()).await.unwrap(),
+        SignalEvent::Message {
+            from: alice.clone(),
+            payload: serde_json::json!({"over": "tls"})
+        }
+    );
+    // A plain connection to the TLS listener gets nowhere.
+    assert!(
+        client::fetch_token(
+            &format!("ws://{}/", server.addr),
+            None,
+            &alice,
+            &alice_cred,
+            None
+        )
+        .await
+        .is_err()
+    );
+}
+
+#[tokio::test]
+async fn certificates_the_client_does_not_trust_are_refused_with_the_reason() {
+    let ca = TestCa::new();
+    let cases: [(
+        &str,
+        std::sync::Arc<rustls::ServerConfig>,
+        Option<PathBuf>,
+        &str,
+    ); 3] = [
+        (
+            "not trusted",
+            ca.server(&["127.0.0.1"], (-1, 30)),
+            None,
+            "unknown issuer",
+        ),
+        (
+            "for another name",
+            ca.server(&["other.example"], (-1, 30)),
+            Some(ca.ca_pem()),
+            "another name",
+        ),
+        (
+            "expired",
+            ca.server(&["127.0.0.1"], (-30, -1)),
+            Some(ca.ca_pem()),
+            "expired",
+        ),
+    ];
+    for (case, tls, server_ca, why) in cases {
+        let server = TestServer::with_tls(tls).await;
+        let (alice, cred) = server.add_user("alice");
+        let err = within(client::fetch_token(
+            &server.url,
+            server_ca.as_deref(),
+            &alice,
+            &cred,
+            None,
+        ))
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Certificate { .. }),
+            "{case}: {err:?}"
+        );
+        // One readable line naming the server, the certificate and the reason,
+        // in the client's status too; the client never tries without TLS.
+        let mut config = server.client_config(&alice, &cred);
+        config.server_ca = server_ca.clone();
+        let (handle, _events) = client::connect(config);
+        let mut status = handle.status();
+        let status = within(status.wait_for(|s| s.last_error.is_some()))
+            .await
+            .unwrap()
+            .clone();
+        let message = status.last_error.unwrap().message;
+        assert!(
+            message.contains(&server.url)
+                && message.contains("certificate")
+                && message.contains(why),
+            "{case}: {message}"
+        );
+        assert!(!message.contains('\n'), "{case}: {message}");
+        assert_ne!(status.state, ConnState::Connected, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_never_comes_is_cut_at_the_handshake_deadline() {
+    let ca = TestCa::new();
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let server = TestServer::with(limits, Some(ca.server(&["127.0.0.1"], (-1, 30)))).await;
+    // Connects and says nothing: the server closes the connection by itself.
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = within(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }

@@ -18,6 +18,12 @@ pub struct ServerArgs {
     /// Account database [default: ~/.local/share/brume/server.db].
     #[arg(long)]
     pub db: Option<PathBuf>,
+    /// Certificate chain (PEM) to serve wss:// and https:// with; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Administrative command; without one, the server runs in the foreground.
     #[command(subcommand)]
     pub command: Option<ServerCommand>,
@@ -93,11 +99,21 @@ pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             eprintln!("identity key of {name} reset: the next key it presents will be registered");
             Ok(())
         }
-        None => serve(&args.listen, db_or_default(None)),
+        None => {
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(super::tls::server_config(cert, key)?),
+                _ => None,
+            };
+            serve(&args.listen, db_or_default(None), tls)
+        }
     }
 }
 
-fn serve(listen: &str, db: PathBuf) -> anyhow::Result<()> {
+fn serve(
+    listen: &str,
+    db: PathBuf,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -108,9 +124,19 @@ fn serve(listen: &str, db: PathBuf) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         // Scripts (and tests) read the actual address from here when given port 0.
-        println!("brume server listening on ws://{addr}/");
-        server::run(listener, ServerConfig::new(db), shutdown_signal()).await?;
+        println!("brume server listening on {scheme}://{addr}/");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "listening beyond loopback without TLS: tokens and credentials cross the \
+                 network in the clear; give --tls-cert and --tls-key"
+            );
+        }
+        let mut config = ServerConfig::new(db);
+        config.tls = tls;
+        server::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -162,6 +188,7 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     let token = runtime.block_on(super::client::fetch_token(
         &config.server_url,
+        config.server_ca.as_deref(),
         &config.username,
         &config.credential,
         args.ttl,

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,6 +63,23 @@ pub enum ClientError {
         /// The URL.
         url: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// The server's TLS certificate was refused: the connection is not made
+    /// (never tried again without TLS).
+    #[error("{url}: the server's TLS certificate is refused: {reason}")]
+    Certificate {
+        /// The URL.
+        url: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// TLS could not be set up on this side (an unreadable `server_ca`, say).
+    #[error("{url}: {reason}")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// What failed.
         reason: String,
     },
     /// The server could not be reached.
@@ -141,8 +160,10 @@ impl ClientError {
 /// What a client needs to connect.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// WebSocket URL of the server (`ws://host:port/`).
+    /// WebSocket URL of the server (`ws://host:port/` or `wss://…`).
     pub server_url: String,
+    /// Extra certificates to trust for a `wss://` server (PEM), beyond the OS's.
+    pub server_ca: Option<PathBuf>,
     /// The account.
     pub username: UserName,
     /// Its long-lived credential.
@@ -172,6 +193,7 @@ impl ClientConfig {
     pub fn new(config: &Config, identity: SigningKey) -> Self {
         Self {
             server_url: config.server_url.clone(),
+            server_ca: config.server_ca.clone(),
             username: config.username.clone(),
             credential: config.credential.clone(),
             identity,
@@ -398,47 +420,72 @@ impl SignalClient {
 }
 
 /// Where to reach a server, from its `ws://` URL.
+/// A byte stream to the server: plain TCP or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The stream a connection to the server runs on.
+pub type Stream = Box<dyn Io>;
+
+#[derive(Clone)]
 struct Target {
     url: String,
     authority: String,
     host: String,
     port: u16,
     token_path: String,
+    /// For `wss://`: what to trust.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self, ClientError> {
+    /// The server at `url`; for `wss://`, trusting the OS's roots and
+    /// `server_ca`.
+    fn parse(url: &str, server_ca: Option<&Path>) -> Result<Self, ClientError> {
         let bad = |reason: &str| ClientError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        match uri.scheme_str() {
-            Some("ws") => {}
-            Some("wss") => {
-                return Err(bad(
-                    "wss:// is not supported yet: put the server on ws:// behind a local TLS tunnel",
-                ));
-            }
-            _ => return Err(bad("must start with ws://")),
-        }
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad("must start with ws:// or wss://")),
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
         let base = uri.path().trim_end_matches('/');
+        let tls = match secure {
+            true => Some(
+                super::tls::client_config(server_ca).map_err(|e| ClientError::Tls {
+                    url: url.to_owned(),
+                    reason: e.to_string(),
+                })?,
+            ),
+            false => None,
+        };
         Ok(Self {
             url: url.to_owned(),
             authority: authority.as_str().to_owned(),
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port: authority
+                .port_u16()
+                .unwrap_or(if secure { 443 } else { 80 }),
             token_path: format!("{base}/token"),
+            tls,
         })
     }
 
-    async fn tcp(&self) -> Result<TcpStream, ClientError> {
+    /// Connects, and for `wss://` completes TLS: a certificate problem is an
+    /// error of its own, never a reason to try without TLS.
+    async fn connect(&self) -> Result<Stream, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             url: self.url.clone(),
             reason,
@@ -451,18 +498,39 @@ impl Target {
         .map_err(|_| unreachable("connect timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(stream));
+        };
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
+            ClientError::Url {
+                url: self.url.clone(),
+                reason: format!("not a TLS server name: {e}"),
+            }
+        })?;
+        let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream);
+        match timeout(STEP_TIMEOUT, handshake).await {
+            Err(_) => Err(unreachable("TLS handshake timed out".into())),
+            Ok(Ok(tls)) => Ok(Box::new(tls)),
+            Ok(Err(e)) => Err(match super::tls::certificate_problem(&e) {
+                Some(reason) => ClientError::Certificate {
+                    url: self.url.clone(),
+                    reason,
+                },
+                None => unreachable(format!("TLS handshake: {e}")),
+            }),
+        }
     }
 }
 
 /// Exchanges an account's credential for an access token (`POST /token`).
 pub async fn fetch_token(
     server_url: &str,
+    server_ca: Option<&Path>,
     username: &UserName,
     credential: &str,
     ttl: Option<u64>,
 ) -> Result<TokenResponse, ClientError> {
-    let target = Target::parse(server_url)?;
+    let target = Target::parse(server_url, server_ca)?;
     fetch_token_at(&target, username, credential, ttl).await
 }
 
@@ -478,7 +546,7 @@ async fn fetch_token_at(
         ttl,
     })
     .map_err(|e| ClientError::protocol(e.to_string()))?;
-    let stream = target.tcp().await?;
+    let stream = target.connect().await?;
     let exchange = async {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -528,7 +596,7 @@ async fn fetch_token_at(
     })
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -542,9 +610,10 @@ fn ws_config() -> WebSocketConfig {
 /// Opens a WebSocket to the server with `token` (no `hello` yet).
 pub async fn open_websocket(
     server_url: &str,
+    server_ca: Option<&Path>,
     token: &str,
-) -> Result<WebSocketStream<TcpStream>, ClientError> {
-    let target = Target::parse(server_url)?;
+) -> Result<WebSocketStream<Stream>, ClientError> {
+    let target = Target::parse(server_url, server_ca)?;
     open_at(&target, token).await
 }
 
@@ -560,7 +629,7 @@ async fn open_at(target: &Target, token: &str) -> Result<Ws, ClientError> {
     let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| ClientError::protocol("token is not a valid header value"))?;
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
-    let stream = target.tcp().await?;
+    let stream = target.connect().await?;
     let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()));
     match timeout(STEP_TIMEOUT, handshake).await {
         Err(_) => Err(ClientError::protocol("WebSocket handshake timed out")),
@@ -641,7 +710,8 @@ impl Connection {
 
     async fn run(mut self) {
         let mut attempt: u32 = 0;
-        let target = match Target::parse(&self.config.server_url) {
+        let target = match Target::parse(&self.config.server_url, self.config.server_ca.as_deref())
+        {
             Ok(target) => target,
             Err(err) => {
                 self.record(&err);
@@ -811,14 +881,14 @@ impl Connection {
                     }
                 }
                 () = sleep_until(refresh_at), if refreshing.is_none() => {
-                    let (target_url, user, credential, ttl) = (
-                        target.url.clone(),
+                    let (target, user, credential, ttl) = (
+                        target.clone(),
                         self.config.username.clone(),
                         self.config.credential.clone(),
                         self.config.token_ttl,
                     );
                     refreshing = Some(Box::pin(async move {
-                        fetch_token(&target_url, &user, &credential, Some(ttl)).await
+                        fetch_token_at(&target, &user, &credential, Some(ttl)).await
                     }));
                 }
                 token = refreshed(&mut refreshing), if refreshing.is_some() => {
@@ -983,6 +1053,7 @@ mod tests {
     fn backoff_grows_with_jitter_and_is_capped() {
         let config = ClientConfig {
             server_url: "ws://127.0.0.1:1/".into(),
+            server_ca: None,
             username: UserName::new("a").unwrap(),
             credential: String::new(),
             identity: SigningKey::from_bytes(&[1; 32]),
@@ -1001,18 +1072,21 @@ mod tests {
 
     #[test]
     fn token_url_follows_the_server_url() {
-        let t = Target::parse("ws://127.0.0.1:8787/").unwrap();
+        let t = Target::parse("ws://127.0.0.1:8787/", None).unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.token_path.as_str()),
             ("127.0.0.1", 8787, "/token")
         );
-        let t = Target::parse("ws://[::1]:9/brume").unwrap();
+        assert!(t.tls.is_none());
+        let t = Target::parse("ws://[::1]:9/brume", None).unwrap();
         assert_eq!(
             (t.host.as_str(), t.port, t.token_path.as_str()),
             ("::1", 9, "/brume/token")
         );
-        assert!(Target::parse("wss://example.org/").is_err());
-        assert!(Target::parse("http://example.org/").is_err());
+        let t = Target::parse("wss://example.org/", None).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("example.org", 443));
+        assert!(t.tls.is_some());
+        assert!(Target::parse("http://example.org/", None).is_err());
     }
 
     proptest::proptest! {
@@ -1023,8 +1097,9 @@ mod tests {
                 "(ws|WS|wss|http)://[a-z0-9.:@\\[\\]%-]{0,20}(:[0-9]{0,6})?(/[a-z/?#%]{0,10})?",
             ],
         ) {
-            if let Ok(t) = Target::parse(&url) {
-                proptest::prop_assert!(url.to_ascii_lowercase().starts_with("ws://"), "{}", url);
+            if let Ok(t) = Target::parse(&url, None) {
+                let lower = url.to_ascii_lowercase();
+                proptest::prop_assert!(lower.starts_with("ws://") || lower.starts_with("wss://"), "{}", url);
                 proptest::prop_assert!(t.token_path.ends_with("/token"));
                 proptest::prop_assert!(t.token_path.starts_with('/'), "{}", t.token_path);
             }

@@ -99,15 +99,18 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Source of time for token checks.
     pub clock: Clock,
+    /// TLS: serve `wss://` and `https://` (else plain `ws://` and `http://`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
-    /// A config with default limits and the system clock.
+    /// A config with default limits, the system clock and no TLS.
     pub fn new(db: PathBuf) -> Self {
         Self {
             db,
             limits: Limits::default(),
             clock: Clock::System,
+            tls: None,
         }
     }
 }
@@ -127,6 +130,8 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     /// Connection ids, for logs and for telling a replaced connection from its successor.
     next_id: std::sync::atomic::AtomicU64,
+    /// TLS, if the server speaks it.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Shared {
@@ -175,11 +180,12 @@ pub async fn run(
         router: Mutex::new(Router::default()),
         shutdown: stopped,
         next_id: Default::default(),
+        tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
     });
     let addr = listener
         .local_addr()
         .map_err(|source| ServerError::Listener { source })?;
-    info!(%addr, db = %config.db.display(), "signaling server listening");
+    info!(%addr, db = %config.db.display(), tls = shared.tls.is_some(), "signaling server listening");
 
     tokio::pin!(shutdown);
     loop {
@@ -216,6 +222,27 @@ async fn serve_http(
     done: mpsc::Sender<()>,
 ) {
     let _ = stream.set_nodelay(true);
+    let Some(acceptor) = shared.tls.clone() else {
+        return serve_io(shared, stream, peer, done).await;
+    };
+    // The TLS handshake counts against the same deadline as the request.
+    let mut stop = shared.shutdown.clone();
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(stream)) => accepted,
+        () = stopping(&mut stop) => return,
+    };
+    match accepted {
+        Ok(Ok(tls)) => serve_io(shared, tls, peer, done).await,
+        Ok(Err(err)) => debug!(cause = %err, "TLS handshake failed"),
+        Err(_) => debug!("TLS handshake timed out"),
+    }
+}
+
+/// Serves the HTTP request (and any WebSocket upgrade) of one connection.
+async fn serve_io<I>(shared: Arc<Shared>, io: I, peer: SocketAddr, done: mpsc::Sender<()>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = shared.limits.clone();
     let mut stop = shared.shutdown.clone();
     let service_shared = shared.clone();
@@ -226,7 +253,7 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
         .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::select! {
         served = tokio::time::timeout(limits.handshake_timeout, conn) => match served {
