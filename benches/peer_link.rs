@@ -91,6 +91,7 @@ async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
             me: user,
             identity: key,
             ice_servers: vec![],
+            relay_only: false,
             udp_addrs: vec!["127.0.0.1:0".into()],
             setup_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(20),

@@ -56,9 +56,14 @@ pub struct Config {
     pub username: UserName,
     /// Long-lived account credential, exchanged for short-lived access tokens.
     pub credential: String,
-    /// STUN/TURN servers for the peer link; empty means host candidates only.
+    /// STUN/TURN servers for the peer link, beyond those the signaling server
+    /// hands out; with none at all, host candidates only.
     #[serde(default)]
     pub ice_servers: Vec<String>,
+    /// Which ICE candidates the peer link uses: `"all"`, or `"relay"` (TURN
+    /// relays only, so that peers never learn this machine's addresses).
+    #[serde(default, skip_serializing_if = "IcePolicy::is_all")]
+    pub ice_policy: IcePolicy,
     /// Local addresses the peer link's UDP sockets bind (its host candidates):
     /// every interface by default; `["127.0.0.1:0"]` keeps it on loopback.
     #[serde(default = "every_interface")]
@@ -69,6 +74,23 @@ pub struct Config {
     /// Filesystem tuning.
     #[serde(default)]
     pub fs: FsConfig,
+}
+
+/// Which ICE candidates the peer link uses.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IcePolicy {
+    /// Host, server-reflexive and relayed candidates: the most direct path.
+    #[default]
+    All,
+    /// Relayed candidates only.
+    Relay,
+}
+
+impl IcePolicy {
+    fn is_all(&self) -> bool {
+        *self == IcePolicy::All
+    }
 }
 
 /// Limits of the members' block cache.
@@ -140,6 +162,7 @@ impl Config {
             username,
             credential,
             ice_servers: Vec::new(),
+            ice_policy: IcePolicy::All,
             udp_addrs: every_interface(),
             cache: CacheConfig::default(),
             fs: FsConfig::default(),
@@ -234,6 +257,7 @@ mod tests {
             username: UserName::new("alice").unwrap(),
             credential: "secret".into(),
             ice_servers: vec!["stun:127.0.0.1:3478".into()],
+            ice_policy: IcePolicy::Relay,
             udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
             cache: CacheConfig {
                 max_bytes: 1 << 20,

@@ -294,6 +294,11 @@ pub trait Signaling: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<IdentityKey>, ClientError>>;
     /// Watches `user`'s presence from now on.
     fn watch(&self, user: &UserName) -> BoxFuture<'_, Result<(), ClientError>>;
+    /// The STUN/TURN servers the signaling server hands out, with current
+    /// credentials.
+    fn ice_servers(&self) -> Vec<crate::signal::ice::IceServer> {
+        Vec::new()
+    }
 }
 
 impl Signaling for SignalClient {
@@ -318,6 +323,10 @@ impl Signaling for SignalClient {
         let user = user.clone();
         Box::pin(async move { SignalClient::watch(self, [user]).await })
     }
+
+    fn ice_servers(&self) -> Vec<crate::signal::ice::IceServer> {
+        self.status().borrow().ice_servers.clone()
+    }
 }
 
 /// How the peer links run.
@@ -330,6 +339,8 @@ pub struct PeersConfig {
     /// STUN/TURN server URLs from `brume.conf`; TURN credentials as
     /// `turn:USER:PASSWORD@host:port`. Empty: host candidates only.
     pub ice_servers: Vec<String>,
+    /// Relayed candidates only: peers never learn our addresses.
+    pub relay_only: bool,
     /// Local UDP addresses to gather host candidates on. A wildcard binds every
     /// interface except loopback; tests use `127.0.0.1:0`.
     pub udp_addrs: Vec<String>,
@@ -360,6 +371,7 @@ impl PeersConfig {
             me: config.username.clone(),
             identity,
             ice_servers: config.ice_servers.clone(),
+            relay_only: config.ice_policy == crate::config::IcePolicy::Relay,
             udp_addrs: config.udp_addrs.iter().map(|a| a.to_string()).collect(),
             setup_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(20),
@@ -413,6 +425,11 @@ pub struct PeerStatus {
     pub key_changed: Option<(String, String)>,
     /// Links established so far.
     pub connects: u64,
+    /// The current link's path: the local candidate type of its selected pair
+    /// (`host`, `srflx`, `prflx` or `relay`).
+    pub path: Option<String>,
+    /// For a relayed link, the relay it goes through (`HOST:PORT`).
+    pub relay: Option<String>,
 }
 
 impl PeerStatus {
@@ -425,6 +442,8 @@ impl PeerStatus {
             key_fingerprint: None,
             key_changed: None,
             connects: 0,
+            path: None,
+            relay: None,
         }
     }
 }
@@ -783,6 +802,7 @@ fn slot<'a>(
                 peer: peer.clone(),
                 identity: inner.config.identity.clone(),
                 ice_servers: supervisor::ice_servers(&inner.config.ice_servers),
+                relay_only: inner.config.relay_only,
                 udp_addrs: inner.config.udp_addrs.clone(),
                 setup_timeout: inner.config.setup_timeout,
                 signal: inner.signal.clone(),

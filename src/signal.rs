@@ -7,12 +7,14 @@
 //! - [`server`]: the server: HTTP token endpoint, WebSocket sessions, relay, presence.
 //! - [`client`]: the client the daemon uses: reconnects, refreshes, relays, presence.
 //! - [`identity`]: the client's ed25519 identity key file.
+//! - [`ice`]: STUN/TURN servers the server hands out, with TURN REST credentials.
 //! - [`tls`]: TLS for `wss://`: what the client trusts, the server's certificate.
 //! - [`cli`]: `brume server …` and `brume token`.
 
 pub mod accounts;
 pub mod cli;
 pub mod client;
+pub mod ice;
 pub mod identity;
 pub mod protocol;
 pub mod server;

@@ -193,13 +193,19 @@ pub fn render(s: &Status) -> String {
             for (user, p) in peers {
                 // A problem the link has recovered from is history, not news.
                 let state = p["state"].as_str().unwrap_or("?");
+                let state = match (state, p["path"].as_str(), p["relay"].as_str()) {
+                    ("up", Some("relay"), Some(relay)) => format!("up, relayed via {relay}"),
+                    ("up", Some("relay"), None) => "up, relayed".to_owned(),
+                    ("up", Some(path), _) => format!("up, direct ({path})"),
+                    (state, ..) => state.to_owned(),
+                };
                 let _ = writeln!(
                     out,
                     "peer {user}: {state}, sent {} B, received {} B, key {}{}",
                     p["bytes_sent"],
                     p["bytes_received"],
                     p["key_fingerprint"].as_str().unwrap_or("not yet seen"),
-                    if state == "up" {
+                    if state.starts_with("up") {
                         String::new()
                     } else {
                         problem(&p["last_error"])
@@ -384,7 +390,9 @@ mod tests {
     fn a_group_kept_on_demand_is_synced_and_a_recovered_peer_shows_no_old_problem() {
         let problem = serde_json::json!({"code": "ENODEST", "message": "alice is not connected"});
         let peers = serde_json::json!({
-            "alice": {"state": "up", "bytes_sent": 1, "bytes_received": 2, "last_error": problem},
+            "alice": {"state": "up", "bytes_sent": 1, "bytes_received": 2, "last_error": problem,
+                      "path": "relay", "relay": "192.0.2.7:49160"},
+            "dave": {"state": "up", "bytes_sent": 1, "bytes_received": 2, "path": "srflx"},
             "carol": {"state": "backoff", "bytes_sent": 0, "bytes_received": 0, "last_error": problem},
         });
         let on_demand = MemberGroupStatus {
@@ -403,6 +411,12 @@ mod tests {
         assert!(!text.contains('%'), "no progress bar: {text}");
         let alice = text.lines().find(|l| l.starts_with("peer alice")).unwrap();
         assert!(!alice.contains("problem"), "{alice}");
+        assert!(
+            alice.starts_with("peer alice: up, relayed via 192.0.2.7:49160,"),
+            "{alice}"
+        );
+        let dave = text.lines().find(|l| l.starts_with("peer dave")).unwrap();
+        assert!(dave.starts_with("peer dave: up, direct (srflx),"), "{dave}");
         let carol = text.lines().find(|l| l.starts_with("peer carol")).unwrap();
         assert!(carol.contains("last problem: ENODEST"), "{carol}");
         // The same group kept in full is still syncing.

@@ -278,6 +278,7 @@ mod config {
                     Config {
                         server_url,
                         server_ca: None,
+                        ice_policy: Default::default(),
                         username: UserName::new(&user).unwrap(),
                         credential,
                         ice_servers,

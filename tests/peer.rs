@@ -51,6 +51,17 @@ impl TestServer {
     }
 
     async fn start_at(dir: Arc<tempfile::TempDir>, addr: SocketAddr) -> Self {
+        Self::start_with(dir, addr, Vec::new(), None).await
+    }
+
+    /// A server handing out `ice` servers, with TURN credentials made from
+    /// `turn_secret`.
+    async fn start_with(
+        dir: Arc<tempfile::TempDir>,
+        addr: SocketAddr,
+        ice: Vec<String>,
+        turn_secret: Option<Vec<u8>>,
+    ) -> Self {
         // Created before the server starts, so the two never race to make the schema.
         let accounts = Accounts::open(&dir.path().join("server.db")).unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -60,6 +71,8 @@ impl TestServer {
             limits: Limits::default(),
             clock: Clock::System,
             tls: None,
+            ice,
+            turn_secret,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async {
@@ -166,6 +179,7 @@ fn peers_config(
         me: as_user.clone(),
         identity: account.identity.clone(),
         ice_servers: vec![],
+        relay_only: false,
         udp_addrs: vec![udp_addr.to_owned()],
         // Generous: debug builds of two WebRTC stacks share two cores with other tests.
         setup_timeout: Duration::from_secs(10),
@@ -210,6 +224,9 @@ impl Signaling for Relay {
         let user = user.clone();
         Box::pin(async move { self.inner.watch([user]).await })
     }
+    fn ice_servers(&self) -> Vec<brume::signal::ice::IceServer> {
+        Signaling::ice_servers(&self.inner)
+    }
 }
 
 type Incoming = Arc<dyn Fn(SignalEvent) -> Option<SignalEvent> + Send + Sync>;
@@ -228,6 +245,8 @@ struct Options {
     connect_timeout: Duration,
     /// Where the client's peer links bind their UDP sockets.
     udp_addr: &'static str,
+    /// Relayed candidates only.
+    relay_only: bool,
 }
 
 impl Default for Options {
@@ -240,6 +259,7 @@ impl Default for Options {
             members: Arc::new(|_, _| true),
             connect_timeout: Duration::from_secs(25),
             udp_addr: "127.0.0.1:0",
+            relay_only: false,
         }
     }
 }
@@ -295,8 +315,10 @@ async fn start_at(server_url: String, account: &Account, opts: Options) -> Clien
     };
     let members = opts.members.clone();
     let as_user = opts.as_user.unwrap_or_else(|| account.user.clone());
+    let mut config = peers_config(account, &as_user, opts.connect_timeout, opts.udp_addr);
+    config.relay_only = opts.relay_only;
     let (peers, events) = Peers::start(
-        peers_config(account, &as_user, opts.connect_timeout, opts.udp_addr),
+        config,
         transport,
         signal_events,
         catalog.clone(),
@@ -393,6 +415,11 @@ async fn two_clients_connect_authenticate_and_exchange_on_every_lane() {
         Some(bob.peers.my_fingerprint().as_str())
     );
     assert!(s.bytes_sent > big.len() as u64, "{s:?}");
+    // On loopback with no STUN or TURN: a direct path between host candidates.
+    assert!(
+        matches!(s.path.as_deref(), Some("host" | "prflx")) && s.relay.is_none(),
+        "{s:?}"
+    );
     let pins = brume::catalog::pinned_keys(alice.catalog.path()).unwrap();
     assert_eq!(
         pins,
@@ -965,4 +992,138 @@ async fn a_replayed_handshake_is_refused() {
         .unwrap();
     assert_eq!(message_from(&mut bob, &a.user).await.1, b"still here");
     assert_eq!(alice.peers.status()[&b.user].connects, 1);
+}
+
+/// A coturn TURN server on loopback, started for one test and killed with it,
+/// checking credentials in the TURN REST scheme (`use-auth-secret`).
+struct Coturn {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Coturn {
+    fn start(secret: &str) -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("turnserver")
+            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--no-stdout-log"])
+            .args(["--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+            .arg(format!("--listening-port={port}"))
+            .args(["--min-port=49152", "--max-port=65535"])
+            .args([
+                "--use-auth-secret",
+                "--realm=brume.test",
+                "--allow-loopback-peers",
+            ])
+            .arg(format!("--static-auth-secret={secret}"))
+            .arg(format!(
+                "--log-file={}",
+                dir.path().join("turn.log").display()
+            ))
+            .arg(format!(
+                "--pidfile={}",
+                dir.path().join("turn.pid").display()
+            ))
+            .arg(format!("--userdb={}", dir.path().join("turndb").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("turnserver (coturn) is installed by tests/run.sh");
+        let mut turn = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        crate::harness::wait_until(Duration::from_secs(20), "coturn listening", || {
+            if let Ok(Some(status)) = turn.child.try_wait() {
+                panic!("turnserver exited: {status}");
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        turn
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_can_go_through_coturn_with_credentials_the_server_hands_out() {
+    let turn = Coturn::start("a shared secret");
+    let server = TestServer::start_with(
+        Arc::new(tempfile::tempdir().unwrap()),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![format!("turn:127.0.0.1:{}", turn.port)],
+        Some(b"a shared secret".to_vec()),
+    )
+    .await;
+    let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
+    // Relayed candidates only: the link exists only if coturn took the
+    // credentials the signaling server made.
+    let relayed = || Options {
+        relay_only: true,
+        ..Options::default()
+    };
+    let mut alice = start(&server, &a, relayed()).await;
+    let mut bob = start(&server, &b, relayed()).await;
+    within(
+        alice
+            .peers
+            .send(&b.user, Lane::Control, b"through the relay"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        message_from(&mut bob, &a.user).await,
+        (Lane::Control, b"through the relay".to_vec())
+    );
+    within(bob.peers.send(&a.user, Lane::Bulk, &pattern(1 << 20, 3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        message_from(&mut alice, &b.user).await.1,
+        pattern(1 << 20, 3)
+    );
+    let status = alice.peers.status();
+    let s = &status[&b.user];
+    assert_eq!(s.path.as_deref(), Some("relay"), "{s:?}");
+    // The relayed address coturn allocated on its side.
+    assert!(
+        s.relay
+            .as_deref()
+            .is_some_and(|r| r.starts_with("127.0.0.1:")),
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_server_that_refuses_the_credentials_relays_nothing() {
+    // coturn knows another secret: the handed-out credentials are refused, and
+    // with relayed candidates only there is no path.
+    let turn = Coturn::start("the real secret");
+    let server = TestServer::start_with(
+        Arc::new(tempfile::tempdir().unwrap()),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![format!("turn:127.0.0.1:{}", turn.port)],
+        Some(b"a wrong secret".to_vec()),
+    )
+    .await;
+    let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
+    let relayed = || Options {
+        relay_only: true,
+        connect_timeout: Duration::from_secs(8),
+        ..Options::default()
+    };
+    let alice = start(&server, &a, relayed()).await;
+    let _bob = start(&server, &b, relayed()).await;
+    let sent = alice.peers.send(&b.user, Lane::Control, b"x").await;
+    assert!(sent.is_err(), "a link came up without a relay: {sent:?}");
 }

@@ -80,6 +80,8 @@ impl TestServer {
             limits,
             clock,
             tls,
+            ice: Vec::new(),
+            turn_secret: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async {
@@ -1442,4 +1444,63 @@ async fn a_tls_handshake_that_never_comes_is_cut_at_the_handshake_deadline() {
     let mut buf = [0u8; 16];
     let read = within(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn the_server_hands_out_ice_servers_with_turn_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = ServerConfig::new(db.clone());
+    config.ice = vec![
+        "stun:stun.example:3478".into(),
+        "turn:turn.example:3478".into(),
+    ];
+    config.turn_secret = Some(b"k".to_vec());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, config, async {
+        let _ = stopped.await;
+    }));
+    let accounts = Accounts::open(&db).unwrap();
+    let alice = UserName::new("alice").unwrap();
+    let credential = accounts.add_user(&alice).unwrap();
+    let (client, _events) = client::connect(ClientConfig {
+        server_url: format!("ws://{addr}/"),
+        server_ca: None,
+        username: alice.clone(),
+        credential,
+        identity: random_identity(),
+        token_ttl: 600,
+        backoff_initial: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+    });
+    within(client.connected()).await.unwrap();
+    let servers = client.status().borrow().ice_servers.clone();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    assert_eq!(servers[0].urls, ["stun:stun.example:3478"]);
+    assert_eq!(servers[0].username, None);
+    let username = servers[1].username.clone().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, "alice");
+    let expiry: u64 = expiry.parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        expiry > now && expiry <= now + 3600 + 5,
+        "{expiry} vs {now}"
+    );
+    assert_eq!(
+        servers[1].credential.as_deref(),
+        Some(
+            brume::signal::ice::turn_credentials(b"k", &alice, expiry)
+                .1
+                .as_str()
+        )
+    );
+    drop(client);
+    drop(stop);
+    within(task).await.unwrap().unwrap();
 }

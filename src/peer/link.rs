@@ -211,7 +211,11 @@ pub(crate) struct LinkParams {
     pub(crate) me: UserName,
     pub(crate) peer: UserName,
     pub(crate) identity: SigningKey,
+    /// ICE servers from `brume.conf` (the signaling server's are added at each
+    /// link's setup, with their current credentials).
     pub(crate) ice_servers: Vec<RTCIceServer>,
+    /// Relayed candidates only (`ice_policy = "relay"`).
+    pub(crate) relay_only: bool,
     pub(crate) udp_addrs: Vec<String>,
     pub(crate) setup_timeout: Duration,
     pub(crate) signal: Arc<dyn Signaling>,
@@ -465,6 +469,27 @@ impl Link {
         self.shared.live.send_replace(true);
     }
 
+    /// The path the link's traffic takes: the type of the local candidate of
+    /// the selected pair (`host`, `srflx`, `prflx`, `relay`) and, relayed, the
+    /// relay's address; `None` if not known (yet).
+    pub(crate) async fn path(&self) -> Option<(String, Option<String>)> {
+        let sctp = self.pc.sctp().await?;
+        let pair = sctp
+            .transport()
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await
+            .ok()??;
+        let local = pair.local();
+        let kind = local.typ.to_string();
+        // Relayed: the address the TURN server allocated for us.
+        let relay = (kind == "relay").then(|| match local.address.contains(':') {
+            true => format!("[{}]:{}", local.address, local.port),
+            false => format!("{}:{}", local.address, local.port),
+        });
+        Some((kind, relay))
+    }
+
     /// Closes the connection.
     pub(crate) async fn close(&self) {
         self.shared.closing.store(true, Ordering::Relaxed);
@@ -529,8 +554,26 @@ async fn build_pc(
         // No larger than the UDP socket can hold: see `super::udp`.
         .with_sctp_max_receive_buffer_size(udp::receive_window())
         .build();
+    let mut ice_servers = params.ice_servers.clone();
+    ice_servers.extend(
+        params
+            .signal
+            .ice_servers()
+            .into_iter()
+            .map(|s| RTCIceServer {
+                urls: s.urls,
+                username: s.username.unwrap_or_default(),
+                credential: s.credential.unwrap_or_default(),
+            }),
+    );
+    let policy = if params.relay_only {
+        rtc::peer_connection::configuration::RTCIceTransportPolicy::Relay
+    } else {
+        rtc::peer_connection::configuration::RTCIceTransportPolicy::All
+    };
     let config = RTCConfigurationBuilder::new()
-        .with_ice_servers(params.ice_servers.clone())
+        .with_ice_servers(ice_servers)
+        .with_ice_transport_policy(policy)
         .build();
     let handler = Handler {
         signal: Arc::downgrade(&params.signal),

@@ -397,6 +397,7 @@ impl Supervisor {
                 let sid = link.sid;
                 // `attempt` checked the key against the pin before succeeding.
                 let fp = self.key_fp.clone().unwrap_or_default();
+                let path = link.path().await;
                 // The status says `Up` before the link is published: whoever gets the
                 // link from `Peers` sees a status that agrees.
                 self.set(|s| {
@@ -404,6 +405,7 @@ impl Supervisor {
                     s.connects += 1;
                     s.key_fingerprint = Some(fp.clone());
                     s.key_changed = None;
+                    (s.path, s.relay) = path.clone().map_or((None, None), |(p, r)| (Some(p), r));
                 });
                 let old = current.replace(link.clone());
                 self.peer_left = false;

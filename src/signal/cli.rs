@@ -24,6 +24,15 @@ pub struct ServerArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A STUN or TURN server handed to every client for its peer links
+    /// (`stun:HOST:PORT`, `turn:HOST:PORT`, `turn:HOST:PORT?transport=tcp`,
+    /// `turns:HOST:PORT`); repeat for several.
+    #[arg(long = "ice", value_name = "URL", value_parser = parse_ice)]
+    pub ice: Vec<String>,
+    /// File holding the secret shared with the TURN server (coturn's
+    /// static-auth-secret): TURN URLs are handed out with credentials made from it.
+    #[arg(long, value_name = "FILE")]
+    pub turn_secret_file: Option<PathBuf>,
     /// Administrative command; without one, the server runs in the foreground.
     #[command(subcommand)]
     pub command: Option<ServerCommand>,
@@ -53,6 +62,12 @@ pub enum ServerCommand {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+}
+
+fn parse_ice(url: &str) -> Result<String, String> {
+    super::ice::check_url(url)
+        .map(|()| url.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_user(name: &str) -> Result<UserName, String> {
@@ -104,16 +119,35 @@ pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                 (Some(cert), Some(key)) => Some(super::tls::server_config(cert, key)?),
                 _ => None,
             };
-            serve(&args.listen, db_or_default(None), tls)
+            let turn_secret = match &args.turn_secret_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("TURN secret file {}", path.display()))?;
+                    let secret = text.trim();
+                    anyhow::ensure!(
+                        !secret.is_empty(),
+                        "TURN secret file {} is empty",
+                        path.display()
+                    );
+                    Some(secret.as_bytes().to_vec())
+                }
+                None => None,
+            };
+            if turn_secret.is_none() && args.ice.iter().any(|u| u.starts_with("turn")) {
+                tracing::warn!(
+                    "TURN servers without --turn-secret-file: clients get no credentials for them"
+                );
+            }
+            let mut config = ServerConfig::new(db_or_default(None));
+            config.tls = tls;
+            config.ice = args.ice.clone();
+            config.turn_secret = turn_secret;
+            serve(&args.listen, config)
         }
     }
 }
 
-fn serve(
-    listen: &str,
-    db: PathBuf,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-) -> anyhow::Result<()> {
+fn serve(listen: &str, config: ServerConfig) -> anyhow::Result<()> {
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,18 +158,16 @@ fn serve(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
-        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let scheme = if config.tls.is_some() { "wss" } else { "ws" };
         // Scripts (and tests) read the actual address from here when given port 0.
         println!("brume server listening on {scheme}://{addr}/");
-        if tls.is_none() && !addr.ip().is_loopback() {
+        if config.tls.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(
                 %addr,
                 "listening beyond loopback without TLS: tokens and credentials cross the \
                  network in the clear; give --tls-cert and --tls-key"
             );
         }
-        let mut config = ServerConfig::new(db);
-        config.tls = tls;
         server::run(listener, config, shutdown_signal()).await?;
         Ok(())
     })

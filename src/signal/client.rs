@@ -271,6 +271,10 @@ pub struct SignalStatus {
     pub connects: u64,
     /// Token refreshes the server accepted during sessions so far.
     pub refreshes: u64,
+    /// The STUN/TURN servers the server handed out last (with their TURN
+    /// credentials: never written to a status file).
+    #[serde(skip)]
+    pub ice_servers: Vec<super::ice::IceServer>,
 }
 
 /// Commands from handles to the connection task.
@@ -319,6 +323,7 @@ pub fn connect(config: ClientConfig) -> (SignalClient, mpsc::Receiver<SignalEven
         last_error: None,
         connects: 0,
         refreshes: 0,
+        ice_servers: Vec::new(),
     });
     let span = info_span!("signal", user = %config.username, server = %config.server_url);
     // The connection task: owns the WebSocket; ends when every handle is dropped.
@@ -832,7 +837,10 @@ impl Connection {
         .await
         .map_err(|_| ClientError::protocol("no welcome in time"))??;
         match welcome {
-            ServerToClient::Welcome { user, .. } if user == config.username => {
+            ServerToClient::Welcome {
+                user, ice_servers, ..
+            } if user == config.username => {
+                self.status.send_modify(|s| s.ice_servers = ice_servers);
                 Ok((ws, token.expires_in))
             }
             other => Err(ClientError::protocol(format!(
@@ -994,6 +1002,17 @@ impl Connection {
                 return;
             }
             ServerToClient::Welcome { .. } => return,
+            ServerToClient::IceServers {
+                servers,
+                expires_in,
+            } => {
+                debug!(
+                    servers = servers.len(),
+                    expires_in, "ICE servers from the server"
+                );
+                self.status.send_modify(|s| s.ice_servers = servers);
+                return;
+            }
         };
         // A dropped receiver means nobody listens; the connection still serves sends.
         let _ = self.events.send(event).await;

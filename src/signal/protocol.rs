@@ -289,6 +289,10 @@ pub enum ServerToClient {
         user: UserName,
         /// Seconds until the session's token expires, unless refreshed.
         expires_in: u64,
+        /// The STUN/TURN servers to use for peer links (fresh ones follow every
+        /// `refreshed`, in `ice_servers`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<super::ice::IceServer>,
     },
     /// A payload from another user. `from` is set by the server from the sender's
     /// token, never taken from the sender.
@@ -335,6 +339,15 @@ pub enum ServerToClient {
     #[serde(rename = "refreshed")]
     Refreshed {
         /// Seconds until the new token expires.
+        expires_in: u64,
+    },
+    /// The STUN/TURN servers to use for peer links, with fresh TURN
+    /// credentials; sent after every `refreshed`, if the server has any.
+    #[serde(rename = "ice_servers")]
+    IceServers {
+        /// The servers.
+        servers: Vec<super::ice::IceServer>,
+        /// Seconds until their credentials expire.
         expires_in: u64,
     },
 }
@@ -695,6 +708,7 @@ mod proptests {
                     version,
                     user,
                     expires_in,
+                    ice_servers: Vec::new(),
                 }
             }),
             (user(), payload()).prop_map(|(from, payload)| ServerToClient::Relay { from, payload }),
@@ -720,6 +734,21 @@ mod proptests {
                     id
                 }),
             any::<u64>().prop_map(|expires_in| ServerToClient::Refreshed { expires_in }),
+            (
+                prop::collection::vec("[a-z:0-9.]{1,30}", 0..4),
+                any::<u64>()
+            )
+                .prop_map(|(urls, expires_in)| ServerToClient::IceServers {
+                    servers: urls
+                        .into_iter()
+                        .map(|url| super::super::ice::IceServer {
+                            urls: vec![url],
+                            username: Some("1:u".into()),
+                            credential: None,
+                        })
+                        .collect(),
+                    expires_in,
+                }),
         ]
     }
 

@@ -101,6 +101,11 @@ pub struct ServerConfig {
     pub clock: Clock,
     /// TLS: serve `wss://` and `https://` (else plain `ws://` and `http://`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// STUN/TURN server URLs handed to every client (`--ice`).
+    pub ice: Vec<String>,
+    /// The secret shared with the TURN server, for the credentials handed out
+    /// with `turn:`/`turns:` URLs (`--turn-secret-file`).
+    pub turn_secret: Option<Vec<u8>>,
 }
 
 impl ServerConfig {
@@ -111,6 +116,8 @@ impl ServerConfig {
             limits: Limits::default(),
             clock: Clock::System,
             tls: None,
+            ice: Vec::new(),
+            turn_secret: None,
         }
     }
 }
@@ -132,6 +139,9 @@ struct Shared {
     next_id: std::sync::atomic::AtomicU64,
     /// TLS, if the server speaks it.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// ICE server URLs handed out, and the TURN shared secret.
+    ice: Vec<String>,
+    turn_secret: Option<Vec<u8>>,
 }
 
 impl Shared {
@@ -181,6 +191,8 @@ pub async fn run(
         shutdown: stopped,
         next_id: Default::default(),
         tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
+        ice: config.ice,
+        turn_secret: config.turn_secret,
     });
     let addr = listener
         .local_addr()

@@ -289,6 +289,7 @@ impl Session {
             version: PROTOCOL_VERSION,
             user: self.user().clone(),
             expires_in: expires_in.saturating_sub(TOKEN_LEEWAY_SECS),
+            ice_servers: self.ice_servers(),
         };
         if let Err(end) = self.reply(&welcome).await {
             return end;
@@ -386,6 +387,30 @@ impl Session {
             Ok(Err(err)) => Err(ws_error(err)),
             Err(_) => Err(End::Close(CloseReason::Lagging)),
         }
+    }
+
+    /// Hands the client the ICE servers, with TURN credentials for it, if the
+    /// server has any.
+    async fn send_ice_servers(&mut self) -> Result<(), End> {
+        if self.shared.ice.is_empty() {
+            return Ok(());
+        }
+        let servers = self.ice_servers();
+        self.reply(&ServerToClient::IceServers {
+            servers,
+            expires_in: crate::signal::ice::TURN_CREDENTIAL_TTL_SECS,
+        })
+        .await
+    }
+
+    /// The ICE servers for this user now, with fresh TURN credentials.
+    fn ice_servers(&self) -> Vec<crate::signal::ice::IceServer> {
+        crate::signal::ice::servers_for(
+            &self.shared.ice,
+            self.shared.turn_secret.as_deref(),
+            self.user(),
+            self.shared.clock.now_unix(),
+        )
     }
 
     async fn reply(&mut self, message: &ServerToClient) -> Result<(), End> {
@@ -512,7 +537,9 @@ impl Session {
                         self.reply(&ServerToClient::Refreshed {
                             expires_in: claims.exp.saturating_sub(now),
                         })
-                        .await
+                        .await?;
+                        // Fresh TURN credentials with every refresh.
+                        self.send_ice_servers().await
                     }
                     Ok(claims) => {
                         warn!(other = %claims.sub, "refresh with another user's token");
