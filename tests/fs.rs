@@ -910,6 +910,18 @@ fn kill9_keeps_every_fsynced_file_and_the_catalog_intact() {
 fn every_change_appends_to_the_log_and_bumps_the_version() {
     let (mut c, g) = Client::with_group(false);
     fs::write(g.join("f"), b"one").unwrap();
+    // One entry per writer's release: while the first close's RELEASE (which the
+    // kernel sends without waiting) is still on its way, a second open shares the
+    // first's record and both writes make one entry. Wait for it to be logged.
+    let db = c.db();
+    wait_until(Duration::from_secs(30), "the first write logged", || {
+        db.query_row("SELECT COUNT(*) FROM changes WHERE op = 'write'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    });
+    drop(db);
     let f = OpenOptions::new().write(true).open(g.join("f")).unwrap();
     f.write_all_at(b"XY", 1).unwrap();
     // The close's RELEASE may reach the daemon after the rename; the write is
