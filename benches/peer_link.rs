@@ -92,6 +92,7 @@ async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
             identity: key,
             ice_servers: vec![],
             relay_only: false,
+            turn_tls: None,
             udp_addrs: vec!["127.0.0.1:0".into()],
             setup_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(20),

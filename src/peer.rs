@@ -17,6 +17,7 @@
 pub mod handshake;
 mod link;
 mod supervisor;
+mod turn_tcp;
 mod udp;
 pub mod wire;
 
@@ -341,6 +342,8 @@ pub struct PeersConfig {
     pub ice_servers: Vec<String>,
     /// Relayed candidates only: peers never learn our addresses.
     pub relay_only: bool,
+    /// How a `turns:` server's certificate is checked (`None`: the system's roots).
+    pub turn_tls: Option<Arc<rustls::ClientConfig>>,
     /// Local UDP addresses to gather host candidates on. A wildcard binds every
     /// interface except loopback; tests use `127.0.0.1:0`.
     pub udp_addrs: Vec<String>,
@@ -372,6 +375,9 @@ impl PeersConfig {
             identity,
             ice_servers: config.ice_servers.clone(),
             relay_only: config.ice_policy == crate::config::IcePolicy::Relay,
+            // The same roots as the signaling server's; a bad `server_ca` is
+            // reported there.
+            turn_tls: crate::signal::tls::client_config(config.server_ca.as_deref()).ok(),
             udp_addrs: config.udp_addrs.iter().map(|a| a.to_string()).collect(),
             setup_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(20),
@@ -433,7 +439,7 @@ pub struct PeerStatus {
 }
 
 impl PeerStatus {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             state: PeerState::Idle,
             last_error: None,
@@ -803,6 +809,7 @@ fn slot<'a>(
                 identity: inner.config.identity.clone(),
                 ice_servers: supervisor::ice_servers(&inner.config.ice_servers),
                 relay_only: inner.config.relay_only,
+                turn_tls: inner.config.turn_tls.clone(),
                 udp_addrs: inner.config.udp_addrs.clone(),
                 setup_timeout: inner.config.setup_timeout,
                 signal: inner.signal.clone(),

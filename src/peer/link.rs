@@ -29,11 +29,12 @@ use tracing::{Instrument, debug, info_span, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
-    RTCIceCandidate, RTCIceCandidateInit, RTCIceConnectionState, RTCIceServer,
+    RTCIceCandidate, RTCIceCandidateInit, RTCIceCandidateType, RTCIceConnectionState, RTCIceServer,
     RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, SettingEngineBuilder,
 };
 
 use super::handshake::{self, Party, Role};
+use super::turn_tcp::{Bridge, TurnUrl};
 use super::udp;
 use super::wire::{self, Assembler, Frame, Inbound, Outbound, ResponseStatus};
 use super::{Lane, Membership, PeerEvent, Responder, Signaling};
@@ -216,6 +217,8 @@ pub(crate) struct LinkParams {
     pub(crate) ice_servers: Vec<RTCIceServer>,
     /// Relayed candidates only (`ice_policy = "relay"`).
     pub(crate) relay_only: bool,
+    /// How a `turns:` server's certificate is checked.
+    pub(crate) turn_tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) udp_addrs: Vec<String>,
     pub(crate) setup_timeout: Duration,
     pub(crate) signal: Arc<dyn Signaling>,
@@ -251,6 +254,8 @@ struct Handler {
     /// one per lane; `None` on the offering side. Once setup is over the receiver is gone
     /// and any further channel the peer opens is closed.
     incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
+    /// Our server-reflexive candidates, for the link's path.
+    mapped: Mapped,
 }
 
 /// Whether the peer could send to a local candidate. With no interface of a
@@ -271,8 +276,16 @@ impl PeerConnectionEventHandler for Handler {
             debug!(peer = %self.peer, address = %event.candidate.address, "candidate not offered");
             return;
         }
+        let c = &event.candidate;
+        if c.typ == RTCIceCandidateType::Srflx {
+            lock(&self.mapped).push((
+                (c.address.clone(), c.port),
+                (c.related_address.clone(), c.related_port),
+            ));
+        }
         match event.candidate.to_json() {
             Ok(candidate) => {
+                debug!(peer = %self.peer, candidate = %candidate.candidate, "local candidate");
                 let msg = SignalMessage::Candidate {
                     sid: self.sid,
                     candidate,
@@ -410,6 +423,25 @@ pub(crate) struct Link {
     dead: watch::Receiver<Option<String>>,
     /// The reader tasks, one per channel; aborted when the link is dropped.
     readers: Vec<JoinHandle<()>>,
+    /// What the link's path is told from.
+    route: Route,
+}
+
+/// Our server-reflexive candidates: (address, port) as the STUN server saw them,
+/// and their base (address, port).
+type Mapped = Arc<Mutex<Vec<((String, u16), (String, u16))>>>;
+
+/// What a link keeps to tell its path, and the bridges it goes through.
+#[derive(Default)]
+struct Route {
+    /// Bridges to TURN servers reached over TCP or TLS, each with its server;
+    /// closed with the link.
+    bridges: Vec<(TurnUrl, Bridge)>,
+    /// The TURN servers the stack reaches over UDP itself, to name the one a
+    /// link relays through.
+    turn_servers: Vec<TurnUrl>,
+    /// Our server-reflexive candidates.
+    mapped: Mapped,
 }
 
 impl Link {
@@ -481,11 +513,56 @@ impl Link {
             .await
             .ok()??;
         let local = pair.local();
-        let kind = local.typ.to_string();
-        // Relayed: the address the TURN server allocated for us.
-        let relay = (kind == "relay").then(|| match local.address.contains(':') {
-            true => format!("[{}]:{}", local.address, local.port),
-            false => format!("{}:{}", local.address, local.port),
+        let remote = pair.remote();
+        // The stack reports a server-reflexive pair by its base (our host
+        // candidate). When we have a mapping of that base (we are behind a NAT) and
+        // the peer is not reached at a host address of its own (so our packets cross
+        // NATs to reach it), our packets leave through that mapping: in ICE's terms
+        // the pair's local candidate is the server-reflexive one.
+        let natted = local.typ == RTCIceCandidateType::Host
+            && remote.typ != RTCIceCandidateType::Host
+            && lock(&self.route.mapped).iter().any(|(addr, base)| {
+                *base == (local.address.clone(), local.port) && addr.0 != local.address
+            });
+        let kind = if natted {
+            "srflx".to_owned()
+        } else {
+            local.typ.to_string()
+        };
+        // Relayed: the TURN server that allocated the address (through a
+        // bridge, the one the candidate was gathered from, the one whose host it
+        // is, or the only one), or failing that the address itself.
+        let relay = (kind == "relay").then(|| {
+            let allocated = local
+                .address
+                .parse()
+                .ok()
+                .map(|ip| std::net::SocketAddr::new(ip, local.port));
+            let bridged = self
+                .route
+                .bridges
+                .iter()
+                .find(|(_, b)| allocated.is_some_and(|a| b.allocated(a)))
+                .map(|(t, _)| t);
+            let servers = &self.route.turn_servers;
+            let gathered_from = local.url.as_deref().and_then(TurnUrl::parse);
+            let by_url = gathered_from.and_then(|from| servers.iter().find(|t| **t == from));
+            let by_host: Vec<&TurnUrl> =
+                servers.iter().filter(|t| t.host == local.address).collect();
+            let named = match (bridged.or(by_url), by_host.as_slice(), servers.as_slice()) {
+                (Some(t), _, _) => Some(t),
+                (None, [t], _) => Some(*t),
+                (None, [], [t]) => Some(t),
+                _ => None,
+            };
+            match named {
+                Some(t) if t.stream => format!("{} ({})", t.server, t.transport()),
+                Some(t) => t.server.clone(),
+                None if local.address.contains(':') => {
+                    format!("[{}]:{}", local.address, local.port)
+                }
+                None => format!("{}:{}", local.address, local.port),
+            }
         });
         Some((kind, relay))
     }
@@ -537,7 +614,7 @@ async fn build_pc(
     state: watch::Sender<RTCPeerConnectionState>,
     ice_connected: Arc<tokio::sync::Notify>,
     incoming: Option<mpsc::Sender<Arc<dyn DataChannel>>>,
-) -> Result<Arc<dyn PeerConnection>, LinkError> {
+) -> Result<(Arc<dyn PeerConnection>, Route), LinkError> {
     let settings = SettingEngineBuilder::new()
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .with_ice_connection_attempts(Some(Duration::from_millis(20)), Some(50))
@@ -566,6 +643,27 @@ async fn build_pc(
                 credential: s.credential.unwrap_or_default(),
             }),
     );
+    // TURN over TCP or TLS goes through a bridge of ours (see `super::turn_tcp`).
+    let mut bridges = Vec::new();
+    let mut turn_servers = Vec::new();
+    for server in &mut ice_servers {
+        for url in &mut server.urls {
+            let Some(turn) = TurnUrl::parse(url) else {
+                continue;
+            };
+            if !turn.stream {
+                turn_servers.push(turn);
+                continue;
+            }
+            match Bridge::start(turn.clone(), params.turn_tls.clone()).await {
+                Ok(bridge) => {
+                    *url = bridge.stand_in();
+                    bridges.push((turn, bridge));
+                }
+                Err(e) => warn!(url = %url, cause = %e, "cannot bridge to the TURN server"),
+            }
+        }
+    }
     let policy = if params.relay_only {
         rtc::peer_connection::configuration::RTCIceTransportPolicy::Relay
     } else {
@@ -575,6 +673,7 @@ async fn build_pc(
         .with_ice_servers(ice_servers)
         .with_ice_transport_policy(policy)
         .build();
+    let mapped = Arc::new(Mutex::new(Vec::new()));
     let handler = Handler {
         signal: Arc::downgrade(&params.signal),
         peer: params.peer.clone(),
@@ -582,6 +681,7 @@ async fn build_pc(
         state,
         ice_connected,
         incoming,
+        mapped: mapped.clone(),
     };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(config)
@@ -593,7 +693,14 @@ async fn build_pc(
         .build()
         .await
         .map_err(rtc("build"))?;
-    Ok(Arc::new(pc))
+    Ok((
+        Arc::new(pc),
+        Route {
+            bridges,
+            turn_servers,
+            mapped,
+        },
+    ))
 }
 
 /// Wakes the connection's driver so that it sends what it has queued.
@@ -688,6 +795,7 @@ fn wire(
             pc: pc.clone(),
             dead,
             readers,
+            route: Route::default(),
         },
         handshake,
         all_open,
@@ -750,7 +858,7 @@ pub(crate) async fn establish(
     let ice_connected = Arc::new(tokio::sync::Notify::new());
     // The channels the offerer opens, from the connection's handler to this setup.
     let (incoming_tx, mut incoming) = mpsc::channel(CHANNELS);
-    let pc = build_pc(
+    let (pc, route) = build_pc(
         params,
         sid,
         state_tx,
@@ -1013,6 +1121,7 @@ pub(crate) async fn establish(
     });
     link.peer_key = theirs.key;
     link.readers.push(watcher);
+    link.route = route;
     std::mem::forget(guard);
     Ok(link)
 }
