@@ -248,10 +248,15 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // The daemon's side of a failure: its last log lines.
+            // The daemon's side of a failure: its last log lines (BRUME_LOG_LINES
+            // of them, 40 unless set).
             let log = self.log_text();
             let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
+            let keep = std::env::var("BRUME_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(40);
+            let tail = &lines[lines.len().saturating_sub(keep)..];
             eprintln!(
                 "--- last {} lines of {}'s daemon log ({}):\n{}",
                 tail.len(),
@@ -424,5 +429,65 @@ impl Rng {
 
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
+    }
+}
+
+/// A certificate authority made for one test, and server certificates it signs,
+/// written as PEM files in a temp dir.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Brume test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Self {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// The CA's certificate (what a client puts in `server_ca`).
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A server configuration with a certificate for `names`, valid from
+    /// `days_from_now.0` to `days_from_now.1` days from now.
+    pub fn server(
+        &self,
+        names: &[&str],
+        days_from_now: (i64, i64),
+    ) -> std::sync::Arc<rustls::ServerConfig> {
+        let (cert, key) = self.server_files(names, days_from_now);
+        brume::signal::tls::server_config(&cert, &key).unwrap()
+    }
+
+    /// The PEM files (certificate, key) of such a server certificate.
+    pub fn server_files(&self, names: &[&str], days_from_now: (i64, i64)) -> (PathBuf, PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(days_from_now.0);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days_from_now.1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let tag = format!("{}-{}", names.join("_"), days_from_now.1);
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{tag}.pem")),
+            self.dir.path().join(format!("{tag}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
     }
 }

@@ -180,6 +180,7 @@ fn peers_config(
         identity: account.identity.clone(),
         ice_servers: vec![],
         relay_only: false,
+        turn_tls: None,
         udp_addrs: vec![udp_addr.to_owned()],
         // Generous: debug builds of two WebRTC stacks share two cores with other tests.
         setup_timeout: Duration::from_secs(10),
@@ -1095,11 +1096,10 @@ async fn a_link_can_go_through_coturn_with_credentials_the_server_hands_out() {
     let status = alice.peers.status();
     let s = &status[&b.user];
     assert_eq!(s.path.as_deref(), Some("relay"), "{s:?}");
-    // The relayed address coturn allocated on its side.
-    assert!(
-        s.relay
-            .as_deref()
-            .is_some_and(|r| r.starts_with("127.0.0.1:")),
+    // Named by the TURN server it goes through.
+    assert_eq!(
+        s.relay.as_deref(),
+        Some(format!("127.0.0.1:{}", turn.port).as_str()),
         "{s:?}"
     );
 }
@@ -1126,4 +1126,39 @@ async fn a_turn_server_that_refuses_the_credentials_relays_nothing() {
     let _bob = start(&server, &b, relayed()).await;
     let sent = alice.peers.send(&b.user, Lane::Control, b"x").await;
     assert!(sent.is_err(), "a link came up without a relay: {sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_can_go_through_coturn_over_tcp_only() {
+    // Only a `transport=tcp` TURN URL: the WebRTC stack speaks TURN over UDP, so
+    // the link exists only if Brume's bridge carried both allocations over TCP.
+    let turn = Coturn::start("a shared secret");
+    let server = TestServer::start_with(
+        Arc::new(tempfile::tempdir().unwrap()),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![format!("turn:127.0.0.1:{}?transport=tcp", turn.port)],
+        Some(b"a shared secret".to_vec()),
+    )
+    .await;
+    let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
+    let relayed = || Options {
+        relay_only: true,
+        ..Options::default()
+    };
+    let alice = start(&server, &a, relayed()).await;
+    let mut bob = start(&server, &b, relayed()).await;
+    let data = pattern(4 << 20, 9);
+    within(alice.peers.send(&b.user, Lane::Bulk, &data))
+        .await
+        .unwrap();
+    assert_eq!(message_from(&mut bob, &a.user).await.1, data);
+    let status = alice.peers.status();
+    let s = &status[&b.user];
+    assert_eq!(s.path.as_deref(), Some("relay"), "{s:?}");
+    // Named by the real server and how it is reached, not the bridge.
+    assert_eq!(
+        s.relay.as_deref(),
+        Some(format!("127.0.0.1:{} (TCP)", turn.port).as_str()),
+        "{s:?}"
+    );
 }
