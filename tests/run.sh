@@ -11,7 +11,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 start=$SECONDS
 phase() { printf '[run.sh %3ds] %s\n' "$((SECONDS - start))" "$*"; }
 
-packages=(fuse3 rsync git tar python3 bindfs iproute2 faketime coturn)
+packages=(fuse3 rsync git tar python3 bindfs iproute2 faketime coturn nftables conntrack openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

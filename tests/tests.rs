@@ -8,6 +8,7 @@ mod converge;
 mod crash;
 mod fs;
 mod fuzz;
+mod nat;
 mod netfault;
 mod ops;
 mod peer;
