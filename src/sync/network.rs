@@ -302,8 +302,22 @@ fn owner_link_problem(
     if last.code == Some(crate::signal::protocol::ErrorCode::BadDest) {
         g.problem = Some(last.message.clone());
     } else {
-        g.waiting_for = Some(last.message.clone());
+        g.waiting_for = Some(short_problem(last));
     }
+}
+
+/// A problem as `CODE: what happened` (`ENODEST: alice is not connected`): the
+/// code by its name, without the meaning the server's message spells out.
+fn short_problem(p: &crate::peer::PeerProblem) -> String {
+    let Some(code) = p.code else {
+        return p.message.clone();
+    };
+    let detail = p
+        .message
+        .strip_prefix(&code.to_string())
+        .or_else(|| p.message.strip_prefix(code.name()))
+        .map_or(p.message.as_str(), |rest| rest.trim_start_matches(": "));
+    format!("{}: {detail}", code.name())
 }
 
 /// Smoothed arrival rate of each joined group's bytes, for its rate and ETA.
@@ -346,6 +360,42 @@ mod tests {
     use super::*;
     use crate::sync::engine::MemberGroupStatus;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_offline_owner_is_named_by_code_and_what_happened() {
+        use crate::peer::{PeerProblem, PeerState, PeerStatus};
+        use crate::signal::protocol::ErrorCode;
+        let alice = UserName::new("alice").unwrap();
+        let mut link = PeerStatus::new();
+        link.state = PeerState::Backoff;
+        // As the signaling server words a relay to a user who is away.
+        link.last_error = Some(PeerProblem {
+            code: Some(ErrorCode::NoDest),
+            message: format!("{}: alice is not connected", ErrorCode::NoDest),
+            at_unix: 0,
+        });
+        let links = [(alice.clone(), link.clone())].into_iter().collect();
+        let mut g = MemberGroupStatus::default();
+        owner_link_problem("alice/g", &mut g, &links);
+        assert_eq!(
+            g.waiting_for.as_deref(),
+            Some("ENODEST: alice is not connected")
+        );
+        assert_eq!(g.problem, None);
+        // Without a code, the message as it is.
+        link.last_error = Some(PeerProblem {
+            code: None,
+            message: "link lost: connection failed".into(),
+            at_unix: 0,
+        });
+        let links = [(alice, link)].into_iter().collect();
+        let mut g = MemberGroupStatus::default();
+        owner_link_problem("alice/g", &mut g, &links);
+        assert_eq!(
+            g.waiting_for.as_deref(),
+            Some("link lost: connection failed")
+        );
+    }
 
     #[test]
     fn rate_and_eta_follow_the_bytes_arriving() {
