@@ -17,7 +17,10 @@
 pub mod handshake;
 mod link;
 mod supervisor;
+mod turn_check;
 mod turn_tcp;
+
+pub use turn_check::RelayStatus;
 mod udp;
 pub mod wire;
 
@@ -488,6 +491,8 @@ struct Inner {
     slots: Mutex<HashMap<UserName, Slot>>,
     /// Per-peer status for `brume status`; supervisors write their entry.
     status: watch::Sender<BTreeMap<UserName, PeerStatus>>,
+    /// Each TURN server's state, for `brume status`.
+    relays: turn_check::Relays,
 }
 
 /// The peer links of one client. Cheap to clone; the links close when the last
@@ -497,6 +502,8 @@ pub struct Peers {
     inner: Arc<Inner>,
     /// The router task (signaling events to supervisors); aborted on drop.
     router: Arc<AbortOnDrop>,
+    /// The task that checks the TURN servers; aborted on drop.
+    _relay_check: Arc<AbortOnDrop>,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -552,14 +559,30 @@ impl Peers {
             events,
             slots: Mutex::new(HashMap::new()),
             status,
+            relays: turn_check::Relays::default(),
         });
         // The router: hands signaling events to the supervisors. Holds a weak
         // reference so that dropping every `Peers` handle stops everything.
-        let router = tokio::spawn(route(Arc::downgrade(&inner), signal_events).instrument(span));
+        let router =
+            tokio::spawn(route(Arc::downgrade(&inner), signal_events).instrument(span.clone()));
+        let weak = Arc::downgrade(&inner);
+        let servers = move || {
+            let inner = weak.upgrade()?;
+            let configured = supervisor::ice_servers(&inner.config.ice_servers);
+            Some(turn_check::turn_servers(&link::all_ice_servers(
+                &configured,
+                &*inner.signal,
+            )))
+        };
+        let relay_check = tokio::spawn(
+            turn_check::watch(servers, inner.config.turn_tls.clone(), inner.relays.clone())
+                .instrument(span),
+        );
         (
             Peers {
                 inner,
                 router: Arc::new(AbortOnDrop(router)),
+                _relay_check: Arc::new(AbortOnDrop(relay_check)),
             },
             event_rx,
         )
@@ -687,6 +710,12 @@ impl Peers {
                 reason: String::from_utf8_lossy(&reason).into_owned(),
             }),
         }
+    }
+
+    /// Each TURN server's state, by `HOST:PORT` (with ` (TCP)` or ` (TLS)` for
+    /// one reached over a stream).
+    pub fn relay_status(&self) -> BTreeMap<String, RelayStatus> {
+        lock(&self.inner.relays).clone()
     }
 
     /// Every known peer's status, with current byte counters.

@@ -24,6 +24,10 @@ pub struct LiveStatus {
     pub signal: serde_json::Value,
     /// Every peer link by user: state, last error, byte counters, key fingerprint.
     pub peers: serde_json::Value,
+    /// Each TURN server the links would relay through, by `HOST:PORT` (with
+    /// ` (TCP)` or ` (TLS)`): whether it works, and why not.
+    #[serde(default)]
+    pub relays: std::collections::BTreeMap<String, serde_json::Value>,
     /// Each joined group (`owner/name`): applied log position and any problem
     /// (`ENOTMEMBER`, `ENODEST`, …).
     pub groups: std::collections::BTreeMap<String, crate::sync::engine::MemberGroupStatus>,
@@ -221,6 +225,14 @@ pub fn render(s: &Status) -> String {
                 }
             }
         }
+        for (server, r) in &live.relays {
+            let state = match r["problem"].as_str() {
+                _ if r["ok"].as_bool() == Some(true) => "works".to_owned(),
+                Some(problem) => format!("PROBLEM: {problem}"),
+                None => "not checked yet".to_owned(),
+            };
+            let _ = writeln!(out, "relay {server}: {state}");
+        }
         for (group, why) in &live.held {
             let _ = writeln!(out, "HELD {}/{group}: {why}", s.user);
         }
@@ -378,12 +390,33 @@ mod tests {
                 updated_unix: 0,
                 signal: serde_json::json!({"state": "connected"}),
                 peers,
+                relays: Default::default(),
                 groups: [("alice/g".to_string(), group)].into(),
                 cache: Default::default(),
                 held: Default::default(),
                 unknown_members: Default::default(),
             }),
         }
+    }
+
+    #[test]
+    fn each_turn_server_says_whether_it_works_and_why_not() {
+        let mut s = with_live(serde_json::json!({}), MemberGroupStatus::default());
+        let live = s.live.as_mut().unwrap();
+        live.relays.insert(
+            "192.0.2.7:3478".into(),
+            serde_json::json!({"ok": true, "problem": null, "checked_unix": 1}),
+        );
+        live.relays.insert(
+            "192.0.2.8:443 (TLS)".into(),
+            serde_json::json!({"ok": false, "problem": "TURN 401 from 192.0.2.8:443 (TLS) (Unauthorized)", "checked_unix": 1}),
+        );
+        let text = render(&s);
+        assert!(text.contains("relay 192.0.2.7:3478: works\n"), "{text}");
+        assert!(
+            text.contains("relay 192.0.2.8:443 (TLS): PROBLEM: TURN 401 from 192.0.2.8:443 (TLS) (Unauthorized)\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -224,7 +224,8 @@ impl Net {
         // Bytes arriving at coturn, on its port (UDP and TCP) and its relayed
         // addresses: what it relays for a link, and the little that allocations and
         // checks cost. (Nothing else in this namespace takes UDP; the signaling
-        // server's TCP port is not counted.)
+        // server's TCP port is not counted.) And a port where a TURN server does
+        // not answer: what arrives there is dropped.
         net.nft(
             "pub",
             "table inet count {\n\
@@ -232,6 +233,7 @@ impl Net {
                chain input { type filter hook input priority 0; policy accept;\n\
                  meta l4proto udp counter name turn\n\
                  tcp dport 3478 counter name turn\n\
+                 udp dport 3479 drop\n\
                }\n\
              }",
         );
@@ -375,10 +377,10 @@ fn coturn(net: &Net, dir: &Path) -> Proc {
 }
 
 /// `brume server` over TLS in the public namespace, handing out coturn.
-fn server(net: &Net, dir: &Path, ca: &TestCa, ice: &[String]) -> (Proc, String) {
+fn server(net: &Net, dir: &Path, ca: &TestCa, setup: &Setup) -> (Proc, String) {
     use std::io::BufRead;
     let (cert, key) = ca.server_files(&[PUBLIC], (-1, 30));
-    std::fs::write(dir.join("turn-secret"), SECRET).unwrap();
+    std::fs::write(dir.join("turn-secret"), setup.turn_secret).unwrap();
     let mut cmd = Command::new(brume_bin());
     cmd.args(["server", "--listen", &format!("{PUBLIC}:0"), "--db"])
         .arg(dir.join("server.db"))
@@ -392,7 +394,7 @@ fn server(net: &Net, dir: &Path, ca: &TestCa, ice: &[String]) -> (Proc, String) 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    for url in ice {
+    for url in &setup.ice {
         cmd.args(["--ice", url]);
     }
     in_netns(&mut cmd, &net.ns("pub"));
@@ -416,6 +418,9 @@ struct Setup {
     ice: Vec<String>,
     /// Top-level lines added to both users' `brume.conf`.
     conf: &'static str,
+    /// The TURN secret `brume server` makes credentials with (coturn checks
+    /// them with [`SECRET`]).
+    turn_secret: &'static str,
 }
 
 impl Setup {
@@ -428,6 +433,7 @@ impl Setup {
                 format!("turn:{PUBLIC}:{TURN_PORT}"),
             ],
             conf: "",
+            turn_secret: SECRET,
         }
     }
 }
@@ -455,7 +461,7 @@ impl World {
             .unwrap();
         let ca = TestCa::new();
         let turn = coturn(&net, dir.path());
-        let (server, url) = server(&net, dir.path(), &ca, &setup.ice);
+        let (server, url) = server(&net, dir.path(), &ca, &setup);
         let db = dir.path().join("server.db");
         let mut world_clients = Vec::new();
         for (user, home) in [("alice", "a"), ("bob", "b")] {
@@ -594,6 +600,20 @@ fn status_text(c: &Client) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `live.relays.SERVER` in `c`'s status once `server` has been checked.
+fn relay(c: &Client, server: &str) -> serde_json::Value {
+    let mut r = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{}'s status to check the TURN server {server}", c.user),
+        || {
+            r = status_json(c)["live"]["relays"][server].clone();
+            !r["checked_unix"].is_null()
+        },
+    );
+    r
+}
+
 fn random_bytes(seed: &[u8], len: usize) -> Vec<u8> {
     let mut data = vec![0u8; len];
     let mut hasher = blake3::Hasher::new();
@@ -649,6 +669,8 @@ fn behind_a_symmetric_nat_the_link_comes_up_relayed() {
         "{line}"
     );
     assert!(relayed > 3 << 20, "coturn saw only {relayed} bytes");
+    let turn = relay(who, &format!("{PUBLIC}:{TURN_PORT}"));
+    assert_eq!(turn["ok"], true, "{turn}");
 }
 
 #[test]
@@ -664,6 +686,68 @@ fn with_all_udp_blocked_the_link_is_relayed_over_turn_tcp() {
     assert!(
         line.contains(&format!("up, relayed via {PUBLIC}:{TURN_PORT} (TCP)")),
         "{line}"
+    );
+    // bob's UDP to coturn is blocked, TCP is not.
+    let udp = relay(&w.bob, &format!("{PUBLIC}:{TURN_PORT}"));
+    assert!(
+        udp["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("no answer")),
+        "{udp}"
+    );
+    let tcp = relay(&w.bob, &format!("{PUBLIC}:{TURN_PORT} (TCP)"));
+    assert_eq!(tcp["ok"], true, "{tcp}");
+}
+
+/// TURN servers that refuse the credentials, do not answer, or are not there:
+/// the link comes up over the direct path, nothing waits on them, and status
+/// names each problem.
+#[test]
+fn turn_servers_that_refuse_or_do_not_answer_leave_the_link_direct_and_are_named() {
+    let mut setup = Setup::new(Router::KeepsPorts, Router::KeepsPorts);
+    // Credentials coturn does not accept.
+    setup.turn_secret = "not the secret coturn has";
+    // Nothing answers on 3479 (the public side drops what arrives there), nothing
+    // listens on 3480.
+    setup.ice.push(format!("turn:{PUBLIC}:3479"));
+    setup.ice.push(format!("turn:{PUBLIC}:3480?transport=tcp"));
+    let started = Instant::now();
+    let w = World::new(setup);
+    w.send_group("bad-turn");
+    println!(
+        "nat: joined and synced {:.1?} after start",
+        started.elapsed()
+    );
+    assert_eq!(w.path(&w.bob, "alice"), "srflx");
+    let refused = relay(&w.bob, &format!("{PUBLIC}:{TURN_PORT}"));
+    assert!(
+        refused["problem"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&format!("TURN 401 from {PUBLIC}:{TURN_PORT}"))),
+        "{refused}"
+    );
+    assert_eq!(refused["ok"], false);
+    let silent = relay(&w.bob, &format!("{PUBLIC}:3479"));
+    assert!(
+        silent["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains(&format!("{PUBLIC}:3479")) && p.contains("no answer")),
+        "{silent}"
+    );
+    let absent = relay(&w.bob, &format!("{PUBLIC}:3480 (TCP)"));
+    assert!(
+        absent["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("refused")),
+        "{absent}"
+    );
+    let text = status_text(&w.bob);
+    println!("{text}");
+    assert!(
+        text.contains(&format!(
+            "relay {PUBLIC}:{TURN_PORT}: PROBLEM: TURN 401 from {PUBLIC}:{TURN_PORT}"
+        )),
+        "{text}"
     );
 }
 

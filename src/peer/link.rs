@@ -631,18 +631,7 @@ async fn build_pc(
         // No larger than the UDP socket can hold: see `super::udp`.
         .with_sctp_max_receive_buffer_size(udp::receive_window())
         .build();
-    let mut ice_servers = params.ice_servers.clone();
-    ice_servers.extend(
-        params
-            .signal
-            .ice_servers()
-            .into_iter()
-            .map(|s| RTCIceServer {
-                urls: s.urls,
-                username: s.username.unwrap_or_default(),
-                credential: s.credential.unwrap_or_default(),
-            }),
-    );
+    let mut ice_servers = all_ice_servers(&params.ice_servers, &*params.signal);
     // TURN over TCP or TLS goes through a bridge of ours (see `super::turn_tcp`).
     let mut bridges = Vec::new();
     let mut turn_servers = Vec::new();
@@ -701,6 +690,21 @@ async fn build_pc(
             mapped,
         },
     ))
+}
+
+/// The STUN and TURN servers a link uses: `brume.conf`'s, then those the
+/// signaling server hands out, with their current credentials.
+pub(crate) fn all_ice_servers(
+    configured: &[RTCIceServer],
+    signal: &dyn Signaling,
+) -> Vec<RTCIceServer> {
+    let mut servers = configured.to_vec();
+    servers.extend(signal.ice_servers().into_iter().map(|s| RTCIceServer {
+        urls: s.urls,
+        username: s.username.unwrap_or_default(),
+        credential: s.credential.unwrap_or_default(),
+    }));
+    servers
 }
 
 /// Wakes the connection's driver so that it sends what it has queued.

@@ -111,13 +111,21 @@ pub(crate) struct Bridge {
     task: JoinHandle<()>,
     /// The connections' tasks, aborted with the bridge.
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    /// The addresses the server allocated through this bridge, as its
-    /// `Allocate` answers gave them: how a relayed path is told to go through it.
-    relayed: Relayed,
+    /// What its connections saw, for status.
+    notes: Notes,
 }
 
-/// Addresses allocated through one bridge, shared with its connections.
-type Relayed = Arc<Mutex<Vec<SocketAddr>>>;
+/// What a bridge's connections saw, shared with them.
+type Notes = Arc<Mutex<Seen>>;
+
+#[derive(Default)]
+struct Seen {
+    /// The addresses the server allocated through the bridge, as its `Allocate`
+    /// answers gave them: how a relayed path is told to go through it.
+    relayed: Vec<SocketAddr>,
+    /// Why the last connection to the server failed, if it did.
+    problem: Option<String>,
+}
 
 impl Drop for Bridge {
     fn drop(&mut self) {
@@ -138,19 +146,24 @@ impl Bridge {
         let socket = Arc::new(UdpSocket::bind(("127.0.0.1", 0)).await?);
         let local = socket.local_addr()?;
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let relayed = Relayed::default();
-        let task = tokio::spawn(serve(socket, url, tls, conns.clone(), relayed.clone()));
+        let notes = Notes::default();
+        let task = tokio::spawn(serve(socket, url, tls, conns.clone(), notes.clone()));
         Ok(Self {
             local,
             task,
             conns,
-            relayed,
+            notes,
         })
     }
 
     /// Whether the server allocated `addr` through this bridge.
     pub(crate) fn allocated(&self, addr: SocketAddr) -> bool {
-        lock(&self.relayed).contains(&addr)
+        lock(&self.notes).relayed.contains(&addr)
+    }
+
+    /// Why the last connection to the server failed, if it did.
+    pub(crate) fn problem(&self) -> Option<String> {
+        lock(&self.notes).problem.clone()
     }
 
     /// The `turn:` URL the WebRTC stack is given instead of the real one.
@@ -166,7 +179,7 @@ async fn serve(
     url: TurnUrl,
     tls: Option<Arc<rustls::ClientConfig>>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    relayed: Relayed,
+    notes: Notes,
 ) {
     let mut senders: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -188,7 +201,7 @@ async fn serve(
                 url.clone(),
                 tls.clone(),
                 rx,
-                relayed.clone(),
+                notes.clone(),
             ));
             let mut conns = lock(&conns);
             conns.retain(|c| !c.is_finished());
@@ -208,44 +221,46 @@ async fn connection(
     url: TurnUrl,
     tls: Option<Arc<rustls::ClientConfig>>,
     rx: mpsc::Receiver<Vec<u8>>,
-    relayed: Relayed,
+    notes: Notes,
 ) {
+    let failed = |why: String| {
+        warn!(server = %url.server, transport = url.transport(), problem = %why, "TURN bridge");
+        lock(&notes).problem = Some(why);
+    };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&url.server)).await {
         Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            warn!(server = %url.server, cause = %e, "cannot reach the TURN server over TCP");
-            return;
-        }
+        Ok(Err(e)) => return failed(format!("cannot connect: {e}")),
         Err(_) => {
-            warn!(server = %url.server, "TURN server over TCP: no answer in 5 s");
-            return;
+            return failed(format!(
+                "no answer to connect in {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ));
         }
     };
     let _ = tcp.set_nodelay(true);
     if !url.tls {
-        return pump(tcp, socket, peer, rx, relayed).await;
+        lock(&notes).problem = None;
+        return pump(tcp, socket, peer, rx, notes).await;
     }
     let config = match tls {
         Some(c) => c,
         None => match crate::signal::tls::client_config(None) {
             Ok(c) => c,
-            Err(e) => {
-                warn!(cause = %e, "no TLS configuration for the TURN server");
-                return;
-            }
+            Err(e) => return failed(format!("no TLS configuration: {e}")),
         },
     };
     let Ok(name) = rustls::pki_types::ServerName::try_from(url.host.clone()) else {
-        warn!(host = %url.host, "not a TLS server name");
-        return;
+        return failed(format!("{} is not a TLS server name", url.host));
     };
     let connector = tokio_rustls::TlsConnector::from(config);
     match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
-        Ok(Ok(stream)) => pump(stream, socket, peer, rx, relayed).await,
-        Ok(Err(e)) => {
-            warn!(server = %url.server, cause = %e, "TLS to the TURN server failed")
+        Ok(Ok(stream)) => {
+            lock(&notes).problem = None;
+            pump(stream, socket, peer, rx, notes).await
         }
-        Err(_) => warn!(server = %url.server, "TLS to the TURN server: no answer in 5 s"),
+        // A certificate problem reads as one: rustls says "invalid peer certificate: …".
+        Ok(Err(e)) => failed(format!("TLS failed: {e}")),
+        Err(_) => failed(format!("no TLS answer in {} s", CONNECT_TIMEOUT.as_secs())),
     }
 }
 
@@ -255,7 +270,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
     mut rx: mpsc::Receiver<Vec<u8>>,
-    relayed: Relayed,
+    notes: Notes,
 ) {
     let (mut read, mut write) = tokio::io::split(stream);
     let outbound = async {
@@ -272,7 +287,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             match next_message(&mut read, &mut buf).await {
                 Ok(Some(n)) => {
                     if let Some(addr) = allocated_address(&buf[..n]) {
-                        lock(&relayed).push(addr);
+                        lock(&notes).relayed.push(addr);
                     }
                     let _ = socket.send_to(&buf[..n], peer).await;
                 }

@@ -186,6 +186,11 @@ async fn write_live_status(
                 .map_or(0, |d| d.as_secs()),
             signal: serde_json::to_value(&*signal.status().borrow()).unwrap_or_default(),
             peers: serde_json::to_value(peers.status()).unwrap_or_default(),
+            relays: peers
+                .relay_status()
+                .into_iter()
+                .map(|(server, r)| (server, serde_json::to_value(r).unwrap_or_default()))
+                .collect(),
             groups,
             cache: engine.cache_usage(),
             held: engine.held_groups(),
