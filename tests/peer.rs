@@ -39,6 +39,8 @@ struct TestServer {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
+    /// The CA of its certificate when it serves `wss://`.
+    ca: Option<crate::harness::TestCa>,
 }
 
 impl TestServer {
@@ -54,13 +56,42 @@ impl TestServer {
         Self::start_with(dir, addr, Vec::new(), None).await
     }
 
+    /// A server on `wss://`, its certificate from a CA made for the test.
+    async fn start_tls() -> Self {
+        let ca = crate::harness::TestCa::new();
+        let mut server = Self::start_tls_with(ca.server(&["127.0.0.1"], (-1, 30))).await;
+        server.ca = Some(ca);
+        server
+    }
+
     /// A server handing out `ice` servers, with TURN credentials made from
     /// `turn_secret`.
+    async fn start_tls_with(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_full(
+            Arc::new(tempfile::tempdir().unwrap()),
+            "127.0.0.1:0".parse().unwrap(),
+            Vec::new(),
+            None,
+            Some(tls),
+        )
+        .await
+    }
+
     async fn start_with(
         dir: Arc<tempfile::TempDir>,
         addr: SocketAddr,
         ice: Vec<String>,
         turn_secret: Option<Vec<u8>>,
+    ) -> Self {
+        Self::start_full(dir, addr, ice, turn_secret, None).await
+    }
+
+    async fn start_full(
+        dir: Arc<tempfile::TempDir>,
+        addr: SocketAddr,
+        ice: Vec<String>,
+        turn_secret: Option<Vec<u8>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
         // Created before the server starts, so the two never race to make the schema.
         let accounts = Accounts::open(&dir.path().join("server.db")).unwrap();
@@ -70,7 +101,7 @@ impl TestServer {
             db: dir.path().join("server.db"),
             limits: Limits::default(),
             clock: Clock::System,
-            tls: None,
+            tls,
             ice,
             turn_secret,
         };
@@ -84,11 +115,13 @@ impl TestServer {
             addr,
             stop: Some(stop),
             task: Some(task),
+            ca: None,
         }
     }
 
     fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
+        let scheme = if self.ca.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{}/", self.addr)
     }
 
     fn add_user(&self, name: &str) -> (UserName, String) {
@@ -248,6 +281,8 @@ struct Options {
     udp_addr: &'static str,
     /// Relayed candidates only.
     relay_only: bool,
+    /// Extra trusted roots for the signaling server's certificate.
+    server_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -261,11 +296,15 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(25),
             udp_addr: "127.0.0.1:0",
             relay_only: false,
+            server_ca: None,
         }
     }
 }
 
-async fn start(server: &TestServer, account: &Account, opts: Options) -> Client {
+async fn start(server: &TestServer, account: &Account, mut opts: Options) -> Client {
+    if opts.server_ca.is_none() {
+        opts.server_ca = server.ca.as_ref().map(|ca| ca.ca_pem());
+    }
     start_at(server.url(), account, opts).await
 }
 
@@ -273,7 +312,7 @@ async fn start_at(server_url: String, account: &Account, opts: Options) -> Clien
     crate::harness::log_to_test_output();
     let config = ClientConfig {
         server_url,
-        server_ca: None,
+        server_ca: opts.server_ca.clone(),
         username: account.user.clone(),
         credential: account.credential.clone(),
         identity: account.identity.clone(),
@@ -790,7 +829,19 @@ fn forge_fingerprints(payload: serde_json::Value) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_rewrites_fingerprints_gets_every_connection_refused() {
-    let server = TestServer::start().await;
+    rewritten_fingerprints_refuse_every_connection(TestServer::start().await).await;
+}
+
+/// TLS to the signaling server changes nothing: the DTLS fingerprint a peer
+/// signs is what binds the link, not the server's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_too_a_relay_that_rewrites_fingerprints_gets_every_connection_refused() {
+    let server = TestServer::start_tls().await;
+    assert!(server.url().starts_with("wss://"));
+    rewritten_fingerprints_refuse_every_connection(server).await;
+}
+
+async fn rewritten_fingerprints_refuse_every_connection(server: TestServer) {
     let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
     let rewrite: Rewrite = Arc::new(|to, payload| Some((to.clone(), forge_fingerprints(payload))));
     let mut alice = start(
