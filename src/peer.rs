@@ -437,7 +437,8 @@ pub struct PeerStatus {
     /// The current link's path: the local candidate type of its selected pair
     /// (`host`, `srflx`, `prflx` or `relay`).
     pub path: Option<String>,
-    /// For a relayed link, the relay it goes through (`HOST:PORT`).
+    /// For a relayed link, the TURN server it goes through (`HOST:PORT`, with
+    /// ` (TCP)` or ` (TLS)` when reached over one).
     pub relay: Option<String>,
 }
 

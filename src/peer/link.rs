@@ -350,6 +350,8 @@ pub(crate) struct Shared {
     /// the link it came in on, not on the one this link replaces.
     live: watch::Sender<bool>,
     closing: AtomicBool,
+    /// Announced after each frame sent: see [`flush_relayed`].
+    flush: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
 }
 
 impl Shared {
@@ -393,6 +395,9 @@ impl Shared {
                 err
             })?;
             self.counters.sent.fetch_add(n, Ordering::Relaxed);
+            if let Some(flush) = self.flush.get() {
+                flush.notify_one();
+            }
         }
         Ok(())
     }
@@ -442,6 +447,9 @@ struct Route {
     turn_servers: Vec<TurnUrl>,
     /// Our server-reflexive candidates.
     mapped: Mapped,
+    /// Announced for each datagram the connection's sockets receive and each
+    /// message sent: see [`flush_relayed`].
+    received: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Link {
@@ -623,13 +631,25 @@ async fn build_pc(
         // its address is first learned as peer-reflexive: without this, nominating
         // that pair waited out the default second.
         .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
+        // Relayed pairs are the only ones with relayed candidates only; otherwise a
+        // direct pair gets a second to succeed first.
+        .with_relay_acceptance_min_wait(Some(if params.relay_only {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        }))
         .with_ice_timeouts(
             Some(Duration::from_secs(3)),
             Some(Duration::from_secs(6)),
             Some(Duration::from_millis(500)),
         )
         // No larger than the UDP socket can hold: see `super::udp`.
-        .with_sctp_max_receive_buffer_size(udp::receive_window())
+        // Through a relay, no more than its sockets hold (see `udp::relay_window`).
+        .with_sctp_max_receive_buffer_size(if params.relay_only {
+            udp::relay_window()
+        } else {
+            udp::receive_window()
+        })
         .build();
     let mut ice_servers = all_ice_servers(&params.ice_servers, &*params.signal);
     // TURN over TCP or TLS goes through a bridge of ours (see `super::turn_tcp`).
@@ -663,6 +683,7 @@ async fn build_pc(
         .with_ice_transport_policy(policy)
         .build();
     let mapped = Arc::new(Mutex::new(Vec::new()));
+    let received = Arc::new(tokio::sync::Notify::new());
     let handler = Handler {
         signal: Arc::downgrade(&params.signal),
         peer: params.peer.clone(),
@@ -678,7 +699,9 @@ async fn build_pc(
         .with_handler(Arc::new(handler))
         .with_udp_addrs(params.udp_addrs.clone())
         .with_data_channel_send_buffer_limit(SEND_BUFFER_LIMIT)
-        .with_runtime(Arc::new(udp::SizedSockets))
+        .with_runtime(Arc::new(udp::SizedSockets {
+            received: Some(received.clone()),
+        }))
         .build()
         .await
         .map_err(rtc("build"))?;
@@ -688,6 +711,7 @@ async fn build_pc(
             bridges,
             turn_servers,
             mapped,
+            received: Some(received),
         },
     ))
 }
@@ -756,6 +780,7 @@ fn wire(
         authed,
         live,
         closing: AtomicBool::new(false),
+        flush: std::sync::OnceLock::new(),
     });
     // Handshake frames, from the control channel's reader to `establish`.
     let (hs_tx, handshake) = mpsc::channel(HANDSHAKE_QUEUE);
@@ -1125,9 +1150,59 @@ pub(crate) async fn establish(
     });
     link.peer_key = theirs.key;
     link.readers.push(watcher);
+    if !route.turn_servers.is_empty() || !route.bridges.is_empty() {
+        if let Some(received) = route.received.clone() {
+            let _ = link.shared.flush.set(received.clone());
+            link.readers
+                .push(tokio::spawn(flush_relayed(link.pc.clone(), received)));
+        }
+    }
     link.route = route;
     std::mem::forget(guard);
     Ok(link)
+}
+
+/// Keeps a relayed link's data moving.
+///
+/// webrtc 0.21's driver hands relayed packets to its TURN client after it has
+/// sent what that client had queued, so what a loop turn produces for the relay
+/// waits for the next turn: for the next datagram, message or timer. A transfer
+/// over a relay then stalled for hundreds of milliseconds at a time (0.3 MB/s
+/// through coturn on loopback, and a retransmission that a timer made could wait
+/// out the next timer). So while the link's selected pair is relayed, every
+/// datagram received and every frame sent is followed by one more turn, and so is
+/// every 20 ms without either.
+async fn flush_relayed(pc: Arc<dyn PeerConnection>, received: Arc<tokio::sync::Notify>) {
+    const RECHECK: Duration = Duration::from_secs(1);
+    const TICK: Duration = Duration::from_millis(20);
+    let mut relayed = false;
+    let mut checked: Option<Instant> = None;
+    loop {
+        if relayed {
+            let _ = tokio::time::timeout(TICK, received.notified()).await;
+        } else {
+            received.notified().await;
+        }
+        if checked.is_none_or(|at| at.elapsed() >= RECHECK) {
+            relayed = selected_local_type(&pc).await == Some(RTCIceCandidateType::Relay);
+            checked = Some(Instant::now());
+        }
+        if relayed {
+            wake_driver(&pc).await;
+        }
+    }
+}
+
+/// The local candidate type of the connection's selected pair.
+async fn selected_local_type(pc: &Arc<dyn PeerConnection>) -> Option<RTCIceCandidateType> {
+    let sctp = pc.sctp().await?;
+    let pair = sctp
+        .transport()
+        .ice_transport()
+        .get_selected_candidate_pair()
+        .await
+        .ok()??;
+    Some(pair.local().typ)
 }
 
 /// The next handshake frame, or why there is none.
