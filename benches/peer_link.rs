@@ -4,8 +4,10 @@
 //!
 //! `cargo bench --bench peer_link` (env `PEER_BENCH_MIB`, default 512: MiB per
 //! throughput run; `PEER_BENCH_SETUPS`, default 20; `PEER_BENCH_PAIRS`, e.g. `2,3,4`:
-//! also bulk of that many pairs at once, the same MiB in all; `RUST_LOG` for logs on
-//! stderr).
+//! also bulk of that many pairs at once, the same MiB in all; `PEER_BENCH_TURN=1`:
+//! also setup and bulk relayed through coturn (`turnserver`, started here on
+//! loopback, with credentials the signaling server hands out), next to direct;
+//! `RUST_LOG` for logs on stderr).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +69,68 @@ struct Side {
     _dir: tempfile::TempDir,
 }
 
-async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
+/// coturn on loopback, checking TURN REST credentials made from `secret`;
+/// killed on drop.
+struct Coturn {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Coturn {
+    fn start(secret: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new("turnserver")
+            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--no-stdout-log"])
+            .args(["--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+            .arg(format!("--listening-port={port}"))
+            .args(["--min-port=49152", "--max-port=65535"])
+            .args([
+                "--use-auth-secret",
+                "--realm=brume.bench",
+                "--allow-loopback-peers",
+            ])
+            .arg(format!("--static-auth-secret={secret}"))
+            .arg(format!(
+                "--log-file={}",
+                dir.path().join("turn.log").display()
+            ))
+            .arg(format!(
+                "--pidfile={}",
+                dir.path().join("turn.pid").display()
+            ))
+            .arg(format!("--userdb={}", dir.path().join("turndb").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("turnserver (Debian package coturn)");
+        let turn = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "coturn did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        turn
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client; `relay_only`: its links use relayed candidates only.
+async fn client_with(url: &str, accounts: &Accounts, name: &str, relay_only: bool) -> Side {
     let user = UserName::new(name).expect("name");
     let credential = accounts.add_user(&user).expect("add user");
     let key = identity();
@@ -91,7 +154,7 @@ async fn client(url: &str, accounts: &Accounts, name: &str) -> Side {
             me: user,
             identity: key,
             ice_servers: vec![],
-            relay_only: false,
+            relay_only,
             turn_tls: None,
             udp_addrs: vec!["127.0.0.1:0".into()],
             setup_timeout: Duration::from_secs(10),
@@ -190,11 +253,18 @@ struct Bulk {
 /// Fresh `pairs` sender/receiver pairs, all linked first, then each sender pushes its
 /// share of `mib` MiB as 1 MiB messages on the bulk lane as fast as backpressure allows;
 /// timed until every receiver has its share.
-async fn bulk(url: &str, accounts: &Accounts, tag: &str, pairs: usize, mib: usize) -> Bulk {
+async fn bulk(
+    url: &str,
+    accounts: &Accounts,
+    tag: &str,
+    pairs: usize,
+    mib: usize,
+    relay_only: bool,
+) -> Bulk {
     let mut linked = Vec::new();
     for k in 0..pairs {
-        let a = client(url, accounts, &format!("{tag}-sender{k}")).await;
-        let b = client(url, accounts, &format!("{tag}-receiver{k}")).await;
+        let a = client_with(url, accounts, &format!("{tag}-sender{k}"), relay_only).await;
+        let b = client_with(url, accounts, &format!("{tag}-receiver{k}"), relay_only).await;
         let to = UserName::new(&format!("{tag}-receiver{k}")).expect("name");
         a.peers.connect(&to).await.expect("connect");
         linked.push((a, b, to));
@@ -259,6 +329,40 @@ async fn bulk(url: &str, accounts: &Accounts, tag: &str, pairs: usize, mib: usiz
     }
 }
 
+/// Setup time of `n` fresh pairs, one after the other: `connect()` until both ends
+/// are authenticated (first contact: key lookup and pin included), in ms.
+async fn setup_times(url: &str, accounts: &Accounts, n: usize, relay_only: bool) -> Vec<f64> {
+    let tag = if relay_only { "r" } else { "d" };
+    let mut times = Vec::new();
+    for i in 0..n {
+        let a = client_with(url, accounts, &format!("{tag}a{i}"), relay_only).await;
+        let mut b = client_with(url, accounts, &format!("{tag}b{i}"), relay_only).await;
+        let bname = UserName::new(&format!("{tag}b{i}")).expect("name");
+        let start = Instant::now();
+        a.peers.connect(&bname).await.expect("connect");
+        // Until both ends are authenticated: the answerer verifies last.
+        up(&mut b.events).await;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        a.peers.shutdown().await;
+        b.peers.shutdown().await;
+    }
+    times
+}
+
+fn report_setup(what: &str, times: &mut [f64]) {
+    let (min, max) = (
+        times.iter().cloned().fold(f64::MAX, f64::min),
+        times.iter().cloned().fold(0.0, f64::max),
+    );
+    let all: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+    println!(
+        "{what} (connect() until both ends authenticated, offer included): median {:.1} ms, p90 {:.1} ms, min {min:.1} ms, max {max:.1} ms; all (ms): {}",
+        quantile(times, 0.5),
+        quantile(times, 0.9),
+        all.join(" ")
+    );
+}
+
 fn main() {
     // Logs to stderr, filtered by RUST_LOG (default: warnings), so a failed setup
     // says why.
@@ -288,8 +392,14 @@ async fn run() {
         .expect("bind");
     let url = format!("ws://{}/", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let turn = (env("PEER_BENCH_TURN", 0) != 0).then(|| Coturn::start("bench secret"));
+    let mut config = ServerConfig::new(db);
+    if let Some(turn) = &turn {
+        config.ice = vec![format!("turn:127.0.0.1:{}", turn.port)];
+        config.turn_secret = Some(b"bench secret".to_vec());
+    }
     // The signaling server, for the whole run.
-    let server = tokio::spawn(server::run(listener, ServerConfig::new(db), async {
+    let server = tokio::spawn(server::run(listener, config, async {
         let _ = stopped.await;
     }));
     println!(
@@ -298,34 +408,16 @@ async fn run() {
         load()
     );
 
-    // Setup time: a fresh pair each time (first contact: key lookup and pin included).
-    let mut times = Vec::new();
-    for i in 0..setups {
-        let a = client(&url, &accounts, &format!("a{i}")).await;
-        let mut b = client(&url, &accounts, &format!("b{i}")).await;
-        let bname = UserName::new(&format!("b{i}")).expect("name");
-        let start = Instant::now();
-        a.peers.connect(&bname).await.expect("connect");
-        // Until both ends are authenticated: the answerer verifies last.
-        up(&mut b.events).await;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-        a.peers.shutdown().await;
-        b.peers.shutdown().await;
+    let mut direct_setup = setup_times(&url, &accounts, setups, false).await;
+    report_setup("setup", &mut direct_setup);
+    let mut relayed_setup = Vec::new();
+    if turn.is_some() {
+        relayed_setup = setup_times(&url, &accounts, setups, true).await;
+        report_setup("setup relayed through coturn", &mut relayed_setup);
     }
-    let (min, max) = (
-        times.iter().cloned().fold(f64::MAX, f64::min),
-        times.iter().cloned().fold(0.0, f64::max),
-    );
-    let all: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
-    println!(
-        "setup (connect() until both ends authenticated, offer included): median {:.1} ms, p90 {:.1} ms, min {min:.1} ms, max {max:.1} ms; all (ms): {}",
-        quantile(&mut times, 0.5),
-        quantile(&mut times, 0.9),
-        all.join(" ")
-    );
 
     // Bulk throughput of one pair.
-    let one = bulk(&url, &accounts, "bulk", 1, mib).await;
+    let one = bulk(&url, &accounts, "bulk", 1, mib, false).await;
     println!(
         "bulk: {mib} MiB in {:.2} s = {:.1} MB/s; RSS {:.0} MiB before, max {:.0} MiB during, peak {:.0} MiB; longest wait for a message {:.0} ms; UDP receive-buffer drops (whole machine) {}",
         one.secs,
@@ -345,7 +437,7 @@ async fn run() {
         .filter_map(|n| n.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
     {
-        let run = bulk(&url, &accounts, &format!("pairs{pairs}"), pairs, mib).await;
+        let run = bulk(&url, &accounts, &format!("pairs{pairs}"), pairs, mib, false).await;
         println!(
             "bulk, {pairs} pairs at once: {mib} MiB in all in {:.2} s = {:.1} MB/s; peak RSS {:.0} MiB; longest wait for a message {:.0} ms; UDP receive-buffer drops (whole machine) {}",
             run.secs,
@@ -353,6 +445,26 @@ async fn run() {
             peak_rss_mib(),
             run.longest_gap.as_secs_f64() * 1e3,
             run.drops
+        );
+    }
+
+    if turn.is_some() {
+        let relayed = bulk(&url, &accounts, "relayed", 1, mib, true).await;
+        let (direct_rate, relayed_rate) = (
+            (mib << 20) as f64 / one.secs / 1e6,
+            (mib << 20) as f64 / relayed.secs / 1e6,
+        );
+        println!(
+            "bulk relayed through coturn: {mib} MiB in {:.2} s = {relayed_rate:.1} MB/s = {:.2}x direct; longest wait for a message {:.0} ms; UDP receive-buffer drops (whole machine) {}",
+            relayed.secs,
+            relayed_rate / direct_rate,
+            relayed.longest_gap.as_secs_f64() * 1e3,
+            relayed.drops
+        );
+        println!(
+            "setup medians: direct {:.1} ms, relayed {:.1} ms",
+            quantile(&mut direct_setup, 0.5),
+            quantile(&mut relayed_setup, 0.5)
         );
     }
 
