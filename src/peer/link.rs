@@ -513,13 +513,7 @@ impl Link {
     /// the selected pair (`host`, `srflx`, `prflx`, `relay`) and, relayed, the
     /// relay's address; `None` if not known (yet).
     pub(crate) async fn path(&self) -> Option<(String, Option<String>)> {
-        let sctp = self.pc.sctp().await?;
-        let pair = sctp
-            .transport()
-            .ice_transport()
-            .get_selected_candidate_pair()
-            .await
-            .ok()??;
+        let pair = selected_pair(&self.pc).await?;
         let local = pair.local();
         let remote = pair.remote();
         // The stack reports a server-reflexive pair by its base (our host
@@ -1184,7 +1178,9 @@ async fn flush_relayed(pc: Arc<dyn PeerConnection>, received: Arc<tokio::sync::N
             received.notified().await;
         }
         if checked.is_none_or(|at| at.elapsed() >= RECHECK) {
-            relayed = selected_local_type(&pc).await == Some(RTCIceCandidateType::Relay);
+            relayed = selected_pair(&pc)
+                .await
+                .is_some_and(|p| p.local().typ == RTCIceCandidateType::Relay);
             checked = Some(Instant::now());
         }
         if relayed {
@@ -1193,16 +1189,16 @@ async fn flush_relayed(pc: Arc<dyn PeerConnection>, received: Arc<tokio::sync::N
     }
 }
 
-/// The local candidate type of the connection's selected pair.
-async fn selected_local_type(pc: &Arc<dyn PeerConnection>) -> Option<RTCIceCandidateType> {
+/// The connection's selected candidate pair, once there is one.
+async fn selected_pair(
+    pc: &Arc<dyn PeerConnection>,
+) -> Option<rtc::peer_connection::transport::RTCIceCandidatePair> {
     let sctp = pc.sctp().await?;
-    let pair = sctp
-        .transport()
+    sctp.transport()
         .ice_transport()
         .get_selected_candidate_pair()
         .await
-        .ok()??;
-    Some(pair.local().typ)
+        .ok()?
 }
 
 /// The next handshake frame, or why there is none.
