@@ -218,7 +218,11 @@ impl Net {
                     &format!("{lan}.1"),
                 ],
             );
-            net.exec(router, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+            net.exec(
+                router,
+                "sh",
+                &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+            );
             net.nat(router, kind);
         }
         // Bytes arriving at coturn, on its port (UDP and TCP) and its relayed
