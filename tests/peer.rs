@@ -283,6 +283,8 @@ struct Options {
     relay_only: bool,
     /// Extra trusted roots for the signaling server's certificate.
     server_ca: Option<std::path::PathBuf>,
+    /// How a `turns:` server's certificate is checked (`None`: the system's roots).
+    turn_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for Options {
@@ -297,6 +299,7 @@ impl Default for Options {
             udp_addr: "127.0.0.1:0",
             relay_only: false,
             server_ca: None,
+            turn_tls: None,
         }
     }
 }
@@ -357,6 +360,7 @@ async fn start_at(server_url: String, account: &Account, opts: Options) -> Clien
     let as_user = opts.as_user.unwrap_or_else(|| account.user.clone());
     let mut config = peers_config(account, &as_user, opts.connect_timeout, opts.udp_addr);
     config.relay_only = opts.relay_only;
+    config.turn_tls = opts.turn_tls.clone();
     let (peers, events) = Peers::start(
         config,
         transport,
@@ -1051,18 +1055,42 @@ async fn a_replayed_handshake_is_refused() {
 struct Coturn {
     child: std::process::Child,
     port: u16,
+    /// Its TURN-over-TLS port, when started with a certificate.
+    tls_port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Coturn {
     fn start(secret: &str) -> Self {
-        let port = {
+        Self::start_with(secret, None)
+    }
+
+    /// Also serves TURN over TLS with a certificate for 127.0.0.1 from `ca`.
+    fn start_tls(secret: &str, ca: &crate::harness::TestCa) -> Self {
+        Self::start_with(secret, Some(ca))
+    }
+
+    fn start_with(secret: &str, ca: Option<&crate::harness::TestCa>) -> Self {
+        let free_port = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        let (port, tls_port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new("turnserver")
-            .args(["-n", "--no-cli", "--no-tls", "--no-dtls", "--no-stdout-log"])
+        let mut cmd = std::process::Command::new("turnserver");
+        cmd.args(["-n", "--no-cli", "--no-dtls", "--no-stdout-log"]);
+        match ca {
+            Some(ca) => {
+                let (cert, key) = ca.server_files(&["127.0.0.1"], (-1, 30));
+                cmd.arg(format!("--tls-listening-port={tls_port}"))
+                    .arg(format!("--cert={}", cert.display()))
+                    .arg(format!("--pkey={}", key.display()));
+            }
+            None => {
+                cmd.arg("--no-tls");
+            }
+        }
+        let child = cmd
             .args(["--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
             .arg(format!("--listening-port={port}"))
             .args(["--min-port=49152", "--max-port=65535"])
@@ -1088,6 +1116,7 @@ impl Coturn {
         let mut turn = Self {
             child,
             port,
+            tls_port,
             _dir: dir,
         };
         crate::harness::wait_until(Duration::from_secs(20), "coturn listening", || {
@@ -1177,6 +1206,66 @@ async fn a_turn_server_that_refuses_the_credentials_relays_nothing() {
     let _bob = start(&server, &b, relayed()).await;
     let sent = alice.peers.send(&b.user, Lane::Control, b"x").await;
     assert!(sent.is_err(), "a link came up without a relay: {sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_can_go_through_coturn_over_tls_only_and_an_untrusted_relay_is_named() {
+    let ca = crate::harness::TestCa::new();
+    let turn = Coturn::start_tls("a shared secret", &ca);
+    let server = TestServer::start_with(
+        Arc::new(tempfile::tempdir().unwrap()),
+        "127.0.0.1:0".parse().unwrap(),
+        vec![format!("turns:127.0.0.1:{}", turn.tls_port)],
+        Some(b"a shared secret".to_vec()),
+    )
+    .await;
+    let (a, b) = (Account::new(&server, "alice"), Account::new(&server, "bob"));
+    let m = Account::new(&server, "mallory");
+    let trusting = brume::signal::tls::client_config(Some(&ca.ca_pem())).unwrap();
+    let relayed = |tls: Option<Arc<rustls::ClientConfig>>| Options {
+        relay_only: true,
+        turn_tls: tls,
+        ..Options::default()
+    };
+    let alice = start(&server, &a, relayed(Some(trusting.clone()))).await;
+    let mut bob = start(&server, &b, relayed(Some(trusting))).await;
+    let data = pattern(4 << 20, 10);
+    within(alice.peers.send(&b.user, Lane::Bulk, &data))
+        .await
+        .unwrap();
+    assert_eq!(message_from(&mut bob, &a.user).await.1, data);
+    let status = alice.peers.status();
+    let s = &status[&b.user];
+    assert_eq!(s.path.as_deref(), Some("relay"), "{s:?}");
+    assert_eq!(
+        s.relay.as_deref(),
+        Some(format!("127.0.0.1:{} (TLS)", turn.tls_port).as_str()),
+        "{s:?}"
+    );
+    // mallory does not trust the relay's certificate: nothing goes through it,
+    // and the relay's status says why.
+    let mallory = start(&server, &m, relayed(None)).await;
+    let name = format!("127.0.0.1:{} (TLS)", turn.tls_port);
+    let refused = relay_checked(&mallory, &name).await;
+    let problem = refused.problem.unwrap_or_default();
+    assert!(
+        !refused.ok && problem.contains("TLS failed") && problem.contains("certificate"),
+        "{problem}"
+    );
+    assert!(relay_checked(&alice, &name).await.ok);
+}
+
+/// `client`'s state of the TURN server `name`, once it has been checked.
+async fn relay_checked(client: &Client, name: &str) -> brume::peer::RelayStatus {
+    within(async {
+        loop {
+            if let Some(r) = client.peers.relay_status().remove(name) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
