@@ -450,6 +450,8 @@ struct Route {
     /// Announced for each datagram the connection's sockets receive and each
     /// message sent: see [`flush_relayed`].
     received: Option<Arc<tokio::sync::Notify>>,
+    /// Paces what the connection sends to relays.
+    pacer: Option<Arc<udp::Pacer>>,
 }
 
 impl Link {
@@ -678,6 +680,16 @@ async fn build_pc(
         .build();
     let mapped = Arc::new(Mutex::new(Vec::new()));
     let received = Arc::new(tokio::sync::Notify::new());
+    // What goes to the TURN servers (or to their bridges) is paced.
+    let pacer = Arc::new(udp::Pacer::default());
+    for t in &turn_servers {
+        if let Ok(addrs) = tokio::net::lookup_host(&t.server).await {
+            addrs.for_each(|a| pacer.pace(a));
+        }
+    }
+    for (_, bridge) in &bridges {
+        pacer.pace(bridge.local);
+    }
     let handler = Handler {
         signal: Arc::downgrade(&params.signal),
         peer: params.peer.clone(),
@@ -695,6 +707,7 @@ async fn build_pc(
         .with_data_channel_send_buffer_limit(SEND_BUFFER_LIMIT)
         .with_runtime(Arc::new(udp::SizedSockets {
             received: Some(received.clone()),
+            pacer: Some(pacer.clone()),
         }))
         .build()
         .await
@@ -706,6 +719,7 @@ async fn build_pc(
             turn_servers,
             mapped,
             received: Some(received),
+            pacer: Some(pacer),
         },
     ))
 }
@@ -1147,8 +1161,11 @@ pub(crate) async fn establish(
     if !route.turn_servers.is_empty() || !route.bridges.is_empty() {
         if let Some(received) = route.received.clone() {
             let _ = link.shared.flush.set(received.clone());
-            link.readers
-                .push(tokio::spawn(flush_relayed(link.pc.clone(), received)));
+            link.readers.push(tokio::spawn(flush_relayed(
+                link.pc.clone(),
+                received,
+                route.pacer.clone(),
+            )));
         }
     }
     link.route = route;
@@ -1166,7 +1183,14 @@ pub(crate) async fn establish(
 /// out the next timer). So while the link's selected pair is relayed, every
 /// datagram received and every frame sent is followed by one more turn, and so is
 /// every 20 ms without either.
-async fn flush_relayed(pc: Arc<dyn PeerConnection>, received: Arc<tokio::sync::Notify>) {
+///
+/// A peer that relays (the selected pair's remote candidate is a relay address)
+/// has what we send it paced, as what goes to our own relays is.
+async fn flush_relayed(
+    pc: Arc<dyn PeerConnection>,
+    received: Arc<tokio::sync::Notify>,
+    pacer: Option<Arc<udp::Pacer>>,
+) {
     const RECHECK: Duration = Duration::from_secs(1);
     const TICK: Duration = Duration::from_millis(20);
     let mut relayed = false;
@@ -1178,9 +1202,18 @@ async fn flush_relayed(pc: Arc<dyn PeerConnection>, received: Arc<tokio::sync::N
             received.notified().await;
         }
         if checked.is_none_or(|at| at.elapsed() >= RECHECK) {
-            relayed = selected_pair(&pc)
-                .await
+            let pair = selected_pair(&pc).await;
+            relayed = pair
+                .as_ref()
                 .is_some_and(|p| p.local().typ == RTCIceCandidateType::Relay);
+            if let (Some(pair), Some(pacer)) = (&pair, &pacer) {
+                let remote = pair.remote();
+                if remote.typ == RTCIceCandidateType::Relay
+                    && let Ok(ip) = remote.address.parse()
+                {
+                    pacer.pace(std::net::SocketAddr::new(ip, remote.port));
+                }
+            }
             checked = Some(Instant::now());
         }
         if relayed {

@@ -141,6 +141,77 @@ fn enlarge_receive_buffer(socket: &std::net::UdpSocket) -> io::Result<usize> {
 #[derive(Debug, Default)]
 pub(crate) struct SizedSockets {
     pub(crate) received: Option<Arc<tokio::sync::Notify>>,
+    /// Paces what the sockets send to relays.
+    pub(crate) pacer: Option<Arc<Pacer>>,
+}
+
+/// Most bytes per second sent to one relay address.
+const RELAY_RATE: f64 = 64e6;
+/// Longest burst sent to a relay at once, in time at [`RELAY_RATE`]: 32 KB, half of
+/// the 64 KiB socket coturn gives each relayed address.
+const RELAY_BURST: Duration = Duration::from_micros(500);
+
+/// Paces datagrams to TURN relays.
+///
+/// coturn forwards a burst as fast as it arrives into a relayed address's 64 KiB
+/// socket, and what does not fit is lost; webrtc's SCTP then waits a second or more
+/// per loss. Datagrams to the addresses a link relays through therefore leave at
+/// most [`RELAY_RATE`], in bursts of at most [`RELAY_BURST`]; all others as they come.
+#[derive(Debug, Default)]
+pub(crate) struct Pacer {
+    targets: std::sync::Mutex<Vec<SocketAddr>>,
+    state: std::sync::Mutex<Paced>,
+}
+
+#[derive(Debug, Default)]
+struct Paced {
+    /// When everything sent so far has left at the paced rate.
+    free_at: Option<Instant>,
+    /// The wait for room, while one is on.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Pacer {
+    /// Paces datagrams to `addr` from now on.
+    pub(crate) fn pace(&self, addr: SocketAddr) {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if !targets.contains(&addr) {
+            targets.push(addr);
+        }
+    }
+
+    /// Ready when `len` bytes may leave for `to`, and counts them.
+    fn poll_room(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        to: SocketAddr,
+        len: usize,
+    ) -> std::task::Poll<()> {
+        if !self
+            .targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&to)
+        {
+            return std::task::Poll::Ready(());
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let free_at = st.free_at.unwrap_or(now).max(now);
+        if free_at > now + RELAY_BURST {
+            let deadline = tokio::time::Instant::from_std(free_at - RELAY_BURST);
+            let wait = st
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            wait.as_mut().reset(deadline);
+            if wait.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            st.wait = None;
+        }
+        st.free_at = Some(free_at + Duration::from_secs_f64(len as f64 / RELAY_RATE));
+        std::task::Poll::Ready(())
+    }
 }
 
 impl Runtime for SizedSockets {
@@ -163,7 +234,11 @@ impl Runtime for SizedSockets {
             debug!(cause = %err, "cannot enlarge a UDP receive buffer");
         }
         let inner = TokioRuntime.wrap_udp_socket(socket)?;
-        Ok(Arc::new(WholeGsoSends(inner, self.received.clone())))
+        Ok(Arc::new(WholeGsoSends(
+            inner,
+            self.received.clone(),
+            self.pacer.clone(),
+        )))
     }
 
     fn wrap_tcp_listener(
@@ -223,7 +298,11 @@ const MAX_GSO_SEGMENTS: usize = 65_507 / 1_488;
 /// A socket that never offers more GSO segments than [`MAX_GSO_SEGMENTS`], and
 /// announces what it receives.
 #[derive(Debug)]
-struct WholeGsoSends(Arc<dyn AsyncUdpSocket>, Option<Arc<tokio::sync::Notify>>);
+struct WholeGsoSends(
+    Arc<dyn AsyncUdpSocket>,
+    Option<Arc<tokio::sync::Notify>>,
+    Option<Arc<Pacer>>,
+);
 
 impl AsyncUdpSocket for WholeGsoSends {
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -235,6 +314,13 @@ impl AsyncUdpSocket for WholeGsoSends {
         cx: &mut std::task::Context<'_>,
         transmit: &Transmit<'_>,
     ) -> std::task::Poll<io::Result<usize>> {
+        if let Some(pacer) = &self.2
+            && pacer
+                .poll_room(cx, transmit.destination, transmit.contents.len())
+                .is_pending()
+        {
+            return std::task::Poll::Pending;
+        }
         self.0.poll_send(cx, transmit)
     }
 
@@ -265,6 +351,31 @@ impl AsyncUdpSocket for WholeGsoSends {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_relay_addresses_are_paced_and_their_bursts_are_bounded() {
+        let pacer = Pacer::default();
+        let relay: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+        let peer: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        pacer.pace(relay);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..10_000 {
+            assert!(pacer.poll_room(&mut cx, peer, 1200).is_ready());
+        }
+        let mut sent = 0usize;
+        while pacer.poll_room(&mut cx, relay, 1200).is_ready() {
+            sent += 1200;
+            assert!(sent < 1 << 20, "the relay is not paced");
+        }
+        // One burst's worth leaves at once (a little more as the clock moves).
+        let burst = RELAY_RATE * RELAY_BURST.as_secs_f64();
+        assert!(
+            sent as f64 >= burst && sent as f64 <= burst + 4_800.0,
+            "{sent} bytes in the first burst"
+        );
+        // Other destinations are not held back by it.
+        assert!(pacer.poll_room(&mut cx, peer, 1200).is_ready());
+    }
 
     #[test]
     fn the_largest_gso_send_offered_is_one_the_kernel_takes() {
