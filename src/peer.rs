@@ -532,8 +532,10 @@ impl std::fmt::Debug for Peers {
     }
 }
 
+/// Locks `m` even if a holder panicked: the module's mutexes guard maps, lists
+/// and counters that no panic can leave half-changed, and are never held across
+/// an await.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Map operations cannot leave the map inconsistent if they panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -37,7 +37,7 @@ use super::handshake::{self, Party, Role};
 use super::turn_tcp::{Bridge, TurnUrl};
 use super::udp;
 use super::wire::{self, Assembler, Frame, Inbound, Outbound, ResponseStatus};
-use super::{Lane, Membership, PeerEvent, Responder, Signaling};
+use super::{Lane, Membership, PeerEvent, Responder, Signaling, lock};
 use crate::ids::{GroupName, UserName};
 
 /// The `kind` of every signaling payload of the peer link.
@@ -595,11 +595,6 @@ impl Drop for Link {
             });
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Map operations cannot leave the map inconsistent if they panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn rtc(step: &'static str) -> impl FnOnce(webrtc::error::Error) -> LinkError {

@@ -21,6 +21,7 @@ use rtc::turn::client::{Client, ClientConfig, Event};
 use serde::Serialize;
 use tokio::net::UdpSocket;
 
+use super::lock;
 use super::turn_tcp::{Bridge, TurnUrl};
 
 /// Longest a check waits for the server.
@@ -120,9 +121,17 @@ pub(crate) async fn watch(
             } else {
                 RECHECK_FAILED
             };
-            match &result {
-                Ok(()) => tracing::debug!(server = %name, "TURN server works"),
-                Err(problem) => tracing::warn!(%problem, "TURN server check failed"),
+            // Logged when it changes: a server that stays down is checked every 30 s.
+            let before = lock(&status).get(&name).map(|r| r.problem.clone());
+            match (&result, before) {
+                (Err(problem), Some(Some(was))) if *problem == was => {
+                    tracing::debug!(%problem, "TURN server check failed again")
+                }
+                (Err(problem), _) => tracing::warn!(%problem, "TURN server check failed"),
+                (Ok(()), Some(Some(_))) => {
+                    tracing::info!(server = %name, "TURN server works again")
+                }
+                (Ok(()), _) => tracing::debug!(server = %name, "TURN server works"),
             }
             checked.insert(name.clone(), (server, Instant::now() + again));
             let entry = RelayStatus {
@@ -292,9 +301,4 @@ fn error_code(msg: &[u8]) -> Option<Refusal> {
         code.code.0,
         String::from_utf8_lossy(&code.reason).trim().to_owned(),
     ))
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A map of results cannot be left half-changed by a panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -19,7 +19,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::debug;
+
+use super::lock;
 
 /// Longest wait for the TCP (and TLS) connection to the TURN server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -223,8 +225,9 @@ async fn connection(
     rx: mpsc::Receiver<Vec<u8>>,
     notes: Notes,
 ) {
+    // At debug: status names the problem once per check, and links retry.
     let failed = |why: String| {
-        warn!(server = %url.server, transport = url.transport(), problem = %why, "TURN bridge");
+        debug!(server = %url.server, transport = url.transport(), problem = %why, "TURN bridge");
         lock(&notes).problem = Some(why);
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&url.server)).await {
@@ -322,11 +325,6 @@ fn allocated_address(msg: &[u8]) -> Option<SocketAddr> {
     let mut relayed = rtc::turn::proto::relayaddr::RelayedAddress::default();
     relayed.get_from(&m).ok()?;
     Some(SocketAddr::new(relayed.ip, relayed.port))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A list of addresses or tasks cannot be left half-changed by a panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether a message is ChannelData (its first two bits are `01`).

@@ -174,7 +174,7 @@ struct Paced {
 impl Pacer {
     /// Paces datagrams to `addr` from now on.
     pub(crate) fn pace(&self, addr: SocketAddr) {
-        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut targets = super::lock(&self.targets);
         if !targets.contains(&addr) {
             targets.push(addr);
         }
@@ -187,15 +187,10 @@ impl Pacer {
         to: SocketAddr,
         len: usize,
     ) -> std::task::Poll<()> {
-        if !self
-            .targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&to)
-        {
+        if !super::lock(&self.targets).contains(&to) {
             return std::task::Poll::Ready(());
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = super::lock(&self.state);
         let now = Instant::now();
         let free_at = st.free_at.unwrap_or(now).max(now);
         if free_at > now + RELAY_BURST {
