@@ -213,6 +213,12 @@ impl Config {
                 .truncate(true)
                 .mode(0o600)
                 .open(path)?;
+            // `mode` applies only to a new file: an existing one is made private too,
+            // before the credential is written into it.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
             f.write_all(self.to_toml().as_bytes())?;
             f.sync_all()
         };

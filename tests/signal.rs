@@ -31,36 +31,36 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 /// Longest wait for any one expected event; only reached when a test fails.
-const PATIENCE: Duration = Duration::from_secs(20);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Awaits `future`, failing the test instead of hanging if it takes too long.
-async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+pub(crate) async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(PATIENCE, future)
         .await
         .expect("completed in time")
 }
 
 /// A server running in this test's runtime; stopped when dropped.
-struct TestServer {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
-    addr: SocketAddr,
-    url: String,
-    clock: Clock,
-    key: TokenKey,
-    accounts: Accounts,
+pub(crate) struct TestServer {
+    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) db: PathBuf,
+    pub(crate) addr: SocketAddr,
+    pub(crate) url: String,
+    pub(crate) clock: Clock,
+    pub(crate) key: TokenKey,
+    pub(crate) accounts: Accounts,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestServer {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::with_limits(Limits::default()).await
     }
 
-    async fn with_limits(limits: Limits) -> Self {
+    pub(crate) async fn with_limits(limits: Limits) -> Self {
         Self::with(limits, None).await
     }
 
@@ -103,19 +103,19 @@ impl TestServer {
         }
     }
 
-    fn add_user(&self, name: &str) -> (UserName, String) {
+    pub(crate) fn add_user(&self, name: &str) -> (UserName, String) {
         let user = UserName::new(name).unwrap();
         let credential = self.accounts.add_user(&user).unwrap();
         (user, credential)
     }
 
     /// A token for `user`, valid for `ttl` seconds from the server's now.
-    fn token_for(&self, user: &UserName, ttl: u64) -> String {
+    pub(crate) fn token_for(&self, user: &UserName, ttl: u64) -> String {
         let now = self.clock.now_unix();
         self.key.mint(user, now, now + ttl).unwrap()
     }
 
-    fn client_config(&self, user: &UserName, credential: &str) -> ClientConfig {
+    pub(crate) fn client_config(&self, user: &UserName, credential: &str) -> ClientConfig {
         ClientConfig {
             server_url: self.url.clone(),
             server_ca: None,
@@ -128,7 +128,7 @@ impl TestServer {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         drop(self.stop.take());
         let task = self.task.take().unwrap();
         tokio::time::timeout(PATIENCE, task)
@@ -147,14 +147,14 @@ impl Drop for TestServer {
     }
 }
 
-fn random_identity() -> SigningKey {
+pub(crate) fn random_identity() -> SigningKey {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).unwrap();
     SigningKey::from_bytes(&seed)
 }
 
 /// A WebSocket upgrade with `token` in the header (or the query), or the refusal.
-async fn upgrade(
+pub(crate) async fn upgrade(
     addr: SocketAddr,
     token: Option<&str>,
     in_query: bool,
@@ -183,14 +183,14 @@ async fn upgrade(
     }
 }
 
-async fn send(ws: &mut Ws, message: &ClientToServer) {
+pub(crate) async fn send(ws: &mut Ws, message: &ClientToServer) {
     ws.send(Message::text(message.encode().unwrap()))
         .await
         .unwrap();
 }
 
 /// The next protocol message; panics on close or silence.
-async fn recv(ws: &mut Ws) -> ServerToClient {
+pub(crate) async fn recv(ws: &mut Ws) -> ServerToClient {
     loop {
         let frame = tokio::time::timeout(PATIENCE, ws.next())
             .await
@@ -204,7 +204,7 @@ async fn recv(ws: &mut Ws) -> ServerToClient {
 }
 
 /// Reads until the server's close frame; returns its code and reason.
-async fn recv_close(ws: &mut Ws) -> (u16, String) {
+pub(crate) async fn recv_close(ws: &mut Ws) -> (u16, String) {
     loop {
         let frame = tokio::time::timeout(PATIENCE, ws.next())
             .await
@@ -220,7 +220,7 @@ async fn recv_close(ws: &mut Ws) -> (u16, String) {
 }
 
 /// Connects as `user` with `key`, says hello, and checks the welcome.
-async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws {
+pub(crate) async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws {
     let token = server.token_for(user, 600);
     let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
     send(
@@ -239,16 +239,16 @@ async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws
 }
 
 /// Connects as `user` with its usual identity key.
-async fn join(server: &TestServer, user: &UserName) -> Ws {
+pub(crate) async fn join(server: &TestServer, user: &UserName) -> Ws {
     join_with(server, user, &key_of(user)).await
 }
 
 /// A fixed identity key per user name, so reconnecting users present the same key.
-fn key_of(user: &UserName) -> SigningKey {
+pub(crate) fn key_of(user: &UserName) -> SigningKey {
     SigningKey::from_bytes(blake3::hash(user.as_str().as_bytes()).as_bytes())
 }
 
-fn relay(to: &UserName, payload: serde_json::Value) -> ClientToServer {
+pub(crate) fn relay(to: &UserName, payload: serde_json::Value) -> ClientToServer {
     ClientToServer::Relay {
         to: to.clone(),
         payload,
@@ -1087,7 +1087,7 @@ async fn client_with_a_wrong_credential_says_so() {
 }
 
 /// Kills the child process when dropped, even if the test panics.
-struct ChildGuard(Child);
+pub(crate) struct ChildGuard(pub(crate) Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {

@@ -8,6 +8,7 @@ mod converge;
 mod crash;
 mod fs;
 mod fuzz;
+mod hostile;
 mod nat;
 mod netfault;
 mod ops;

@@ -52,6 +52,9 @@ pub enum ServerCommand {
         /// The server's WebSocket URL as clients reach it.
         #[arg(long, default_value = "ws://127.0.0.1:8787/")]
         url: String,
+        /// Write the brume.conf to this file (mode 0600) instead of standard output.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
     },
     /// Forgets a user's identity key, so the next key it presents is registered.
     ResetKey {
@@ -102,11 +105,23 @@ pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
             ref name,
             ref db,
             ref url,
+            ref out,
         }) => {
             let accounts = Accounts::open(&db_or_default(db.clone()))?;
             let credential = accounts.add_user(name)?;
             let config = Config::for_account(url.clone(), name.clone(), credential);
-            print!("{}", config.to_toml());
+            match out {
+                Some(path) => {
+                    config.save(path)?;
+                    eprintln!("brume.conf of {name} written to {}", path.display());
+                }
+                None => {
+                    // It holds the credential: `add-user NAME > FILE` must not leave it
+                    // readable by others, whatever the umask.
+                    restrict_stdout_file()?;
+                    print!("{}", config.to_toml());
+                }
+            }
             Ok(())
         }
         Some(ServerCommand::ResetKey { ref name, ref db }) => {
@@ -188,6 +203,21 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// When standard output is a regular file (a shell redirection), makes it readable and
+/// writable by its owner only.
+fn restrict_stdout_file() -> anyhow::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::PermissionsExt;
+    let stdout = std::io::stdout();
+    let file = std::fs::File::from(stdout.as_fd().try_clone_to_owned()?);
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .context("cannot make the brume.conf being written private (mode 0600)")?;
+    }
+    Ok(())
 }
 
 /// Every connection is a file descriptor: allow as many as the hard limit does.

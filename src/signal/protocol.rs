@@ -365,9 +365,36 @@ pub fn check(frame: &str) -> Result<(), ProtocolError> {
 
 fn decode<T: DeserializeOwned>(frame: &str) -> Result<T, ProtocolError> {
     check(frame)?;
+    // The parser quotes what it could not read (an unknown `type`, say): text from
+    // the sender, made printable before it reaches a log or a close frame.
     serde_json::from_str(frame).map_err(|e| ProtocolError::Malformed {
-        reason: e.to_string(),
+        reason: escaped(&e.to_string()),
     })
+}
+
+/// Longest piece of untrusted text [`escaped`] keeps, in characters.
+const MAX_ESCAPED_CHARS: usize = 160;
+
+/// `text`, which came from outside (a peer, a client, a token), as one printable line
+/// fit for a log: control characters (newlines, escape sequences) are written as Rust
+/// escapes and anything beyond [`MAX_ESCAPED_CHARS`] is cut, so that nobody can forge
+/// or flood log lines through an error message.
+pub fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ESCAPED_CHARS * 2));
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_ESCAPED_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn encode<T: Serialize>(msg: &T) -> Result<String, ProtocolError> {

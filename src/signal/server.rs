@@ -5,12 +5,13 @@
 //! The entry point is [`run`], which takes a bound listener and a shutdown future so
 //! tests can start and stop a server in-process.
 
+mod limit;
 mod router;
 mod session;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +34,8 @@ use super::token::{
     Clock, DEFAULT_TOKEN_TTL_SECS, MAX_TOKEN_TTL_SECS, TokenError, TokenKey, TokenRequest,
     TokenResponse,
 };
+use crate::ids::UserName;
+use limit::{Counted, Keyed, Tally, address_key};
 use router::Router;
 
 /// Errors that stop the server.
@@ -55,9 +58,10 @@ pub enum ServerError {
 pub struct Limits {
     /// Most WebSocket sessions at once; further upgrades are answered 503.
     pub max_connections: usize,
-    /// Bytes of messages queued for one connection before it is dropped as lagging.
+    /// Bytes of messages queued for one connection; any one sender may fill a quarter,
+    /// and what does not fit is refused to its sender.
     pub queue_bytes: usize,
-    /// Messages queued for one connection before it is dropped as lagging.
+    /// Messages queued for one connection, shared among senders like `queue_bytes`.
     pub queue_messages: usize,
     /// Sustained frames per second one connection may send; faster senders are
     /// throttled (the server stops reading from them).
@@ -68,8 +72,31 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// A connection that sent nothing (not even a pong) for this long is dropped.
     pub idle_timeout: Duration,
-    /// Time allowed for the HTTP request and, after the upgrade, for `hello`.
+    /// Time allowed for the TLS handshake and HTTP request and, after the upgrade,
+    /// for `hello`: everything a client does before it is authenticated.
     pub handshake_timeout: Duration,
+    /// Most connections open at once from one address (an IPv6 /64) before they
+    /// are authenticated; further ones are closed at once.
+    pub unauthenticated_per_address: usize,
+    /// Most connections open at once, over all addresses, before they are
+    /// authenticated (also bounded by a quarter of the open-file limit).
+    pub max_unauthenticated: usize,
+    /// Most sessions (upgraded connections, with or without `hello`) one account may
+    /// have open at once; further upgrades are answered 429.
+    pub sessions_per_account: usize,
+    /// `POST /token` requests and refused upgrades one address may make: a burst
+    /// of this many, then `attempts_per_sec`; beyond, 429.
+    pub attempts_burst: u32,
+    /// See `attempts_burst`.
+    pub attempts_per_sec: f64,
+    /// Refused `POST /token` attempts for one account: a burst of this many, then
+    /// `account_refusals_per_sec`; beyond, wrong credentials are answered 429.
+    pub account_refusals_burst: u32,
+    /// See `account_refusals_burst`.
+    pub account_refusals_per_sec: f64,
+    /// Whether loopback clients (a reverse proxy on the same machine, local tools)
+    /// are exempt from the per-address limits.
+    pub exempt_loopback: bool,
     /// Time allowed to write one batch of messages to a connection.
     pub write_timeout: Duration,
 }
@@ -79,12 +106,20 @@ impl Default for Limits {
         Self {
             max_connections: 25_000,
             queue_bytes: 256 * 1024,
-            queue_messages: 64,
+            queue_messages: 256,
             frames_per_sec: 100,
             burst: 200,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            unauthenticated_per_address: 32,
+            max_unauthenticated: 4096,
+            sessions_per_account: 4,
+            attempts_burst: 60,
+            attempts_per_sec: 2.0,
+            account_refusals_burst: 10,
+            account_refusals_per_sec: 0.2,
+            exempt_loopback: true,
             write_timeout: Duration::from_secs(10),
         }
     }
@@ -142,9 +177,34 @@ struct Shared {
     /// ICE server URLs handed out, and the TURN shared secret.
     ice: Vec<String>,
     turn_secret: Option<Vec<u8>>,
+    /// Connections not yet authenticated: in all, and per address.
+    unauthenticated: Arc<Semaphore>,
+    unauthenticated_by_address: Counted<IpAddr>,
+    /// Sessions per account.
+    sessions_by_account: Counted<UserName>,
+    /// Token requests and refused upgrades per address; refused credentials per account.
+    attempts_by_address: Keyed<IpAddr>,
+    refusals_by_account: Keyed<UserName>,
+    /// What was refused, logged in aggregate.
+    refused_tokens: Tally,
+    refused_upgrades: Tally,
+    refused_connections: Tally,
 }
 
 impl Shared {
+    /// Whether per-address limits apply to `ip`.
+    fn limits_address(&self, ip: IpAddr) -> bool {
+        !(self.limits.exempt_loopback && ip.to_canonical().is_loopback())
+    }
+
+    /// Takes one attempt from `peer`'s allowance; `Err(wait)` when it has none left.
+    fn attempt(&self, peer: SocketAddr) -> Result<(), Duration> {
+        if !self.limits_address(peer.ip()) {
+            return Ok(());
+        }
+        self.attempts_by_address.take(&address_key(peer.ip()))
+    }
+
     fn router(&self) -> std::sync::MutexGuard<'_, Router> {
         // A panic while holding the lock cannot leave the maps half-updated in a way
         // that matters more than stopping relaying for everyone would.
@@ -181,10 +241,23 @@ pub async fn run(
     // Every connection task holds a clone of `done`; when all are dropped, `all_done`
     // yields `None` and shutdown is complete (mini-redis's pattern).
     let (done, mut all_done) = mpsc::channel::<()>(1);
+    let (max_sessions, max_unauthenticated) = connection_caps(&config.limits);
+    let limits = &config.limits;
     let shared = Arc::new(Shared {
         accounts,
         token_key,
-        sessions: Arc::new(Semaphore::new(config.limits.max_connections)),
+        sessions: Arc::new(Semaphore::new(max_sessions)),
+        unauthenticated: Arc::new(Semaphore::new(max_unauthenticated)),
+        unauthenticated_by_address: Counted::new(limits.unauthenticated_per_address),
+        sessions_by_account: Counted::new(limits.sessions_per_account),
+        attempts_by_address: Keyed::new(limits.attempts_per_sec, f64::from(limits.attempts_burst)),
+        refusals_by_account: Keyed::new(
+            limits.account_refusals_per_sec,
+            f64::from(limits.account_refusals_burst),
+        ),
+        refused_tokens: Tally::new("token requests"),
+        refused_upgrades: Tally::new("WebSocket upgrades"),
+        refused_connections: Tally::new("connections"),
         limits: config.limits,
         clock: config.clock,
         router: Mutex::new(Router::default()),
@@ -197,18 +270,34 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|source| ServerError::Listener { source })?;
-    info!(%addr, db = %config.db.display(), tls = shared.tls.is_some(), "signaling server listening");
+    info!(
+        %addr,
+        db = %config.db.display(),
+        tls = shared.tls.is_some(),
+        max_sessions,
+        max_unauthenticated,
+        "signaling server listening"
+    );
 
     tokio::pin!(shutdown);
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = prune.tick() => {
+                shared.attempts_by_address.prune();
+                shared.refusals_by_account.prune();
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Some(admitted) = admit(&shared, peer) else {
+                        // Closed at once: it holds no descriptor and no task.
+                        continue;
+                    };
                     let span = info_span!("http", %peer);
                     // One task per TCP connection: serves its HTTP request and, after an
                     // upgrade, hands over to the session task.
-                    tokio::spawn(serve_http(shared.clone(), stream, peer, done.clone()).instrument(span));
+                    tokio::spawn(serve_http(shared.clone(), stream, peer, done.clone(), admitted).instrument(span));
                 }
                 Err(err) => {
                     // Usually EMFILE: wait for connections to close rather than spin.
@@ -227,12 +316,90 @@ pub async fn run(
     Ok(())
 }
 
+/// What a connection holds until it is authenticated (or closed): its place among
+/// the unauthenticated connections, in all and for its address.
+struct Admitted {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _address: Option<limit::CountGuard<IpAddr>>,
+}
+
+/// Admits a new connection from `peer`, or refuses it (it is then closed at once)
+/// when its address or the server has as many unauthenticated connections open as
+/// allowed.
+fn admit(shared: &Shared, peer: SocketAddr) -> Option<Admitted> {
+    let address = if shared.limits_address(peer.ip()) {
+        match shared
+            .unauthenticated_by_address
+            .open(&address_key(peer.ip()))
+        {
+            Some(guard) => Some(guard),
+            None => {
+                shared.refused_connections.refused(
+                    "too many unauthenticated connections from this address",
+                    &peer.ip().to_string(),
+                    true,
+                );
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let Ok(all) = shared.unauthenticated.clone().try_acquire_owned() else {
+        shared.refused_connections.refused(
+            "too many unauthenticated connections in all",
+            &peer.ip().to_string(),
+            true,
+        );
+        return None;
+    };
+    Some(Admitted {
+        _all: all,
+        _address: address,
+    })
+}
+
+/// The most sessions, and the most unauthenticated connections, this process can hold
+/// with its open-file limit: every connection is a descriptor, and running out of
+/// them would refuse everyone (including the account database) rather than answer 503.
+fn connection_caps(limits: &Limits) -> (usize, usize) {
+    let mut rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlimit) } == 0 {
+        usize::try_from(rlimit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    // Kept for the database, the listener, logs and the runtime.
+    let budget = files.saturating_sub(64).max(32);
+    let unauthenticated = limits.max_unauthenticated.min(budget / 4).max(8);
+    let sessions = limits
+        .max_connections
+        .min(budget.saturating_sub(unauthenticated))
+        .max(1);
+    if sessions < limits.max_connections {
+        info!(
+            open_file_limit = files,
+            sessions,
+            "the open-file limit allows fewer sessions than configured; raise it (ulimit -n) for more"
+        );
+    }
+    (sessions, unauthenticated)
+}
+
 async fn serve_http(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     done: mpsc::Sender<()>,
+    admitted: Admitted,
 ) {
+    // Released when the request has been served: an upgraded session is then
+    // counted as a session.
+    let _admitted = admitted;
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = shared.tls.clone() else {
         return serve_io(shared, stream, peer, done).await;
@@ -320,7 +487,7 @@ async fn handle(
     done: mpsc::Sender<()>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/token") => token_endpoint(&shared, req).await,
+        (&Method::POST, "/token") => token_endpoint(&shared, peer, req).await,
         (&Method::GET, "/") => upgrade(shared, peer, req, done),
         (_, "/" | "/token") => http_error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -333,8 +500,32 @@ async fn handle(
     Ok(response)
 }
 
+/// A 429 answer telling the client to wait `wait`.
+fn too_many(wait: Duration, message: &str) -> Response<Full<Bytes>> {
+    let mut response = http_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
 /// `POST /token`: `{username, credential, ttl?}` → `{token, expires_in}`.
-async fn token_endpoint(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn token_endpoint(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let client = peer.ip().to_string();
+    if let Err(wait) = shared.attempt(peer) {
+        shared
+            .refused_tokens
+            .refused("too many requests from this address", &client, true);
+        return too_many(
+            wait,
+            "too many token requests from this address; try again later",
+        );
+    }
     let body = match Limited::new(req.into_body(), 4096).collect().await {
         Ok(body) => body.to_bytes(),
         Err(err) => {
@@ -363,7 +554,24 @@ async fn token_endpoint(shared: &Shared, req: Request<Incoming>) -> Response<Ful
     {
         Ok(true) => {}
         Ok(false) => {
-            info!(%user, "token refused: bad credential");
+            // Wrong credentials for one account beyond its allowance are answered 429:
+            // the right credential still gets its token.
+            if let Err(wait) = shared.refusals_by_account.take(&user) {
+                shared.refused_tokens.refused(
+                    &format!("too many wrong credentials for {user}"),
+                    &client,
+                    true,
+                );
+                return too_many(
+                    wait,
+                    "too many wrong credentials for this account; try again later",
+                );
+            }
+            shared.refused_tokens.refused(
+                &format!("unknown user or wrong credential for {user}"),
+                &client,
+                false,
+            );
             return http_error(
                 StatusCode::FORBIDDEN,
                 "credential",
@@ -463,12 +671,45 @@ fn upgrade(
     let claims = match claims {
         Ok(claims) => claims,
         Err(err) => {
-            info!(cause = %err, "upgrade refused");
+            let client = peer.ip().to_string();
+            if let Err(wait) = shared.attempt(peer) {
+                shared.refused_upgrades.refused(
+                    "too many refused upgrades from this address",
+                    &client,
+                    true,
+                );
+                return too_many(
+                    wait,
+                    "too many refused upgrades from this address; try again later",
+                );
+            }
+            shared
+                .refused_upgrades
+                .refused(&err.to_string(), &client, false);
             return code_error(err.code(), err.to_string());
         }
     };
+    let Some(account_slot) = shared.sessions_by_account.open(&claims.sub) else {
+        shared.refused_upgrades.refused(
+            &format!("{} has too many sessions open", claims.sub),
+            &peer.ip().to_string(),
+            true,
+        );
+        return http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!(
+                "this account has {} sessions open already",
+                shared.limits.sessions_per_account
+            ),
+        );
+    };
     let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
-        warn!("upgrade refused: connection limit reached");
+        shared.refused_upgrades.refused(
+            "the server is at its session limit",
+            &peer.ip().to_string(),
+            true,
+        );
         return code_error(
             ErrorCode::ConnRefused,
             "the server is at its connection limit",
@@ -484,6 +725,7 @@ fn upgrade(
     tokio::spawn(
         async move {
             let _done = done;
+            let _account_slot = account_slot;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = Ws::from_raw_socket(

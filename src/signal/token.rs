@@ -159,12 +159,19 @@ impl TokenKey {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| {
+                // Fixed phrases: the library's own text can quote the token (its header's
+                // `alg`, say), which is the sender's to choose.
                 let reason = match e.kind() {
-                    ErrorKind::InvalidAlgorithm => "wrong algorithm".to_owned(),
-                    ErrorKind::InvalidSignature => "bad signature".to_owned(),
-                    _ => e.to_string(),
+                    ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidAlgorithmName
+                    | ErrorKind::MissingAlgorithm => "wrong algorithm",
+                    ErrorKind::InvalidSignature => "bad signature",
+                    ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+                    _ => "malformed token",
                 };
-                TokenError::Invalid { reason }
+                TokenError::Invalid {
+                    reason: reason.to_owned(),
+                }
             })?;
         let claims = data.claims;
         if claims.iat > now.saturating_add(TOKEN_LEEWAY_SECS) {

@@ -3,7 +3,7 @@
 //! message to another.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -11,11 +11,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::ids::UserName;
 use crate::signal::protocol::CloseReason;
 
-/// A message queued for a session, with the share of its byte budget it holds until
-/// it is written.
+/// A message queued for a session, with the share of its byte budget and of its
+/// sender's allowance it holds until it is written.
 pub(super) struct Outgoing {
     pub(super) text: Utf8Bytes,
     pub(super) _budget: OwnedSemaphorePermit,
+    _share: Share,
 }
 
 /// Why a message could not be handed to a session.
@@ -23,19 +24,60 @@ pub(super) struct Outgoing {
 pub(super) enum Undelivered {
     /// The session has ended.
     Gone,
-    /// Its queue is full: it was told to close as lagging.
-    Lagging,
+    /// Its queue, or the part of it one sender may fill, is full: the message is
+    /// dropped, and only the sender is told.
+    Busy,
 }
+
+/// What each sender has queued for one session: messages and bytes.
+type Shares = Arc<Mutex<HashMap<u64, (usize, usize)>>>;
+
+/// One message's part of its sender's allowance; given back when the message is
+/// written or dropped.
+struct Share {
+    shares: Shares,
+    from: u64,
+    bytes: usize,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut shares = lock(&self.shares);
+        if let Some(entry) = shares.get_mut(&self.from) {
+            entry.0 -= 1;
+            entry.1 -= self.bytes;
+            if entry.0 == 0 {
+                shares.remove(&self.from);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters only: a panic elsewhere cannot leave them worse than slightly off.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The part of a session's queue (in messages and in bytes) any one sender may fill:
+/// a sender that sends faster than the recipient reads loses its own messages, and
+/// the others still get through.
+const SENDER_SHARE: usize = 4;
 
 /// How other sessions reach one session.
 pub(super) struct ConnHandle {
     pub(super) id: u64,
     pub(super) user: UserName,
     /// Messages for this session, written by its task. Bounded in count here and in
-    /// bytes by `budget`: a session that does not keep up is dropped, never buffered.
+    /// bytes by `budget`, and per sender by `shares`: what does not fit is refused to
+    /// its sender, never buffered. (A session that stops reading is closed by its own
+    /// task when a write times out.)
     tx: mpsc::Sender<Outgoing>,
     /// Bytes this session may have queued.
     budget: Arc<Semaphore>,
+    /// What each sender has queued, within `max_share`.
+    shares: Shares,
+    /// Most messages and bytes one sender may have queued.
+    max_share: (usize, usize),
     /// Tells the session's task to close (replaced, lagging).
     kick: watch::Sender<Option<CloseReason>>,
 }
@@ -48,35 +90,55 @@ impl ConnHandle {
         budget_bytes: usize,
         kick: watch::Sender<Option<CloseReason>>,
     ) -> Self {
+        let max_share = (
+            (tx.max_capacity() / SENDER_SHARE).max(1),
+            (budget_bytes / SENDER_SHARE).max(1),
+        );
         Self {
             id,
             user,
             tx,
             budget: Arc::new(Semaphore::new(budget_bytes)),
+            shares: Shares::default(),
+            max_share,
             kick,
         }
     }
 
-    /// Queues `text` for this session without waiting.
-    pub(super) fn deliver(&self, text: Utf8Bytes) -> Result<(), Undelivered> {
+    /// Queues `text`, sent by session `from`, for this session without waiting.
+    pub(super) fn deliver(&self, from: u64, text: Utf8Bytes) -> Result<(), Undelivered> {
         if self.tx.is_closed() {
             return Err(Undelivered::Gone);
         }
+        let share = {
+            let mut shares = lock(&self.shares);
+            let entry = shares.entry(from).or_default();
+            if entry.0 >= self.max_share.0 || entry.1 + text.len() > self.max_share.1 {
+                if entry.0 == 0 {
+                    shares.remove(&from);
+                }
+                return Err(Undelivered::Busy);
+            }
+            entry.0 += 1;
+            entry.1 += text.len();
+            Share {
+                shares: self.shares.clone(),
+                from,
+                bytes: text.len(),
+            }
+        };
         let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
         let Ok(budget) = self.budget.clone().try_acquire_many_owned(len) else {
-            self.kick(CloseReason::Lagging);
-            return Err(Undelivered::Lagging);
+            return Err(Undelivered::Busy);
         };
         match self.tx.try_send(Outgoing {
             text,
             _budget: budget,
+            _share: share,
         }) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Undelivered::Gone),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kick(CloseReason::Lagging);
-                Err(Undelivered::Lagging)
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Undelivered::Busy),
         }
     }
 
@@ -165,7 +227,7 @@ mod tests {
     use super::*;
 
     fn handle(id: u64, user: &str) -> (Arc<ConnHandle>, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(16);
         let (kick, _) = watch::channel(None);
         (
             Arc::new(ConnHandle::new(
@@ -201,19 +263,26 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_is_lagging_and_a_closed_one_gone() {
-        let (h, rx) = handle(1, "bob");
-        assert_eq!(h.deliver("x".into()), Ok(()));
-        assert_eq!(h.deliver("y".into()), Ok(()));
-        assert_eq!(h.deliver("z".into()), Err(Undelivered::Lagging));
-        assert_eq!(*h.kick.borrow(), Some(CloseReason::Lagging));
-        drop(rx);
-        assert_eq!(h.deliver("w".into()), Err(Undelivered::Gone));
-        let (h, _rx) = handle(2, "carol");
+    fn a_sender_beyond_its_share_is_refused_and_the_recipient_keeps_its_session() {
+        let (h, mut rx) = handle(1, "bob");
+        let (flooder, other) = (7, 8);
+        for _ in 0..4 {
+            assert_eq!(h.deliver(flooder, "x".into()), Ok(()));
+        }
+        assert_eq!(h.deliver(flooder, "x".into()), Err(Undelivered::Busy));
+        // Another sender still gets through, and nobody kicked the recipient.
+        assert_eq!(h.deliver(other, "y".into()), Ok(()));
+        assert_eq!(*h.kick.borrow(), None);
+        // A message written gives its share back.
+        drop(rx.try_recv().unwrap());
+        assert_eq!(h.deliver(flooder, "x".into()), Ok(()));
+        // Bytes count too: a quarter of the budget per sender.
         assert_eq!(
-            h.deliver("x".repeat(101).into()),
-            Err(Undelivered::Lagging),
-            "byte budget"
+            h.deliver(other, "y".repeat(30).into()),
+            Err(Undelivered::Busy)
         );
+        assert_eq!(h.deliver(other, "y".repeat(20).into()), Ok(()));
+        drop(rx);
+        assert_eq!(h.deliver(other, "w".into()), Err(Undelivered::Gone));
     }
 }

@@ -10,18 +10,20 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::error::ProtocolError as ProtocolViolation;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 
+use super::limit::Bucket;
 use super::router::{ConnHandle, Outgoing, Undelivered};
 use super::{Shared, Ws};
 use crate::ids::UserName;
 use crate::signal::accounts::{AccountsError, KeyCheck};
 use crate::signal::protocol::{
     ClientToServer, CloseReason, ErrorCode, MAX_WATCHED, PROTOCOL_VERSION, ProtocolError,
-    ServerToClient,
+    ServerToClient, escaped,
 };
 use crate::signal::token::{Claims, TOKEN_LEEWAY_SECS};
 
@@ -82,7 +84,7 @@ pub(super) async fn run(
                 .shared
                 .router()
                 .disconnect(&session.handle, &watched);
-            announce(&away, &user, false);
+            announce(&away, id, &user, false);
             ws = session.ws;
             end
         }
@@ -184,10 +186,14 @@ fn protocol_close(err: ProtocolError) -> CloseReason {
 fn ws_error(err: WsError) -> End {
     match err {
         WsError::Capacity(_) => End::Close(CloseReason::TooBig),
+        // The client went away without a closing handshake: not its message's fault.
+        WsError::Protocol(ProtocolViolation::ResetWithoutClosingHandshake) => End::Gone,
         WsError::Protocol(e) => End::Close(CloseReason::Malformed {
-            detail: e.to_string(),
+            detail: escaped(&e.to_string()),
         }),
-        WsError::Utf8(e) => End::Close(CloseReason::Malformed { detail: e }),
+        WsError::Utf8(e) => End::Close(CloseReason::Malformed {
+            detail: escaped(&e),
+        }),
         other => {
             debug!(cause = ?other, "connection failed");
             End::Gone
@@ -195,8 +201,8 @@ fn ws_error(err: WsError) -> End {
     }
 }
 
-/// Tells `watchers` that `user` came online or went away.
-fn announce(watchers: &[Arc<ConnHandle>], user: &UserName, online: bool) {
+/// Tells `watchers` that `user` (session `id`) came online or went away.
+fn announce(watchers: &[Arc<ConnHandle>], id: u64, user: &UserName, online: bool) {
     if watchers.is_empty() {
         return;
     }
@@ -208,7 +214,7 @@ fn announce(watchers: &[Arc<ConnHandle>], user: &UserName, online: bool) {
         return;
     };
     for watcher in watchers {
-        if let Err(err) = watcher.deliver(text.clone().into()) {
+        if let Err(err) = watcher.deliver(id, text.clone().into()) {
             debug!(watcher = %watcher.user, ?err, "presence not delivered");
         }
     }
@@ -217,38 +223,6 @@ fn announce(watchers: &[Arc<ConnHandle>], user: &UserName, online: bool) {
 /// A fraction in [0, 1) that differs between consecutive ids (Fibonacci hashing).
 fn spread(id: u64) -> f64 {
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A token bucket limiting the frames a client may send.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// A full bucket.
-    fn new(now: Instant, burst: f64) -> Self {
-        Self {
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        self.last = now;
-    }
-
-    /// `None` if a frame may be read now, else when the next one may.
-    fn ready_at(&mut self, now: Instant, rate: f64, burst: f64) -> Option<Instant> {
-        self.refill(now, rate, burst);
-        (self.tokens < 1.0).then(|| now + Duration::from_secs_f64((1.0 - self.tokens) / rate))
-    }
-
-    fn take(&mut self) {
-        self.tokens -= 1.0;
-    }
 }
 
 struct Session {
@@ -280,7 +254,7 @@ impl Session {
             info!(old = old.id, "replacing the user's previous connection");
             old.kick(CloseReason::Replaced);
         }
-        announce(&online, self.user(), true);
+        announce(&online, self.handle.id, self.user(), true);
         let expires_in = self
             .deadline
             .saturating_duration_since(Instant::now())
@@ -569,10 +543,12 @@ impl Session {
                 let text = message
                     .encode()
                     .map_err(|err| End::Close(protocol_close(err)))?;
-                match recipient.deliver(text.into()) {
+                match recipient.deliver(self.handle.id, text.into()) {
                     Ok(()) => return Ok(()),
                     Err(Undelivered::Gone) => "went away",
-                    Err(Undelivered::Lagging) => "is not reading its messages and was disconnected",
+                    Err(Undelivered::Busy) => {
+                        "has more of your messages waiting than it may queue: this one was dropped"
+                    }
                 }
             }
             None => "is not connected",
@@ -602,27 +578,5 @@ mod tests {
         firsts.sort_by(f64::total_cmp);
         let widest_gap = firsts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
         assert!(widest_gap < 0.05, "{widest_gap}");
-    }
-
-    #[test]
-    fn bucket_allows_a_burst_then_the_sustained_rate() {
-        let start = Instant::now();
-        let (rate, burst) = (4.0, 3.0);
-        let mut bucket = Bucket::new(start, burst);
-        for _ in 0..3 {
-            assert_eq!(bucket.ready_at(start, rate, burst), None);
-            bucket.take();
-        }
-        let next = bucket.ready_at(start, rate, burst).expect("throttled");
-        assert_eq!(next - start, Duration::from_millis(250));
-        assert_eq!(bucket.ready_at(next, rate, burst), None);
-        bucket.take();
-        // A long pause refills only up to the burst.
-        let later = next + Duration::from_secs(60);
-        for _ in 0..3 {
-            assert_eq!(bucket.ready_at(later, rate, burst), None);
-            bucket.take();
-        }
-        assert!(bucket.ready_at(later, rate, burst).is_some());
     }
 }
