@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use brume::ids::UserName;
 use brume::signal::accounts::Accounts;
-use brume::signal::protocol::{ClientToServer, IdentityKey, PROTOCOL_VERSION, ServerToClient};
+use brume::signal::protocol::{
+    CHALLENGE_HEADER, ClientToServer, IdentityKey, PROTOCOL_VERSION, ServerToClient, hello_proof,
+};
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -122,7 +124,7 @@ struct Tally {
 /// Relayed messages received inside a measuring window, over all connections.
 static DELIVERED: AtomicU64 = AtomicU64::new(0);
 
-async fn connect(addr: SocketAddr, token: &str, key: &SigningKey) -> Ws {
+async fn connect(addr: SocketAddr, token: &str, who: &UserName, key: &SigningKey) -> Ws {
     let mut request = format!("ws://{addr}/").into_client_request().expect("url");
     request.headers_mut().insert(
         "authorization",
@@ -144,10 +146,14 @@ async fn connect(addr: SocketAddr, token: &str, key: &SigningKey) -> Ws {
         let _ = tcp.set_nodelay(true);
         match tokio_tungstenite::client_async_with_config(request.clone(), tcp, Some(config)).await
         {
-            Ok((mut ws, _)) => {
+            Ok((mut ws, response)) => {
+                let challenge = response.headers()[CHALLENGE_HEADER]
+                    .to_str()
+                    .expect("challenge");
                 let hello = ClientToServer::Hello {
                     version: PROTOCOL_VERSION,
                     identity_key: IdentityKey::from(key.verifying_key()),
+                    proof: Some(hello_proof(key, challenge, who)),
                 };
                 ws.send(Message::text(hello.encode().expect("hello")))
                     .await
@@ -362,6 +368,7 @@ fn main() {
             let i = i as u64;
             let token = key.mint(u, now, now + 3600).expect("token");
             let identity = SigningKey::from_bytes(blake3::hash(u.as_str().as_bytes()).as_bytes());
+            let who = u.clone();
             let partner = if i < pairs {
                 Some(user(i + pairs))
             } else if i < 2 * pairs {
@@ -374,7 +381,7 @@ fn main() {
             // One task per connection, like one client each.
             tasks.push(tokio::spawn(async move {
                 let permit = handshakes.acquire_owned().await.expect("semaphore");
-                let ws = connect(addr, &token, &identity).await;
+                let ws = connect(addr, &token, &who, &identity).await;
                 drop(permit);
                 let _ = ready_tx.send(()).await;
                 drive(ws, partner, i < pairs, window, phase_rx, stop_rx).await

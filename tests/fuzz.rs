@@ -662,6 +662,7 @@ mod signal {
                 Err(TokenError::Expired { .. }) => prop_assert!(!early && late),
                 Err(TokenError::Invalid { .. }) => prop_assert!(early),
                 Err(TokenError::Missing) => prop_assert!(false, "missing"),
+                Err(TokenError::Revoked) => prop_assert!(false, "verify never revokes"),
             }
         }
 

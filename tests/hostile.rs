@@ -15,7 +15,9 @@ use brume::ids::UserName;
 use brume::signal::ErrorCode;
 use brume::signal::accounts::Accounts;
 use brume::signal::client::{self, ClientError};
-use brume::signal::protocol::{ClientToServer, IdentityKey, PROTOCOL_VERSION, ServerToClient};
+use brume::signal::protocol::{
+    ClientToServer, IdentityKey, PROTOCOL_VERSION, ServerToClient, hello_proof,
+};
 use brume::signal::server::Limits;
 use futures_util::SinkExt;
 use tokio::io::AsyncReadExt;
@@ -198,14 +200,8 @@ fn nothing_from_outside_reaches_the_log_unescaped_and_refusals_are_counted_not_l
 
         // A logged-in user's message of an unknown type, with the same payload.
         let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-        send(
-            &mut ws,
-            &ClientToServer::Hello {
-                version: PROTOCOL_VERSION,
-                identity_key: IdentityKey::from(key_of(&erin).verifying_key()),
-            },
-        )
-        .await;
+        let hello = ws.hello(&erin, &key_of(&erin));
+        send(&mut ws, &hello).await;
         assert!(matches!(
             recv(&mut ws).await,
             ServerToClient::Welcome { .. }
@@ -224,19 +220,13 @@ fn nothing_from_outside_reaches_the_log_unescaped_and_refusals_are_counted_not_l
 
         // A client that drops its connection without a close: not a malformed message.
         let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-        send(
-            &mut ws,
-            &ClientToServer::Hello {
-                version: PROTOCOL_VERSION,
-                identity_key: IdentityKey::from(key_of(&erin).verifying_key()),
-            },
-        )
-        .await;
+        let hello = ws.hello(&erin, &key_of(&erin));
+        send(&mut ws, &hello).await;
         assert!(matches!(
             recv(&mut ws).await,
             ServerToClient::Welcome { .. }
         ));
-        drop(ws.into_inner());
+        drop(ws.ws.into_inner());
 
         // 60 wrong credentials: a few log lines, not sixty.
         for _ in 0..60 {
@@ -410,14 +400,8 @@ fn sessions_are_capped_by_the_open_file_limit_with_a_503_not_exhaustion() {
         for user in &users[..sessions] {
             let token = key.mint(user, now, now + 600).unwrap();
             let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-            send(
-                &mut ws,
-                &ClientToServer::Hello {
-                    version: PROTOCOL_VERSION,
-                    identity_key: IdentityKey::from(key_of(user).verifying_key()),
-                },
-            )
-            .await;
+            let hello = ws.hello(user, &key_of(user));
+            send(&mut ws, &hello).await;
             assert!(matches!(
                 recv(&mut ws).await,
                 ServerToClient::Welcome { .. }
@@ -472,4 +456,96 @@ fn add_user_never_leaves_the_credential_readable_by_others() {
     assert_eq!(mode, 0o600);
     let config = brume::config::Config::load(&redirected).unwrap();
     assert_eq!(config.username.as_str(), "ben");
+}
+
+#[tokio::test]
+async fn revoked_tokens_end_sessions_and_are_refused_until_the_credential_is_used() {
+    let server = TestServer::start().await;
+    let (alice, credential) = server.add_user("alice");
+    let (bob, _) = server.add_user("bob");
+    let old = server.token_for(&alice, 600);
+    let mut a = join(&server, &alice).await;
+    let mut b = join(&server, &bob).await;
+    // `brume server revoke-tokens alice` from another process: the same database.
+    let revoker = Accounts::open(&server.db).unwrap();
+    revoker.revoke_tokens(&alice).unwrap();
+    let (code, reason) = crate::signal::recv_close(&mut a).await;
+    assert_eq!(code, 4008, "{reason}");
+    // The token from before is refused at the upgrade (401: fetch a new one)...
+    let (status, _) = upgrade(server.addr, Some(&old), false).await.unwrap_err();
+    assert_eq!(status, 401);
+    // ...and in a refresh by someone else's session is no better: bob is untouched.
+    send(&mut b, &relay(&bob, serde_json::json!("ping"))).await;
+    assert!(matches!(recv(&mut b).await, ServerToClient::Relay { .. }));
+    // The credential gets a token of the new generation, which works.
+    let fresh = client::fetch_token(&server.url, None, &alice, &credential, Some(600))
+        .await
+        .unwrap();
+    let mut ws = upgrade(server.addr, Some(&fresh.token), false)
+        .await
+        .unwrap();
+    let hello = ws.hello(&alice, &key_of(&alice));
+    send(&mut ws, &hello).await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ServerToClient::Welcome { .. }
+    ));
+    // A refresh with a revoked token is refused too.
+    send(&mut ws, &ClientToServer::Refresh { token: old }).await;
+    match recv(&mut ws).await {
+        ServerToClient::Error { code, .. } => assert_eq!(code, ErrorCode::TokenExpired),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hello_must_prove_the_key_and_a_key_belongs_to_one_account() {
+    let server = TestServer::start().await;
+    let (mallory, _) = server.add_user("mallory");
+    let (bob, _) = server.add_user("bob");
+    join(&server, &bob).await;
+    let token = server.token_for(&mallory, 600);
+    let refused = |hello: ClientToServer| {
+        let token = token.clone();
+        let addr = server.addr;
+        async move {
+            let mut ws = upgrade(addr, Some(&token), false).await.unwrap();
+            let hello = match hello {
+                ClientToServer::Hello { proof: Some(p), .. } if p == "ANSWER" => ws.hello(
+                    &UserName::new("mallory").unwrap(),
+                    &key_of(&UserName::new("bob").unwrap()),
+                ),
+                other => other,
+            };
+            send(&mut ws, &hello).await;
+            crate::signal::recv_close(&mut ws).await.0
+        }
+    };
+    let mallory_key = IdentityKey::from(key_of(&mallory).verifying_key());
+    // No proof, or a proof made for another challenge: refused.
+    let no_proof = ClientToServer::Hello {
+        version: PROTOCOL_VERSION,
+        identity_key: mallory_key,
+        proof: None,
+    };
+    assert_eq!(refused(no_proof).await, 4002);
+    let replayed = ClientToServer::Hello {
+        version: PROTOCOL_VERSION,
+        identity_key: mallory_key,
+        proof: Some(hello_proof(
+            &key_of(&mallory),
+            "another challenge",
+            &mallory,
+        )),
+    };
+    assert_eq!(refused(replayed).await, 4002);
+    // bob's key, even with a valid proof (mallory copied bob's private key): taken.
+    let bobs = ClientToServer::Hello {
+        version: PROTOCOL_VERSION,
+        identity_key: IdentityKey::from(key_of(&bob).verifying_key()),
+        proof: Some("ANSWER".into()),
+    };
+    assert_eq!(refused(bobs).await, 4002);
+    // Mallory's own key with its proof is fine, and was not registered before.
+    join(&server, &mallory).await;
 }

@@ -16,8 +16,8 @@ use brume::signal::ErrorCode;
 use brume::signal::accounts::Accounts;
 use brume::signal::client::{self, ClientConfig, ClientError, ConnState, SignalEvent};
 use brume::signal::protocol::{
-    ClientToServer, CloseReason, HttpError, IdentityKey, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
-    ServerToClient,
+    CHALLENGE_HEADER, ClientToServer, CloseReason, HttpError, IdentityKey, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION, ServerToClient, hello_proof,
 };
 use brume::signal::server::{self, Limits, ServerConfig, ServerError};
 use brume::signal::token::{Clock, TOKEN_LEEWAY_SECS, TokenKey};
@@ -109,10 +109,18 @@ impl TestServer {
         (user, credential)
     }
 
-    /// A token for `user`, valid for `ttl` seconds from the server's now.
+    /// A token for `user` as `POST /token` would mint it now: of the account's
+    /// current generation, valid for `ttl` seconds from the server's now.
     pub(crate) fn token_for(&self, user: &UserName, ttl: u64) -> String {
         let now = self.clock.now_unix();
-        self.key.mint(user, now, now + ttl).unwrap()
+        let (_, generations) = self.accounts.token_generations().unwrap();
+        let generation = generations
+            .into_iter()
+            .find_map(|(u, g)| (u == *user).then_some(g))
+            .unwrap_or(0);
+        self.key
+            .mint_generation(user, now, now + ttl, generation)
+            .unwrap()
     }
 
     pub(crate) fn client_config(&self, user: &UserName, credential: &str) -> ClientConfig {
@@ -153,12 +161,43 @@ pub(crate) fn random_identity() -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
+/// An upgraded connection, with the challenge its `hello` must sign.
+#[derive(Debug)]
+pub(crate) struct Upgraded {
+    pub(crate) ws: Ws,
+    pub(crate) challenge: String,
+}
+
+impl Upgraded {
+    /// The `hello` of `user` holding `key`, with its proof.
+    pub(crate) fn hello(&self, user: &UserName, key: &SigningKey) -> ClientToServer {
+        ClientToServer::Hello {
+            version: PROTOCOL_VERSION,
+            identity_key: IdentityKey::from(key.verifying_key()),
+            proof: Some(hello_proof(key, &self.challenge, user)),
+        }
+    }
+}
+
+impl std::ops::Deref for Upgraded {
+    type Target = Ws;
+    fn deref(&self) -> &Ws {
+        &self.ws
+    }
+}
+
+impl std::ops::DerefMut for Upgraded {
+    fn deref_mut(&mut self) -> &mut Ws {
+        &mut self.ws
+    }
+}
+
 /// A WebSocket upgrade with `token` in the header (or the query), or the refusal.
 pub(crate) async fn upgrade(
     addr: SocketAddr,
     token: Option<&str>,
     in_query: bool,
-) -> Result<Ws, (u16, HttpError)> {
+) -> Result<Upgraded, (u16, HttpError)> {
     let url = match (token, in_query) {
         (Some(token), true) => format!("ws://{addr}/?token={token}"),
         _ => format!("ws://{addr}/"),
@@ -171,7 +210,13 @@ pub(crate) async fn upgrade(
     }
     let tcp = TcpStream::connect(addr).await.unwrap();
     match tokio_tungstenite::client_async(request, tcp).await {
-        Ok((ws, _)) => Ok(ws),
+        Ok((ws, response)) => Ok(Upgraded {
+            ws,
+            challenge: response.headers()[CHALLENGE_HEADER]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        }),
         Err(WsError::Http(response)) => {
             let status = response.status().as_u16();
             let body: HttpError =
@@ -223,19 +268,13 @@ pub(crate) async fn recv_close(ws: &mut Ws) -> (u16, String) {
 pub(crate) async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws {
     let token = server.token_for(user, 600);
     let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-    send(
-        &mut ws,
-        &ClientToServer::Hello {
-            version: PROTOCOL_VERSION,
-            identity_key: IdentityKey::from(key.verifying_key()),
-        },
-    )
-    .await;
+    let hello = ws.hello(user, key);
+    send(&mut ws, &hello).await;
     match recv(&mut ws).await {
         ServerToClient::Welcome { user: who, .. } => assert_eq!(&who, user),
         other => panic!("expected welcome, got {other:?}"),
     }
-    ws
+    ws.ws
 }
 
 /// Connects as `user` with its usual identity key.
@@ -525,6 +564,7 @@ async fn malformed_messages_close_the_connection_with_a_reason() {
                 ClientToServer::Hello {
                     version: PROTOCOL_VERSION,
                     identity_key: IdentityKey::from(random_identity().verifying_key()),
+                    proof: None,
                 }
                 .encode()
                 .unwrap(),
@@ -561,6 +601,7 @@ async fn malformed_messages_close_the_connection_with_a_reason() {
         &ClientToServer::Hello {
             version: PROTOCOL_VERSION + 1,
             identity_key: IdentityKey::from(random_identity().verifying_key()),
+            proof: None,
         },
     )
     .await;
@@ -603,14 +644,8 @@ async fn token_expiry_during_a_session_closes_it_with_401() {
     let (alice, _) = server.add_user("alice");
     let token = server.token_for(&alice, 5);
     let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-    send(
-        &mut ws,
-        &ClientToServer::Hello {
-            version: PROTOCOL_VERSION,
-            identity_key: IdentityKey::from(random_identity().verifying_key()),
-        },
-    )
-    .await;
+    let hello = ws.hello(&alice, &random_identity());
+    send(&mut ws, &hello).await;
     assert!(matches!(
         recv(&mut ws).await,
         ServerToClient::Welcome { .. }
@@ -637,14 +672,8 @@ async fn refresh_extends_a_session_beyond_its_first_token() {
     let (bob, _) = server.add_user("bob");
     let token = server.token_for(&alice, 5);
     let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-    send(
-        &mut ws,
-        &ClientToServer::Hello {
-            version: PROTOCOL_VERSION,
-            identity_key: IdentityKey::from(random_identity().verifying_key()),
-        },
-    )
-    .await;
+    let hello = ws.hello(&alice, &random_identity());
+    send(&mut ws, &hello).await;
     assert!(matches!(
         recv(&mut ws).await,
         ServerToClient::Welcome { .. }
@@ -830,14 +859,8 @@ async fn identity_keys_are_registered_served_and_pinned_until_reset() {
     let second = random_identity();
     let token = server.token_for(&alice, 600);
     let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
-    send(
-        &mut ws,
-        &ClientToServer::Hello {
-            version: PROTOCOL_VERSION,
-            identity_key: IdentityKey::from(second.verifying_key()),
-        },
-    )
-    .await;
+    let hello = ws.hello(&alice, &second);
+    send(&mut ws, &hello).await;
     let (code, reason) = recv_close(&mut ws).await;
     assert_eq!(
         CloseReason::from_close(code, &reason),
@@ -1166,14 +1189,8 @@ fn real_binary_serves_add_user_and_token() {
         .unwrap();
     runtime.block_on(async {
         let mut ws = upgrade(addr, Some(&token), false).await.unwrap();
-        send(
-            &mut ws,
-            &ClientToServer::Hello {
-                version: PROTOCOL_VERSION,
-                identity_key: IdentityKey::from(random_identity().verifying_key()),
-            },
-        )
-        .await;
+        let hello = ws.hello(&UserName::new("dora").unwrap(), &random_identity());
+        send(&mut ws, &hello).await;
         assert!(matches!(
             recv(&mut ws).await,
             ServerToClient::Welcome { .. }

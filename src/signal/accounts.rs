@@ -17,7 +17,7 @@ use super::token::TokenKey;
 use crate::ids::UserName;
 
 /// Schema version stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Errors of the account store.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,19 @@ pub enum KeyCheck {
     Matches,
     /// The user has another key; refused until an administrator resets it.
     Differs,
+    /// Another account has registered this key; refused.
+    Taken,
+}
+
+/// A revocation of an account's tokens, as the running server picks it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Its position in the log of revocations.
+    pub seq: i64,
+    /// The account.
+    pub name: UserName,
+    /// Tokens of an older generation than this are refused.
+    pub token_gen: u64,
 }
 
 /// Fills `buf` from the OS's random number generator.
@@ -158,10 +171,33 @@ impl Accounts {
                  identity_key BLOB,
                  created_at INTEGER NOT NULL
              );
-             PRAGMA user_version = 1;
              COMMIT;",
         )
         .map_err(db)?;
+        // Version 2: per-account token generations (tokens minted before a revocation
+        // are refused), the revocations a running server picks up, and a lookup of
+        // keys by value (one key per account).
+        let mut conn = conn;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db)?;
+        if version < 2 {
+            tx.execute_batch(
+                "ALTER TABLE users ADD COLUMN token_gen INTEGER NOT NULL DEFAULT 0;
+                 CREATE TABLE IF NOT EXISTS revocations (
+                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                     name TEXT NOT NULL,
+                     token_gen INTEGER NOT NULL
+                 );
+                 CREATE INDEX IF NOT EXISTS users_by_identity_key ON users (identity_key);
+                 PRAGMA user_version = 2;",
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
         let accounts = Self {
             conn,
             path: path.to_owned(),
@@ -231,22 +267,121 @@ impl Accounts {
         name: &UserName,
         credential: &str,
     ) -> Result<bool, AccountsError> {
-        let stored: Option<Vec<u8>> = self
+        Ok(self.credential_generation(name, credential)?.is_some())
+    }
+
+    /// The generation tokens for `name` are minted with, if `credential` is its
+    /// credential (`None` for a wrong one or an unknown user).
+    pub fn credential_generation(
+        &self,
+        name: &UserName,
+        credential: &str,
+    ) -> Result<Option<u64>, AccountsError> {
+        let stored: Option<(Vec<u8>, i64)> = self
             .conn
             .query_row(
-                "SELECT credential_hash FROM users WHERE name = ?1",
+                "SELECT credential_hash, token_gen FROM users WHERE name = ?1",
+                params![name.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.db())?;
+        let Some((hash, token_gen)) = stored else {
+            return Ok(None);
+        };
+        Ok(match <[u8; 32]>::try_from(hash) {
+            // blake3::Hash compares in constant time.
+            Ok(stored)
+                if blake3::Hash::from(stored)
+                    == blake3::Hash::from(credential_hash(credential)) =>
+            {
+                Some(u64::try_from(token_gen).unwrap_or(0))
+            }
+            _ => None,
+        })
+    }
+
+    /// Refuses every token `name` holds from now on (they must be fetched again with
+    /// the credential), and logs the revocation for the running server, which ends
+    /// the account's sessions. Returns the new generation.
+    pub fn revoke_tokens(&self, name: &UserName) -> Result<u64, AccountsError> {
+        let token_gen: Option<i64> = self
+            .conn
+            .query_row(
+                "UPDATE users SET token_gen = token_gen + 1 WHERE name = ?1 RETURNING token_gen",
                 params![name.as_str()],
                 |r| r.get(0),
             )
             .optional()
             .map_err(self.db())?;
-        Ok(match stored.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
-            // blake3::Hash compares in constant time.
-            Some(stored) => {
-                blake3::Hash::from(stored) == blake3::Hash::from(credential_hash(credential))
+        let Some(token_gen) = token_gen else {
+            return Err(AccountsError::UnknownUser { name: name.clone() });
+        };
+        self.conn
+            .execute(
+                "INSERT INTO revocations (name, token_gen) VALUES (?1, ?2)",
+                params![name.as_str(), token_gen],
+            )
+            .map_err(self.db())?;
+        Ok(u64::try_from(token_gen).unwrap_or(0))
+    }
+
+    /// Revocations logged after `seq`, oldest first.
+    pub fn revocations_since(&self, seq: i64) -> Result<Vec<Revocation>, AccountsError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, name, token_gen FROM revocations WHERE seq > ?1 ORDER BY seq LIMIT 1000",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![seq], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, name, token_gen) = row.map_err(self.db())?;
+            // Names were checked when the account was made.
+            if let Ok(name) = UserName::new(&name) {
+                out.push(Revocation {
+                    seq,
+                    name,
+                    token_gen: u64::try_from(token_gen).unwrap_or(0),
+                });
             }
-            None => false,
-        })
+        }
+        Ok(out)
+    }
+
+    /// Every account whose tokens were ever revoked, with its generation, and the
+    /// position of the latest revocation: what a starting server needs.
+    pub fn token_generations(&self) -> Result<(i64, Vec<(UserName, u64)>), AccountsError> {
+        let last: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.db())?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, token_gen FROM users WHERE token_gen > 0")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, token_gen) = row.map_err(self.db())?;
+            if let Ok(name) = UserName::new(&name) {
+                out.push((name, u64::try_from(token_gen).unwrap_or(0)));
+            }
+        }
+        Ok((last, out))
     }
 
     /// Whether the user exists.
@@ -283,6 +418,18 @@ impl Accounts {
 
     /// Registers `key` for a user that has none, or compares it with the registered one.
     pub fn check_key(&self, name: &UserName, key: &IdentityKey) -> Result<KeyCheck, AccountsError> {
+        let taken = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM users WHERE identity_key = ?2 AND name != ?1",
+                params![name.as_str(), &key.0[..]],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(self.db())?;
+        if taken.is_some() {
+            return Ok(KeyCheck::Taken);
+        }
         let registered = self
             .conn
             .execute(
@@ -299,7 +446,9 @@ impl Accounts {
         }
     }
 
-    /// Forgets a user's identity key so the next one it presents is registered.
+    /// Forgets a user's identity key so the next one it presents is registered, and
+    /// revokes its tokens (see [`Accounts::revoke_tokens`]): whoever used the old key
+    /// is disconnected, and only a holder of the credential gets back in.
     pub fn reset_key(&self, name: &UserName) -> Result<(), AccountsError> {
         let changed = self
             .conn
@@ -311,6 +460,7 @@ impl Accounts {
         if changed == 0 {
             return Err(AccountsError::UnknownUser { name: name.clone() });
         }
+        self.revoke_tokens(name)?;
         Ok(())
     }
 }
@@ -320,7 +470,11 @@ enum Request {
     CheckCredential {
         name: UserName,
         credential: String,
-        reply: oneshot::Sender<Result<bool, AccountsError>>,
+        reply: oneshot::Sender<Result<Option<u64>, AccountsError>>,
+    },
+    Revocations {
+        since: i64,
+        reply: oneshot::Sender<Result<Vec<Revocation>, AccountsError>>,
     },
     UserExists {
         name: UserName,
@@ -363,7 +517,10 @@ impl AccountStore {
                             credential,
                             reply,
                         } => {
-                            let _ = reply.send(accounts.check_credential(&name, &credential));
+                            let _ = reply.send(accounts.credential_generation(&name, &credential));
+                        }
+                        Request::Revocations { since, reply } => {
+                            let _ = reply.send(accounts.revocations_since(since));
                         }
                         Request::UserExists { name, reply } => {
                             let _ = reply.send(accounts.user_exists(&name));
@@ -393,18 +550,24 @@ impl AccountStore {
         answer.await.map_err(|_| AccountsError::Stopped)?
     }
 
-    /// See [`Accounts::check_credential`].
-    pub async fn check_credential(
+    /// See [`Accounts::credential_generation`].
+    pub async fn credential_generation(
         &self,
         name: UserName,
         credential: String,
-    ) -> Result<bool, AccountsError> {
+    ) -> Result<Option<u64>, AccountsError> {
         self.ask(|reply| Request::CheckCredential {
             name,
             credential,
             reply,
         })
         .await
+    }
+
+    /// See [`Accounts::revocations_since`].
+    pub async fn revocations_since(&self, since: i64) -> Result<Vec<Revocation>, AccountsError> {
+        self.ask(|reply| Request::Revocations { since, reply })
+            .await
     }
 
     /// See [`Accounts::user_exists`].
@@ -463,13 +626,44 @@ mod tests {
         );
         assert_eq!(accounts.check_key(&alice, &k1).unwrap(), KeyCheck::Matches);
         assert_eq!(accounts.check_key(&alice, &k2).unwrap(), KeyCheck::Differs);
+        // Another account cannot register alice's key.
+        accounts.add_user(&bob).unwrap();
+        assert_eq!(accounts.check_key(&bob, &k1).unwrap(), KeyCheck::Taken);
+        assert_eq!(accounts.identity_key(&bob).unwrap(), None);
+        assert_eq!(accounts.token_generations().unwrap(), (0, Vec::new()));
         accounts.reset_key(&alice).unwrap();
         assert_eq!(
             accounts.check_key(&alice, &k2).unwrap(),
             KeyCheck::Registered
         );
+        // The reset revoked alice's tokens: generation 1, logged once.
+        assert_eq!(
+            accounts.credential_generation(&alice, &cred).unwrap(),
+            Some(1)
+        );
+        assert_eq!(accounts.revoke_tokens(&alice).unwrap(), 2);
+        let logged = accounts.revocations_since(0).unwrap();
+        assert_eq!(
+            logged.iter().map(|r| r.token_gen).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(
+            accounts
+                .revocations_since(logged[1].seq)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            accounts.token_generations().unwrap(),
+            (logged[1].seq, vec![(alice.clone(), 2)])
+        );
+        let nobody = UserName::new("nobody").unwrap();
         assert!(matches!(
-            accounts.reset_key(&bob),
+            accounts.revoke_tokens(&nobody),
+            Err(AccountsError::UnknownUser { .. })
+        ));
+        assert!(matches!(
+            accounts.reset_key(&nobody),
             Err(AccountsError::UnknownUser { .. })
         ));
 
@@ -477,5 +671,44 @@ mod tests {
         let again = Accounts::open(&path).unwrap();
         let token = accounts.token_key().unwrap().mint(&alice, 10, 20).unwrap();
         assert!(again.token_key().unwrap().verify(&token, 15).is_ok());
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_with_its_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+                 CREATE TABLE users (
+                     name TEXT PRIMARY KEY,
+                     credential_hash BLOB NOT NULL,
+                     identity_key BLOB,
+                     created_at INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO users VALUES ('alice', ?1, NULL, 0)",
+                params![&credential_hash("old")[..]],
+            )
+            .unwrap();
+        }
+        let accounts = Accounts::open(&path).unwrap();
+        let alice = UserName::new("alice").unwrap();
+        assert_eq!(
+            accounts.credential_generation(&alice, "old").unwrap(),
+            Some(0)
+        );
+        assert_eq!(accounts.revoke_tokens(&alice).unwrap(), 1);
+        drop(accounts);
+        // Opening again does not migrate twice.
+        let accounts = Accounts::open(&path).unwrap();
+        assert_eq!(
+            accounts.credential_generation(&alice, "old").unwrap(),
+            Some(1)
+        );
     }
 }

@@ -56,7 +56,18 @@ pub enum ServerCommand {
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
     },
-    /// Forgets a user's identity key, so the next key it presents is registered.
+    /// Revokes a user's tokens: its sessions end within a second, and only its
+    /// credential gets it back in.
+    RevokeTokens {
+        /// The user.
+        #[arg(value_parser = parse_user)]
+        name: UserName,
+        /// Account database [default: ~/.local/share/brume/server.db].
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Forgets a user's identity key, so the next key it presents is registered, and
+    /// revokes its tokens (as revoke-tokens).
     ResetKey {
         /// The user.
         #[arg(value_parser = parse_user)]
@@ -126,7 +137,17 @@ pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         }
         Some(ServerCommand::ResetKey { ref name, ref db }) => {
             Accounts::open(&db_or_default(db.clone()))?.reset_key(name)?;
-            eprintln!("identity key of {name} reset: the next key it presents will be registered");
+            eprintln!(
+                "identity key of {name} reset and its tokens revoked: the next key it presents \
+                 will be registered"
+            );
+            Ok(())
+        }
+        Some(ServerCommand::RevokeTokens { ref name, ref db }) => {
+            Accounts::open(&db_or_default(db.clone()))?.revoke_tokens(name)?;
+            eprintln!(
+                "tokens of {name} revoked: its sessions end, and it must log in with its credential"
+            );
             Ok(())
         }
         None => {

@@ -33,8 +33,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::protocol::{
-    ClientToServer, CloseReason, ErrorCode, HttpError, IdentityKey, MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION, ServerToClient,
+    CHALLENGE_HEADER, ClientToServer, CloseReason, ErrorCode, HttpError, IdentityKey,
+    MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ServerToClient, hello_proof,
 };
 use super::token::{DEFAULT_TOKEN_TTL_SECS, TokenRequest, TokenResponse};
 use crate::config::Config;
@@ -619,10 +619,12 @@ pub async fn open_websocket(
     token: &str,
 ) -> Result<WebSocketStream<Stream>, ClientError> {
     let target = Target::parse(server_url, server_ca)?;
-    open_at(&target, token).await
+    Ok(open_at(&target, token).await?.0)
 }
 
-async fn open_at(target: &Target, token: &str) -> Result<Ws, ClientError> {
+/// Upgrades to a WebSocket with `token`; returns it with the server's challenge for
+/// `hello`.
+async fn open_at(target: &Target, token: &str) -> Result<(Ws, String), ClientError> {
     let mut request = target
         .url
         .as_str()
@@ -638,7 +640,18 @@ async fn open_at(target: &Target, token: &str) -> Result<Ws, ClientError> {
     let handshake = tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()));
     match timeout(STEP_TIMEOUT, handshake).await {
         Err(_) => Err(ClientError::protocol("WebSocket handshake timed out")),
-        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Ok((ws, response))) => {
+            let challenge = response
+                .headers()
+                .get(CHALLENGE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    ClientError::protocol(
+                        "the server sent no challenge with the upgrade (an older brume server?)",
+                    )
+                })?;
+            Ok((ws, challenge.to_owned()))
+        }
         Ok(Err(WsError::Http(response))) => {
             let status = response.status().as_u16();
             let message = response
@@ -814,10 +827,11 @@ impl Connection {
             Some(config.token_ttl),
         )
         .await?;
-        let mut ws = open_at(target, &token.token).await?;
+        let (mut ws, challenge) = open_at(target, &token.token).await?;
         let hello = ClientToServer::Hello {
             version: PROTOCOL_VERSION,
             identity_key: IdentityKey::from(config.identity.verifying_key()),
+            proof: Some(hello_proof(&config.identity, &challenge, &config.username)),
         };
         send(&mut ws, &hello).await?;
         let welcome = timeout(STEP_TIMEOUT, async {

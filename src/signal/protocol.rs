@@ -31,7 +31,59 @@ use crate::ids::UserName;
 
 /// Version of this protocol, sent in [`ClientToServer::Hello`] and
 /// [`ServerToClient::Welcome`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Response header of the WebSocket upgrade carrying the server's challenge: 32 random
+/// bytes, base64url, that the client signs in its `hello` with the identity key it
+/// presents, proving it holds that key.
+pub const CHALLENGE_HEADER: &str = "brume-challenge";
+
+/// What a client signs in `hello`: a fixed context, the challenge, the user and the key.
+fn hello_signed_bytes(challenge: &str, user: &UserName, key: &IdentityKey) -> Vec<u8> {
+    let mut bytes = b"brume hello v2\n".to_vec();
+    for part in [
+        challenge.as_bytes(),
+        b"\n",
+        user.as_str().as_bytes(),
+        b"\n",
+        &key.0,
+    ] {
+        bytes.extend_from_slice(part);
+    }
+    bytes
+}
+
+/// The `proof` of a `hello` from `user` answering `challenge` with `identity`.
+pub fn hello_proof(
+    identity: &ed25519_dalek::SigningKey,
+    challenge: &str,
+    user: &UserName,
+) -> String {
+    use ed25519_dalek::Signer as _;
+    let key = IdentityKey::from(identity.verifying_key());
+    let signature = identity.sign(&hello_signed_bytes(challenge, user, &key));
+    URL_SAFE_NO_PAD.encode(signature.to_bytes())
+}
+
+/// Whether `proof` is `key`'s signature of `challenge` for `user`.
+pub fn hello_proof_holds(key: &IdentityKey, challenge: &str, user: &UserName, proof: &str) -> bool {
+    let Ok(verifying) = key.verifying_key() else {
+        return false;
+    };
+    let Some(signature) = URL_SAFE_NO_PAD
+        .decode(proof.as_bytes())
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    verifying
+        .verify_strict(
+            &hello_signed_bytes(challenge, user, key),
+            &ed25519_dalek::Signature::from_bytes(&signature),
+        )
+        .is_ok()
+}
 
 /// Largest message, in bytes of JSON text, either side may send.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
@@ -238,6 +290,9 @@ pub enum ClientToServer {
         version: u32,
         /// The client's ed25519 public key.
         identity_key: IdentityKey,
+        /// Signature with that key of the upgrade's challenge ([`hello_proof`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
     },
     /// Pass `payload` to user `to`. The server never looks inside the payload.
     #[serde(rename = "relay")]
@@ -464,6 +519,9 @@ pub enum CloseReason {
     Idle,
     /// The server failed (its account database, most likely); try again later.
     ServerError,
+    /// The account's tokens were revoked (`brume server revoke-tokens` or `reset-key`):
+    /// connect again with a fresh token.
+    Revoked,
 }
 
 /// Close codes of [`CloseReason`]; 4000-4999 are for applications (RFC 6455 §7.4.2).
@@ -479,6 +537,7 @@ mod close_code {
     pub(super) const LIMIT: u16 = 4005;
     pub(super) const LAGGING: u16 = 4006;
     pub(super) const IDLE: u16 = 4007;
+    pub(super) const REVOKED: u16 = 4008;
 }
 
 /// A WebSocket close reason holds at most 123 bytes.
@@ -500,6 +559,7 @@ impl CloseReason {
             CloseReason::Lagging => LAGGING,
             CloseReason::Idle => IDLE,
             CloseReason::ServerError => SERVER_ERROR,
+            CloseReason::Revoked => REVOKED,
         }
     }
 
@@ -532,6 +592,7 @@ impl CloseReason {
             IDLE => CloseReason::Idle,
             GOING_AWAY => CloseReason::Shutdown,
             SERVER_ERROR => CloseReason::ServerError,
+            REVOKED => CloseReason::Revoked,
             _ => CloseReason::Malformed {
                 detail: text.to_owned(),
             },
@@ -557,6 +618,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Lagging => f.write_str("not reading messages fast enough"),
             CloseReason::Idle => f.write_str("idle: no answer to keepalive"),
             CloseReason::ServerError => f.write_str("internal server error"),
+            CloseReason::Revoked => f.write_str("401: token revoked; connect with a fresh token"),
         }
     }
 }
@@ -598,12 +660,30 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_proof_holds_only_for_its_key_challenge_and_user() {
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let key = IdentityKey::from(identity.verifying_key());
+        let other =
+            IdentityKey::from(ed25519_dalek::SigningKey::from_bytes(&[8; 32]).verifying_key());
+        let alice = UserName::new("alice").unwrap();
+        let bob = UserName::new("bob").unwrap();
+        let proof = hello_proof(&identity, "c1", &alice);
+        assert!(hello_proof_holds(&key, "c1", &alice, &proof));
+        assert!(!hello_proof_holds(&key, "c2", &alice, &proof));
+        assert!(!hello_proof_holds(&key, "c1", &bob, &proof));
+        assert!(!hello_proof_holds(&other, "c1", &alice, &proof));
+        assert!(!hello_proof_holds(&key, "c1", &alice, "not base64!"));
+        assert!(!hello_proof_holds(&key, "c1", &alice, ""));
+    }
+
+    #[test]
     fn tags_are_the_documented_ones() {
         let hello = ClientToServer::Hello {
             version: 1,
             identity_key: IdentityKey::from(
                 ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
             ),
+            proof: None,
         };
         let text = hello.encode().unwrap();
         assert!(text.starts_with("{\"type\":\"hello\""), "{text}");
@@ -667,6 +747,7 @@ mod tests {
             CloseReason::Idle,
             CloseReason::Shutdown,
             CloseReason::ServerError,
+            CloseReason::Revoked,
         ] {
             assert_eq!(
                 CloseReason::from_close(reason.code(), &reason.text()),
@@ -716,10 +797,13 @@ mod proptests {
 
     fn client_msg() -> impl Strategy<Value = ClientToServer> {
         prop_oneof![
-            (any::<u32>(), key()).prop_map(|(version, identity_key)| ClientToServer::Hello {
-                version,
-                identity_key
-            }),
+            (any::<u32>(), key(), prop::option::of("[A-Za-z0-9_-]{0,90}")).prop_map(
+                |(version, identity_key, proof)| ClientToServer::Hello {
+                    version,
+                    identity_key,
+                    proof
+                }
+            ),
             (user(), payload()).prop_map(|(to, payload)| ClientToServer::Relay { to, payload }),
             prop::collection::vec(user(), 0..8).prop_map(|users| ClientToServer::Watch { users }),
             prop::collection::vec(user(), 0..8).prop_map(|users| ClientToServer::Unwatch { users }),

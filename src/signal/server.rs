@@ -29,9 +29,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::accounts::{AccountStore, Accounts, AccountsError};
-use super::protocol::{ErrorCode, HttpError, MAX_MESSAGE_BYTES};
+use super::protocol::{CHALLENGE_HEADER, CloseReason, ErrorCode, HttpError, MAX_MESSAGE_BYTES};
 use super::token::{
-    Clock, DEFAULT_TOKEN_TTL_SECS, MAX_TOKEN_TTL_SECS, TokenError, TokenKey, TokenRequest,
+    Claims, Clock, DEFAULT_TOKEN_TTL_SECS, MAX_TOKEN_TTL_SECS, TokenError, TokenKey, TokenRequest,
     TokenResponse,
 };
 use crate::ids::UserName;
@@ -189,12 +189,28 @@ struct Shared {
     refused_tokens: Tally,
     refused_upgrades: Tally,
     refused_connections: Tally,
+    /// Token generation of each account whose tokens were ever revoked; others are 0.
+    generations: Mutex<std::collections::HashMap<UserName, u64>>,
 }
 
 impl Shared {
     /// Whether per-address limits apply to `ip`.
     fn limits_address(&self, ip: IpAddr) -> bool {
         !(self.limits.exempt_loopback && ip.to_canonical().is_loopback())
+    }
+
+    /// The generation `user`'s tokens must have (see `Claims::generation`).
+    fn generation(&self, user: &UserName) -> u64 {
+        let generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        generations.get(user).copied().unwrap_or(0)
+    }
+
+    /// `claims`, unless the account's tokens were revoked after they were minted.
+    fn current(&self, claims: Claims) -> Result<Claims, TokenError> {
+        if claims.generation < self.generation(&claims.sub) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
     }
 
     /// Takes one attempt from `peer`'s allowance; `Err(wait)` when it has none left.
@@ -234,6 +250,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let accounts = Accounts::open(&config.db)?;
     let token_key = accounts.token_key()?;
+    let (mut revocations_seen, generations) = accounts.token_generations()?;
     let accounts = AccountStore::spawn(accounts)?;
     // Shutdown signal for every task: the accept loop flips it, HTTP connections and
     // sessions watch it.
@@ -258,6 +275,7 @@ pub async fn run(
         refused_tokens: Tally::new("token requests"),
         refused_upgrades: Tally::new("WebSocket upgrades"),
         refused_connections: Tally::new("connections"),
+        generations: Mutex::new(generations.into_iter().collect()),
         limits: config.limits,
         clock: config.clock,
         router: Mutex::new(Router::default()),
@@ -281,9 +299,14 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let mut prune = tokio::time::interval(Duration::from_secs(60));
+    // `revoke-tokens` and `reset-key` write to the database from another process:
+    // picked up here within a second.
+    let mut revocations = tokio::time::interval(REVOCATION_POLL);
+    revocations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = revocations.tick() => apply_revocations(&shared, &mut revocations_seen).await,
             _ = prune.tick() => {
                 shared.attempts_by_address.prune();
                 shared.refusals_by_account.prune();
@@ -314,6 +337,37 @@ pub async fn run(
     let _ = all_done.recv().await;
     info!("stopped");
     Ok(())
+}
+
+/// How often the server looks for revocations made by `brume server revoke-tokens`
+/// and `reset-key`.
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+/// Applies the revocations logged after `seen`: tokens of older generations are
+/// refused from now on, and sessions opened with one are closed.
+async fn apply_revocations(shared: &Shared, seen: &mut i64) {
+    let revoked = match shared.accounts.revocations_since(*seen).await {
+        Ok(revoked) => revoked,
+        Err(err) => {
+            warn!(cause = ?err, "cannot read revocations from the account store");
+            return;
+        }
+    };
+    for revocation in revoked {
+        *seen = revocation.seq;
+        {
+            let mut generations = shared.generations.lock().unwrap_or_else(|e| e.into_inner());
+            let current = generations.entry(revocation.name.clone()).or_default();
+            *current = (*current).max(revocation.token_gen);
+        }
+        let session = shared.router().lookup(&revocation.name);
+        if let Some(session) = session
+            && session.generation() < revocation.token_gen
+        {
+            info!(user = %revocation.name, "tokens revoked: closing the session");
+            session.kick(CloseReason::Revoked);
+        }
+    }
 }
 
 /// What a connection holds until it is authenticated (or closed): its place among
@@ -547,13 +601,13 @@ async fn token_endpoint(
         }
     };
     let user = request.username.clone();
-    match shared
+    let generation = match shared
         .accounts
-        .check_credential(request.username, request.credential)
+        .credential_generation(request.username, request.credential)
         .await
     {
-        Ok(true) => {}
-        Ok(false) => {
+        Ok(Some(generation)) => generation,
+        Ok(None) => {
             // Wrong credentials for one account beyond its allowance are answered 429:
             // the right credential still gets its token.
             if let Err(wait) = shared.refusals_by_account.take(&user) {
@@ -586,13 +640,16 @@ async fn token_endpoint(
                 "account store failed",
             );
         }
-    }
+    };
     let ttl = request
         .ttl
         .unwrap_or(DEFAULT_TOKEN_TTL_SECS)
         .clamp(1, MAX_TOKEN_TTL_SECS);
     let now = shared.clock.now_unix();
-    match shared.token_key.mint(&user, now, now + ttl) {
+    match shared
+        .token_key
+        .mint_generation(&user, now, now + ttl, generation)
+    {
         Ok(token) => {
             debug!(%user, ttl, "token issued");
             json_response(
@@ -666,7 +723,10 @@ fn upgrade(
     let accept = derive_accept_key(key.as_bytes());
     let claims = match request_token(&req) {
         None => Err(TokenError::Missing),
-        Some(token) => shared.token_key.verify(token, shared.clock.now_unix()),
+        Some(token) => shared
+            .token_key
+            .verify(token, shared.clock.now_unix())
+            .and_then(|claims| shared.current(claims)),
     };
     let claims = match claims {
         Ok(claims) => claims,
@@ -715,11 +775,23 @@ fn upgrade(
             "the server is at its connection limit",
         );
     };
+    let mut challenge = [0u8; 32];
+    if let Err(err) = super::accounts::random_bytes(&mut challenge) {
+        warn!(cause = %err, "no randomness for a challenge");
+        return http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "cannot make a challenge",
+        );
+    }
+    let challenge =
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, challenge);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let span = info_span!("session", user = %claims.sub, conn = id, %peer);
+    let challenge_sent = challenge.clone();
     // The session's task: lives as long as the WebSocket, holds the session permit and
     // a `done` handle so shutdown waits for it.
     tokio::spawn(
@@ -734,7 +806,7 @@ fn upgrade(
                         Some(ws_config()),
                     )
                     .await;
-                    session::run(shared, ws, id, claims, permit).await;
+                    session::run(shared, ws, id, claims, &challenge_sent, permit).await;
                 }
                 Err(err) => debug!(cause = ?err, "upgrade failed"),
             }
@@ -748,6 +820,9 @@ fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Ok(challenge) = HeaderValue::from_str(&challenge) {
+        headers.insert(CHALLENGE_HEADER, challenge);
     }
     response
 }

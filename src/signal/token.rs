@@ -32,6 +32,9 @@ pub enum TokenError {
         /// The server's time, in Unix seconds.
         now: u64,
     },
+    /// The account's tokens were revoked after this one was minted.
+    #[error("401: token revoked; fetch a new one")]
+    Revoked,
     /// The token is malformed, tampered with, or uses another algorithm.
     #[error("406: invalid token: {reason}")]
     Invalid {
@@ -45,7 +48,7 @@ impl TokenError {
     pub fn code(&self) -> ErrorCode {
         match self {
             TokenError::Missing => ErrorCode::MissingToken,
-            TokenError::Expired { .. } => ErrorCode::TokenExpired,
+            TokenError::Expired { .. } | TokenError::Revoked => ErrorCode::TokenExpired,
             TokenError::Invalid { .. } => ErrorCode::InvalidToken,
         }
     }
@@ -60,6 +63,10 @@ pub struct Claims {
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// The account's token generation when it was minted: tokens of an older
+    /// generation than the account's are refused (revoked).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// The source of "now" for token checks.
@@ -137,12 +144,25 @@ impl TokenKey {
         }
     }
 
-    /// Mints a token for `user` issued at `iat`, expiring at `exp` (Unix seconds).
+    /// Mints a token for `user` issued at `iat`, expiring at `exp` (Unix seconds), of
+    /// the first generation.
     pub fn mint(&self, user: &UserName, iat: u64, exp: u64) -> Result<String, TokenError> {
+        self.mint_generation(user, iat, exp, 0)
+    }
+
+    /// Mints a token of `generation` (see [`Claims::generation`]).
+    pub fn mint_generation(
+        &self,
+        user: &UserName,
+        iat: u64,
+        exp: u64,
+        generation: u64,
+    ) -> Result<String, TokenError> {
         let claims = Claims {
             sub: user.clone(),
             iat,
             exp,
+            generation,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| {
             TokenError::Invalid {
@@ -253,6 +273,7 @@ mod tests {
                 sub: alice(),
                 iat: 1000,
                 exp: 1100,
+                generation: 0,
             },
             &EncodingKey::from_secret(&[1; 32]),
         )

@@ -80,6 +80,8 @@ pub(super) struct ConnHandle {
     max_share: (usize, usize),
     /// Tells the session's task to close (replaced, lagging).
     kick: watch::Sender<Option<CloseReason>>,
+    /// The generation of the token the session holds (see `Claims::generation`).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ConnHandle {
@@ -89,6 +91,7 @@ impl ConnHandle {
         tx: mpsc::Sender<Outgoing>,
         budget_bytes: usize,
         kick: watch::Sender<Option<CloseReason>>,
+        generation: u64,
     ) -> Self {
         let max_share = (
             (tx.max_capacity() / SENDER_SHARE).max(1),
@@ -102,7 +105,19 @@ impl ConnHandle {
             shares: Shares::default(),
             max_share,
             kick,
+            generation: generation.into(),
         }
+    }
+
+    /// The generation of the session's token.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The session refreshed its token with one of `generation`.
+    pub(super) fn set_generation(&self, generation: u64) {
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues `text`, sent by session `from`, for this session without waiting.
@@ -236,6 +251,7 @@ mod tests {
                 tx,
                 100,
                 kick,
+                0,
             )),
             rx,
         )

@@ -23,7 +23,7 @@ use crate::ids::UserName;
 use crate::signal::accounts::{AccountsError, KeyCheck};
 use crate::signal::protocol::{
     ClientToServer, CloseReason, ErrorCode, MAX_WATCHED, PROTOCOL_VERSION, ProtocolError,
-    ServerToClient, escaped,
+    ServerToClient, escaped, hello_proof_holds,
 };
 use crate::signal::token::{Claims, TOKEN_LEEWAY_SECS};
 
@@ -47,12 +47,13 @@ pub(super) async fn run(
     mut ws: Ws,
     id: u64,
     claims: Claims,
+    challenge: &str,
     permit: OwnedSemaphorePermit,
 ) {
     let _permit = permit;
     let user = claims.sub.clone();
     let started = Instant::now();
-    let end = match hello(&shared, &mut ws, &user).await {
+    let end = match hello(&shared, &mut ws, &claims, challenge).await {
         Ok(()) => {
             // What other sessions relay to this one (presence, messages); bounded in
             // count here and in bytes by the handle's budget.
@@ -65,6 +66,7 @@ pub(super) async fn run(
                 tx,
                 shared.limits.queue_bytes,
                 kick_tx,
+                claims.generation,
             ));
             let shared_burst = shared.limits.burst.max(1);
             let mut session = Session {
@@ -123,8 +125,10 @@ async fn close(ws: &mut Ws, reason: &CloseReason) {
     .await;
 }
 
-/// Waits for `hello`, checks the protocol version and the identity key.
-async fn hello(shared: &Shared, ws: &mut Ws, user: &UserName) -> Result<(), End> {
+/// Waits for `hello`, checks the protocol version, that the client holds the identity
+/// key it presents (its signature of `challenge`), and the key itself.
+async fn hello(shared: &Shared, ws: &mut Ws, claims: &Claims, challenge: &str) -> Result<(), End> {
+    let user = &claims.sub;
     let first = match timeout(shared.limits.handshake_timeout, ws.next()).await {
         Err(_) => {
             return Err(End::Close(CloseReason::Malformed {
@@ -140,11 +144,12 @@ async fn hello(shared: &Shared, ws: &mut Ws, user: &UserName) -> Result<(), End>
             detail: "expected hello".into(),
         }));
     };
-    let (version, key) = match ClientToServer::decode(&text) {
+    let (version, key, proof) = match ClientToServer::decode(&text) {
         Ok(ClientToServer::Hello {
             version,
             identity_key,
-        }) => (version, identity_key),
+            proof,
+        }) => (version, identity_key, proof),
         Ok(_) => {
             return Err(End::Close(CloseReason::Malformed {
                 detail: "expected hello".into(),
@@ -155,6 +160,14 @@ async fn hello(shared: &Shared, ws: &mut Ws, user: &UserName) -> Result<(), End>
     if version != PROTOCOL_VERSION {
         return Err(End::Close(CloseReason::UnsupportedVersion { version }));
     }
+    if !proof.is_some_and(|proof| hello_proof_holds(&key, challenge, user, &proof)) {
+        warn!(key = %key, "identity key refused: no valid proof that the client holds it");
+        return Err(End::Close(CloseReason::KeyRefused));
+    }
+    // Revoked between the upgrade and now.
+    if shared.current(claims.clone()).is_err() {
+        return Err(End::Close(CloseReason::Revoked));
+    }
     match shared.accounts.check_key(user.clone(), key).await {
         Ok(KeyCheck::Registered) => {
             info!(key = %key, "identity key registered");
@@ -163,6 +176,10 @@ async fn hello(shared: &Shared, ws: &mut Ws, user: &UserName) -> Result<(), End>
         Ok(KeyCheck::Matches) => Ok(()),
         Ok(KeyCheck::Differs) => {
             warn!(key = %key, "identity key refused: differs from the registered one");
+            Err(End::Close(CloseReason::KeyRefused))
+        }
+        Ok(KeyCheck::Taken) => {
+            warn!(key = %key, "identity key refused: another account registered it");
             Err(End::Close(CloseReason::KeyRefused))
         }
         Err(AccountsError::UnknownUser { .. }) => {
@@ -504,8 +521,14 @@ impl Session {
             }
             ClientToServer::Refresh { token } => {
                 let now = self.shared.clock.now_unix();
-                match self.shared.token_key.verify(&token, now) {
+                let checked = self
+                    .shared
+                    .token_key
+                    .verify(&token, now)
+                    .and_then(|claims| self.shared.current(claims));
+                match checked {
                     Ok(claims) if claims.sub == *self.user() => {
+                        self.handle.set_generation(claims.generation);
                         self.deadline = session_deadline(&self.shared, claims.exp);
                         debug!(exp = claims.exp, "session refreshed");
                         self.reply(&ServerToClient::Refreshed {
