@@ -19,7 +19,7 @@ use brume::signal::protocol::{
     ClientToServer, IdentityKey, PROTOCOL_VERSION, ServerToClient, hello_proof,
 };
 use brume::signal::server::Limits;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
@@ -548,4 +548,55 @@ async fn hello_must_prove_the_key_and_a_key_belongs_to_one_account() {
     assert_eq!(refused(bobs).await, 4002);
     // Mallory's own key with its proof is fine, and was not registered before.
     join(&server, &mallory).await;
+}
+
+#[tokio::test]
+async fn presence_and_names_cannot_be_harvested() {
+    let server = TestServer::start().await;
+    let (mallory, _) = server.add_user("mallory");
+    let (alice, _) = server.add_user("alice");
+    let mut a = join(&server, &alice).await;
+    let mut m = join(&server, &mallory).await;
+    // Alice is online, but has not declared mallory: shown offline.
+    send(
+        &mut m,
+        &ClientToServer::Watch {
+            users: vec![alice.clone()],
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut m).await,
+        ServerToClient::Presence {
+            user: alice.clone(),
+            online: false
+        }
+    );
+    // And alice hears nothing of mallory.
+    send(&mut a, &relay(&alice, serde_json::json!("marker"))).await;
+    assert!(matches!(recv(&mut a).await, ServerToClient::Relay { .. }));
+    // Thousands of names in a few messages: the lookups run out and the session is
+    // closed (4005) long before the list does.
+    let mut answers = 0;
+    let mut closed = None;
+    'outer: for chunk in 0..10 {
+        let users = (0..520)
+            .map(|i| UserName::new(&format!("guess{chunk}x{i}")).unwrap())
+            .collect();
+        send(&mut m, &ClientToServer::Watch { users }).await;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), m.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => answers += 1,
+                Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                    closed = Some(u16::from(frame.code));
+                    break 'outer;
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => break,
+            }
+        }
+    }
+    assert_eq!(closed, Some(4005), "after {answers} answers");
+    assert!(answers < 1_400, "{answers} names answered");
 }

@@ -468,6 +468,27 @@ async fn watchers_are_told_when_users_come_and_go() {
         other => panic!("expected EBADDEST for an unknown watch, got {other:?}"),
     }
     let mut a = join(&server, &alice).await;
+    // Alice has not declared bob: bob is told nothing of her.
+    send(&mut b, &relay(&bob, serde_json::json!("before"))).await;
+    assert!(
+        matches!(recv(&mut b).await, ServerToClient::Relay { .. }),
+        "no presence of a user who did not declare bob"
+    );
+    // Once she does, each sees the other.
+    send(
+        &mut a,
+        &ClientToServer::Watch {
+            users: vec![bob.clone()],
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerToClient::Presence {
+            user: bob.clone(),
+            online: true
+        }
+    );
     assert_eq!(
         recv(&mut b).await,
         ServerToClient::Presence {
@@ -491,7 +512,22 @@ async fn watchers_are_told_when_users_come_and_go() {
         },
     )
     .await;
-    let _a = join(&server, &alice).await;
+    let mut a = join(&server, &alice).await;
+    send(
+        &mut a,
+        &ClientToServer::Watch {
+            users: vec![bob.clone()],
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerToClient::Presence {
+            user: bob.clone(),
+            online: false
+        },
+        "bob no longer declares alice"
+    );
     send(&mut b, &relay(&bob, serde_json::json!("marker"))).await;
     assert_eq!(
         recv(&mut b).await,
@@ -519,6 +555,14 @@ async fn a_new_connection_replaces_the_old_one_with_a_reason() {
     .await;
     let _ = recv(&mut b).await;
     let mut old = join_with(&server, &alice, &key).await;
+    send(
+        &mut old,
+        &ClientToServer::Watch {
+            users: vec![bob.clone()],
+        },
+    )
+    .await;
+    let _ = recv(&mut old).await;
     assert!(matches!(
         recv(&mut b).await,
         ServerToClient::Presence { online: true, .. }
@@ -731,8 +775,15 @@ async fn half_open_connections_are_dropped_as_idle() {
     let (alice, _) = server.add_user("alice");
     let (bob, _) = server.add_user("bob");
     let mut b = join(&server, &bob).await;
-    // Alice connects, then never reads again: she answers no ping.
-    let _a = join(&server, &alice).await;
+    // Alice connects, declares bob, then never reads again: she answers no ping.
+    let mut a = join(&server, &alice).await;
+    send(
+        &mut a,
+        &ClientToServer::Watch {
+            users: vec![bob.clone()],
+        },
+    )
+    .await;
     send(
         &mut b,
         &ClientToServer::Watch {
@@ -901,11 +952,28 @@ async fn client_library_relays_presence_keys_and_reconnects() {
     within(a.connected()).await.unwrap();
     within(b.connected()).await.unwrap();
 
+    // Presence between two users who declared each other (watch both ways).
+    a.watch([bob.clone()]).await.unwrap();
+    assert_eq!(
+        within(a_events.recv()).await.unwrap(),
+        SignalEvent::Presence {
+            user: bob.clone(),
+            online: false
+        },
+        "bob has not declared alice yet"
+    );
     b.watch([alice.clone()]).await.unwrap();
     assert_eq!(
         within(b_events.recv()).await.unwrap(),
         SignalEvent::Presence {
             user: alice.clone(),
+            online: true
+        }
+    );
+    assert_eq!(
+        within(a_events.recv()).await.unwrap(),
+        SignalEvent::Presence {
+            user: bob.clone(),
             online: true
         }
     );

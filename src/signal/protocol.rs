@@ -14,6 +14,10 @@
 //!
 //! Retired tags: none yet.
 //!
+//! Version 2 added `hello`'s `proof`: the signature, with the identity key `hello`
+//! presents, of the challenge the server sent in the upgrade's [`CHALLENGE_HEADER`]
+//! ([`hello_proof`]). A version 1 client is closed with "unsupported protocol version".
+//!
 //! # Frames
 //!
 //! A frame is checked before it is parsed ([`check`]): at most [`MAX_MESSAGE_BYTES`]

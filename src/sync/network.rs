@@ -117,6 +117,7 @@ impl Network {
         let mut events = self.events;
         // Writes what `brume status` shows about the network, once a second, for
         // the life of the mount.
+        tokio::spawn(declare_members(self.signal.clone(), engine.clone()));
         tokio::spawn(write_live_status(
             self.data_dir,
             self.signal,
@@ -159,6 +160,37 @@ impl Network {
 
 /// Keeps `<data>/live.json` current: the signaling connection, every peer link,
 /// each joined group's sync state and the block cache.
+/// Declares to the signaling server the members of every owned group, as they are
+/// added, for the life of the mount: the server shows an owner online only to users
+/// it declared, and members dial their owner as soon as they see it come online.
+/// (A member's own side is declared when it asks for a link to its owner.)
+async fn declare_members(signal: crate::signal::client::SignalClient, engine: Engine) {
+    let mut declared: std::collections::HashSet<UserName> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let new: Vec<UserName> = engine
+            .owned_members()
+            .into_iter()
+            .flat_map(|(_, members)| members)
+            .filter_map(|m| UserName::new(&m).ok())
+            .filter(|m| !declared.contains(m))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if new.is_empty() {
+            continue;
+        }
+        // The client keeps what it watches across reconnections; a failure here
+        // (not connected yet) is retried on the next tick.
+        match signal.watch(new.clone()).await {
+            Ok(()) => declared.extend(new),
+            Err(err) => tracing::debug!(cause = %err, "members not declared yet"),
+        }
+    }
+}
+
 async fn write_live_status(
     data_dir: std::path::PathBuf,
     signal: crate::signal::client::SignalClient,

@@ -164,6 +164,11 @@ impl ConnHandle {
 }
 
 /// The maps. Sessions own their handles; the router holds clones.
+///
+/// A session's `watch` list declares the users it needs (an owner its members, a
+/// member the owners of groups it joined). Presence is revealed only between two
+/// users who declared each other: a user nobody declared back learns nothing about
+/// who is online.
 #[derive(Default)]
 pub(super) struct Router {
     /// The current session of each online user.
@@ -174,35 +179,35 @@ pub(super) struct Router {
 
 impl Router {
     /// Makes `handle` its user's current session. Returns the session it replaces, if
-    /// any, and otherwise the watchers to tell the user came online.
-    pub(super) fn connect(
-        &mut self,
-        handle: Arc<ConnHandle>,
-    ) -> (Option<Arc<ConnHandle>>, Vec<Arc<ConnHandle>>) {
+    /// any. Nobody is told yet: the new session has declared nobody so far.
+    pub(super) fn connect(&mut self, handle: Arc<ConnHandle>) -> Option<Arc<ConnHandle>> {
         let user = handle.user.clone();
-        match self.online.insert(user.clone(), handle) {
-            Some(old) => (Some(old), Vec::new()),
-            None => (None, self.watchers_of(&user)),
-        }
+        self.online.insert(user, handle)
     }
 
-    /// Forgets session `handle` and its watches. Returns the watchers to tell its user
-    /// went away, unless a newer session of the same user has replaced it.
+    /// Forgets session `handle` and its watches. Returns the sessions to tell its user
+    /// went away (those it saw, and that saw it), unless a newer session of the same
+    /// user has replaced it.
     pub(super) fn disconnect(
         &mut self,
         handle: &ConnHandle,
         watched: &HashSet<UserName>,
     ) -> Vec<Arc<ConnHandle>> {
+        let current = self
+            .online
+            .get(&handle.user)
+            .is_some_and(|current| current.id == handle.id);
+        let mut told = Vec::new();
         for user in watched {
-            self.unwatch(handle.id, user);
-        }
-        match self.online.get(&handle.user) {
-            Some(current) if current.id == handle.id => {
-                self.online.remove(&handle.user);
-                self.watchers_of(&handle.user)
+            if current && let Some(other) = self.declaring(user, &handle.user) {
+                told.push(other);
             }
-            _ => Vec::new(),
+            self.unwatch_id(handle.id, user);
         }
+        if current {
+            self.online.remove(&handle.user);
+        }
+        told
     }
 
     /// The current session of `user`.
@@ -210,17 +215,38 @@ impl Router {
         self.online.get(user).cloned()
     }
 
-    /// `watcher` watches `user` from now on; returns whether `user` is online.
-    pub(super) fn watch(&mut self, watcher: &Arc<ConnHandle>, user: &UserName) -> bool {
+    /// `watcher` declares `user` from now on. Returns whether `user` is online and
+    /// declared `watcher`'s user too, and if so `user`'s session, to be told that
+    /// `watcher`'s user is online.
+    pub(super) fn watch(
+        &mut self,
+        watcher: &Arc<ConnHandle>,
+        user: &UserName,
+    ) -> Option<Arc<ConnHandle>> {
         self.watchers
             .entry(user.clone())
             .or_default()
             .insert(watcher.id, watcher.clone());
-        self.online.contains_key(user)
+        self.declaring(user, &watcher.user)
     }
 
-    /// Session `watcher_id` no longer watches `user`.
-    pub(super) fn unwatch(&mut self, watcher_id: u64, user: &UserName) {
+    /// `watcher` no longer declares `user`. Returns `user`'s session if it saw
+    /// `watcher`'s user until now, to be told it went away.
+    pub(super) fn unwatch(
+        &mut self,
+        watcher: &ConnHandle,
+        user: &UserName,
+    ) -> Option<Arc<ConnHandle>> {
+        let mutual = self.declaring(user, &watcher.user).filter(|_| {
+            self.online
+                .get(&watcher.user)
+                .is_some_and(|current| current.id == watcher.id)
+        });
+        self.unwatch_id(watcher.id, user);
+        mutual
+    }
+
+    fn unwatch_id(&mut self, watcher_id: u64, user: &UserName) {
         if let Some(set) = self.watchers.get_mut(user) {
             set.remove(&watcher_id);
             if set.is_empty() {
@@ -229,11 +255,13 @@ impl Router {
         }
     }
 
-    fn watchers_of(&self, user: &UserName) -> Vec<Arc<ConnHandle>> {
+    /// `user`'s current session, if it is online and declares `other`.
+    fn declaring(&self, user: &UserName, other: &UserName) -> Option<Arc<ConnHandle>> {
+        let session = self.online.get(user)?;
         self.watchers
-            .get(user)
-            .map(|set| set.values().cloned().collect())
-            .unwrap_or_default()
+            .get(other)?
+            .contains_key(&session.id)
+            .then(|| session.clone())
     }
 }
 
@@ -258,24 +286,38 @@ mod tests {
     }
 
     #[test]
-    fn replacement_keeps_the_user_online_for_watchers() {
+    fn presence_is_shown_only_between_users_who_declared_each_other() {
         let mut router = Router::default();
-        let (watcher, _w) = handle(1, "bob");
         let alice = UserName::new("alice").unwrap();
-        assert!(!router.watch(&watcher, &alice));
-        let (a1, _r1) = handle(2, "alice");
-        let (replaced, told) = router.connect(a1.clone());
-        assert!(replaced.is_none());
-        assert_eq!(told.len(), 1);
-        let (a2, _r2) = handle(3, "alice");
-        let (replaced, told) = router.connect(a2.clone());
-        assert_eq!(replaced.unwrap().id, 2);
-        assert!(told.is_empty());
-        // The replaced session ending does not take its successor offline.
-        assert!(router.disconnect(&a1, &HashSet::new()).is_empty());
-        assert_eq!(router.lookup(&alice).unwrap().id, 3);
-        assert_eq!(router.disconnect(&a2, &HashSet::new()).len(), 1);
+        let bob = UserName::new("bob").unwrap();
+        let (a, _ra) = handle(1, "alice");
+        let (b, _rb) = handle(2, "bob");
+        assert!(router.connect(a.clone()).is_none());
+        assert!(router.connect(b.clone()).is_none());
+        // bob declares alice: alice has not declared bob, so bob sees nothing.
+        assert!(router.watch(&b, &alice).is_none());
+        // alice declares bob back: bob is shown to alice, and alice to bob.
+        assert_eq!(router.watch(&a, &bob).map(|h| h.id), Some(2));
+        // alice leaves: bob (who saw her) is told; alice's watch is gone.
+        let told = router.disconnect(&a, &HashSet::from([bob.clone()]));
+        assert_eq!(told.iter().map(|h| h.id).collect::<Vec<_>>(), vec![2]);
         assert!(router.lookup(&alice).is_none());
+        // A replaced session leaving tells nobody and keeps the newer one.
+        let (a2, _r2) = handle(3, "alice");
+        let (a3, _r3) = handle(4, "alice");
+        router.connect(a2.clone());
+        router.watch(&a2, &bob);
+        assert_eq!(router.connect(a3.clone()).map(|h| h.id), Some(3));
+        assert!(
+            router
+                .disconnect(&a2, &HashSet::from([bob.clone()]))
+                .is_empty()
+        );
+        assert_eq!(router.lookup(&alice).unwrap().id, 4);
+        // Unwatching a mutual declaration tells the other side.
+        router.watch(&a3, &bob);
+        assert_eq!(router.unwatch(&b, &alice).map(|h| h.id), Some(4));
+        assert!(router.unwatch(&a3, &bob).is_none());
     }
 
     #[test]

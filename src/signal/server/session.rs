@@ -30,6 +30,12 @@ use crate::signal::token::{Claims, TOKEN_LEEWAY_SECS};
 /// How long the server waits for the client's answer to its close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Users one session may look up by name at once: more than it may watch, so a
+/// client that watches everyone it needs at start is never held back.
+const LOOKUP_BURST: f64 = (MAX_WATCHED + MAX_WATCHED / 4) as f64;
+/// Users one session may look up by name per second, beyond [`LOOKUP_BURST`].
+const LOOKUPS_PER_SEC: f64 = 20.0;
+
 /// Messages written in one batch before the socket is flushed.
 const WRITE_BATCH: usize = 32;
 
@@ -78,6 +84,7 @@ pub(super) async fn run(
                 kick,
                 watched: HashSet::new(),
                 bucket: Bucket::new(Instant::now(), f64::from(shared_burst)),
+                lookups: Bucket::new(Instant::now(), LOOKUP_BURST),
                 last_seen: Instant::now(),
             };
             let end = session.serve().await;
@@ -256,6 +263,8 @@ struct Session {
     /// When the session's token (plus leeway) expires.
     deadline: Instant,
     bucket: Bucket,
+    /// Users looked up by name (watch, get_key, relay to someone offline).
+    lookups: Bucket,
     /// Last time anything arrived from the client.
     last_seen: Instant,
 }
@@ -266,12 +275,11 @@ impl Session {
     }
 
     async fn serve(&mut self) -> End {
-        let (replaced, online) = self.shared.router().connect(self.handle.clone());
+        let replaced = self.shared.router().connect(self.handle.clone());
         if let Some(old) = replaced {
             info!(old = old.id, "replacing the user's previous connection");
             old.kick(CloseReason::Replaced);
         }
-        announce(&online, self.handle.id, self.user(), true);
         let expires_in = self
             .deadline
             .saturating_duration_since(Instant::now())
@@ -450,8 +458,10 @@ impl Session {
         .await
     }
 
-    /// `Ok(true)` if `user` has an account.
+    /// `Ok(true)` if `user` has an account. Each lookup counts against the session's
+    /// allowance ([`LOOKUP_BURST`], [`LOOKUPS_PER_SEC`]): names cannot be tried in bulk.
     async fn exists(&mut self, user: &UserName) -> Result<bool, End> {
+        self.looked_up()?;
         let shared = self.shared.clone();
         shared
             .accounts
@@ -461,6 +471,21 @@ impl Session {
                 warn!(cause = ?err, "account store failed");
                 End::Close(CloseReason::ServerError)
             })
+    }
+
+    /// Counts one lookup of a user by name; closes the session beyond its allowance.
+    fn looked_up(&mut self) -> Result<(), End> {
+        if self
+            .lookups
+            .ready_at(Instant::now(), LOOKUPS_PER_SEC, LOOKUP_BURST)
+            .is_some()
+        {
+            return Err(End::Close(CloseReason::Limit {
+                detail: "too many users looked up".into(),
+            }));
+        }
+        self.lookups.take();
+        Ok(())
     }
 
     async fn handle(&mut self, request: ClientToServer) -> Result<(), End> {
@@ -476,29 +501,44 @@ impl Session {
                             detail: format!("more than {MAX_WATCHED} watched users"),
                         }));
                     }
-                    if !self.exists(&user).await? {
+                    if !self.watched.contains(&user) && !self.exists(&user).await? {
                         let message = format!("cannot watch {user}: {}", ErrorCode::BadDest);
                         self.error(ErrorCode::BadDest, message, Some(user), None)
                             .await?;
                         continue;
                     }
-                    let online = self.shared.router().watch(&self.handle, &user);
+                    // Shown online only if `user` declared this user too; then `user`
+                    // learns that this user is online.
+                    let seen = self.shared.router().watch(&self.handle, &user);
                     self.watched.insert(user.clone());
-                    self.reply(&ServerToClient::Presence { user, online })
-                        .await?;
-                }
-                Ok(())
-            }
-            ClientToServer::Unwatch { users } => {
-                let mut router = self.shared.router();
-                for user in users {
-                    if self.watched.remove(&user) {
-                        router.unwatch(self.handle.id, &user);
+                    self.reply(&ServerToClient::Presence {
+                        user,
+                        online: seen.is_some(),
+                    })
+                    .await?;
+                    if let Some(other) = seen {
+                        announce(&[other], self.handle.id, self.user(), true);
                     }
                 }
                 Ok(())
             }
+            ClientToServer::Unwatch { users } => {
+                let mut told = Vec::new();
+                {
+                    let mut router = self.shared.router();
+                    for user in users {
+                        if self.watched.remove(&user)
+                            && let Some(other) = router.unwatch(&self.handle, &user)
+                        {
+                            told.push(other);
+                        }
+                    }
+                }
+                announce(&told, self.handle.id, self.user(), false);
+                Ok(())
+            }
             ClientToServer::GetKey { id, user } => {
+                self.looked_up()?;
                 match self.shared.accounts.identity_key(user.clone()).await {
                     Ok(identity_key) => {
                         self.reply(&ServerToClient::Key {
