@@ -267,7 +267,12 @@ pub(crate) async fn recv_close(ws: &mut Ws) -> (u16, String) {
 /// Connects as `user` with `key`, says hello, and checks the welcome.
 pub(crate) async fn join_with(server: &TestServer, user: &UserName, key: &SigningKey) -> Ws {
     let token = server.token_for(user, 600);
-    let mut ws = upgrade(server.addr, Some(&token), false).await.unwrap();
+    login(server.addr, &token, user, key).await
+}
+
+/// Upgrades with `token`, says hello as `user` holding `key`, and checks the welcome.
+pub(crate) async fn login(addr: SocketAddr, token: &str, user: &UserName, key: &SigningKey) -> Ws {
+    let mut ws = upgrade(addr, Some(token), false).await.unwrap();
     let hello = ws.hello(user, key);
     send(&mut ws, &hello).await;
     match recv(&mut ws).await {
@@ -285,6 +290,12 @@ pub(crate) async fn join(server: &TestServer, user: &UserName) -> Ws {
 /// A fixed identity key per user name, so reconnecting users present the same key.
 pub(crate) fn key_of(user: &UserName) -> SigningKey {
     SigningKey::from_bytes(blake3::hash(user.as_str().as_bytes()).as_bytes())
+}
+
+/// Declares `users` (a `watch`).
+pub(crate) async fn watch(ws: &mut Ws, users: &[&UserName]) {
+    let users = users.iter().map(|u| (*u).clone()).collect();
+    send(ws, &ClientToServer::Watch { users }).await;
 }
 
 pub(crate) fn relay(to: &UserName, payload: serde_json::Value) -> ClientToServer {
@@ -475,13 +486,7 @@ async fn watchers_are_told_when_users_come_and_go() {
         "no presence of a user who did not declare bob"
     );
     // Once she does, each sees the other.
-    send(
-        &mut a,
-        &ClientToServer::Watch {
-            users: vec![bob.clone()],
-        },
-    )
-    .await;
+    watch(&mut a, &[&bob]).await;
     assert_eq!(
         recv(&mut a).await,
         ServerToClient::Presence {
@@ -513,13 +518,7 @@ async fn watchers_are_told_when_users_come_and_go() {
     )
     .await;
     let mut a = join(&server, &alice).await;
-    send(
-        &mut a,
-        &ClientToServer::Watch {
-            users: vec![bob.clone()],
-        },
-    )
-    .await;
+    watch(&mut a, &[&bob]).await;
     assert_eq!(
         recv(&mut a).await,
         ServerToClient::Presence {
@@ -546,22 +545,10 @@ async fn a_new_connection_replaces_the_old_one_with_a_reason() {
     let (bob, _) = server.add_user("bob");
     let key = random_identity();
     let mut b = join(&server, &bob).await;
-    send(
-        &mut b,
-        &ClientToServer::Watch {
-            users: vec![alice.clone()],
-        },
-    )
-    .await;
+    watch(&mut b, &[&alice]).await;
     let _ = recv(&mut b).await;
     let mut old = join_with(&server, &alice, &key).await;
-    send(
-        &mut old,
-        &ClientToServer::Watch {
-            users: vec![bob.clone()],
-        },
-    )
-    .await;
+    watch(&mut old, &[&bob]).await;
     let _ = recv(&mut old).await;
     assert!(matches!(
         recv(&mut b).await,
@@ -777,20 +764,8 @@ async fn half_open_connections_are_dropped_as_idle() {
     let mut b = join(&server, &bob).await;
     // Alice connects, declares bob, then never reads again: she answers no ping.
     let mut a = join(&server, &alice).await;
-    send(
-        &mut a,
-        &ClientToServer::Watch {
-            users: vec![bob.clone()],
-        },
-    )
-    .await;
-    send(
-        &mut b,
-        &ClientToServer::Watch {
-            users: vec![alice.clone()],
-        },
-    )
-    .await;
+    watch(&mut a, &[&bob]).await;
+    watch(&mut b, &[&alice]).await;
     assert!(matches!(
         recv(&mut b).await,
         ServerToClient::Presence { online: true, .. }

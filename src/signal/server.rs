@@ -193,6 +193,13 @@ struct Shared {
     generations: Mutex<std::collections::HashMap<UserName, u64>>,
 }
 
+/// Locks `m`. The server's mutexes guard maps and counters held for a few map
+/// operations, never across an await: a panic while one is held cannot leave them
+/// in a state that matters more than stopping the whole server would.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Shared {
     /// Whether per-address limits apply to `ip`.
     fn limits_address(&self, ip: IpAddr) -> bool {
@@ -201,8 +208,7 @@ impl Shared {
 
     /// The generation `user`'s tokens must have (see `Claims::generation`).
     fn generation(&self, user: &UserName) -> u64 {
-        let generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-        generations.get(user).copied().unwrap_or(0)
+        lock(&self.generations).get(user).copied().unwrap_or(0)
     }
 
     /// `claims`, unless the account's tokens were revoked after they were minted.
@@ -222,9 +228,7 @@ impl Shared {
     }
 
     fn router(&self) -> std::sync::MutexGuard<'_, Router> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way
-        // that matters more than stopping relaying for everyone would.
-        self.router.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.router)
     }
 }
 
@@ -356,7 +360,7 @@ async fn apply_revocations(shared: &Shared, seen: &mut i64) {
     for revocation in revoked {
         *seen = revocation.seq;
         {
-            let mut generations = shared.generations.lock().unwrap_or_else(|e| e.into_inner());
+            let mut generations = lock(&shared.generations);
             let current = generations.entry(revocation.name.clone()).or_default();
             *current = (*current).max(revocation.token_gen);
         }

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
+use super::lock;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -226,11 +228,6 @@ impl Tally {
             self.what
         );
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Counters only: a panic elsewhere leaves them at worst slightly off.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use super::lock;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -51,11 +53,6 @@ impl Drop for Share {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Counters only: a panic elsewhere cannot leave them worse than slightly off.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The part of a session's queue (in messages and in bytes) any one sender may fill:
