@@ -6,7 +6,6 @@ pub mod cache;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::ids::{BlockHash, Ino};
@@ -91,6 +90,9 @@ pub fn hash_block(data: &[u8]) -> BlockHash {
 /// for, and its blocks.
 pub type OnHashed = Box<dyn Fn(Ino, u64, Vec<(BlockHash, u32)>) + Send + Sync>;
 
+/// Opens a file's bytes for hashing, by inode.
+pub type OpenFile = Box<dyn Fn(Ino) -> std::io::Result<File> + Send + Sync>;
+
 /// A background worker that (re)hashes files after they change. Requests for the
 /// same file coalesce while they wait; the newest content sequence wins.
 #[derive(Clone)]
@@ -104,11 +106,11 @@ impl std::fmt::Debug for Hasher {
     }
 }
 
-/// Files waiting to be hashed, in order, with their paths and sequences.
+/// Files waiting to be hashed, in order, with their sequences.
 #[derive(Default)]
 struct Queue {
     order: std::collections::VecDeque<Ino>,
-    jobs: std::collections::HashMap<Ino, (PathBuf, u64)>,
+    jobs: std::collections::HashMap<Ino, u64>,
     stop: bool,
 }
 
@@ -121,8 +123,9 @@ struct HasherInner {
 }
 
 impl Hasher {
-    /// Starts the worker thread; each result goes to `on_hashed`.
-    pub fn start(on_hashed: OnHashed) -> Self {
+    /// Starts the worker thread, which reads files through `open`; each result
+    /// goes to `on_hashed`.
+    pub fn start(open: OpenFile, on_hashed: OnHashed) -> Self {
         let inner = Arc::new(HasherInner {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -134,7 +137,7 @@ impl Hasher {
             .name("hasher".into())
             .spawn(move || {
                 background_priority();
-                run(&worker, &on_hashed)
+                run(&worker, &open, &on_hashed)
             });
         match spawned {
             Ok(handle) => *inner.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle),
@@ -143,13 +146,12 @@ impl Hasher {
         Self { inner }
     }
 
-    /// Asks for `ino`'s blocks to be hashed from the file at `path`, for content
-    /// sequence `seq`.
-    pub fn enqueue(&self, ino: Ino, path: PathBuf, seq: u64) {
+    /// Asks for `ino`'s blocks to be hashed, for content sequence `seq`.
+    pub fn enqueue(&self, ino: Ino, seq: u64) {
         let Ok(mut q) = self.inner.queue.lock() else {
             return;
         };
-        if q.jobs.insert(ino, (path, seq)).is_none() {
+        if q.jobs.insert(ino, seq).is_none() {
             q.order.push_back(ino);
             // Only an idle worker needs waking; a busy one drains the queue.
             if q.order.len() == 1 {
@@ -196,7 +198,7 @@ pub fn background_priority() {
 /// closed files costs one wake-up rather than one per file.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(20);
 
-fn run(inner: &HasherInner, on_hashed: &OnHashed) {
+fn run(inner: &HasherInner, open: &OpenFile, on_hashed: &OnHashed) {
     loop {
         // Sleep until there is work (or we are told to stop with nothing left).
         {
@@ -219,14 +221,14 @@ fn run(inner: &HasherInner, on_hashed: &OnHashed) {
             let job = match inner.queue.lock() {
                 Ok(mut q) => {
                     let ino = q.order.pop_front();
-                    ino.and_then(|ino| q.jobs.remove(&ino).map(|(path, seq)| (ino, path, seq)))
+                    ino.and_then(|ino| q.jobs.remove(&ino).map(|seq| (ino, seq)))
                 }
                 Err(_) => return,
             };
-            let Some((ino, path, seq)) = job else {
+            let Some((ino, seq)) = job else {
                 break;
             };
-            match File::open(&path).and_then(|f| hash_file(&f)) {
+            match open(ino).and_then(|f| hash_file(&f)) {
                 Ok(blocks) => on_hashed(ino, seq, blocks),
                 // The file was removed meanwhile: nothing to index.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

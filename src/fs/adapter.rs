@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -248,7 +248,6 @@ pub(crate) struct BrumeFs {
     sync: Arc<std::sync::OnceLock<(Engine, tokio::runtime::Handle)>>,
     catalog: Catalog,
     hasher: Hasher,
-    data_dir: PathBuf,
     /// Whether the kernel accepted passthrough (decided in `init`).
     passthrough: AtomicBool,
     want_passthrough: bool,
@@ -290,7 +289,6 @@ impl BrumeFs {
         store: Store,
         catalog: Catalog,
         hasher: Hasher,
-        data_dir: PathBuf,
         want_passthrough: bool,
         wsserver: Vec<u8>,
         owner: (u32, u32),
@@ -311,7 +309,6 @@ impl BrumeFs {
             sync,
             catalog,
             hasher,
-            data_dir,
             passthrough: AtomicBool::new(false),
             want_passthrough,
             wsserver,
@@ -478,7 +475,7 @@ impl BrumeFs {
             (mtime, ctime)
         };
         let seq = tree.content_changed(ino, m.size(), mtime, ctime, ranges)?;
-        self.hasher.enqueue(ino, self.store.path(ino), seq);
+        self.hasher.enqueue(ino, seq);
         Ok(())
     }
 
@@ -495,6 +492,20 @@ impl BrumeFs {
         Ok(())
     }
 
+    /// The whole content of `ino`'s backing file; empty if it cannot be read.
+    fn read_backing(&self, ino: Ino) -> Vec<u8> {
+        let mut text = Vec::new();
+        if let Err(e) = self
+            .store
+            .open_read(ino)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut text))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(%ino, cause = ?e, "cannot read backing file");
+        }
+        text
+    }
+
     /// If `ino` is a group's `.members`, re-reads it.
     fn refresh_members_of(&self, tree: &mut Tree, ino: Ino) -> FsResult<()> {
         let node = tree.get(ino)?;
@@ -502,7 +513,7 @@ impl BrumeFs {
         if let Some(g) = tree.members_file_group(parent, tree::MEMBERS_NAME)
             && tree.child(parent, tree::MEMBERS_NAME) == Some(ino)
         {
-            let text = std::fs::read(self.store.path(ino)).unwrap_or_default();
+            let text = self.read_backing(ino);
             tree.set_members(g, tree::parse_members(&text))?;
         }
         Ok(())
@@ -513,9 +524,7 @@ impl BrumeFs {
     fn refresh_members_at(&self, tree: &mut Tree, dir: Ino, name: &[u8]) -> FsResult<()> {
         if let Some(g) = tree.members_file_group(dir, name) {
             let members = match tree.child(dir, name) {
-                Some(ino) => {
-                    tree::parse_members(&std::fs::read(self.store.path(ino)).unwrap_or_default())
-                }
+                Some(ino) => tree::parse_members(&self.read_backing(ino)),
                 None => Vec::new(),
             };
             tree.set_members(g, members)?;
@@ -783,7 +792,7 @@ impl BrumeFs {
         };
         if unhashed {
             let seq = self.tree_read().get(ino)?.content_seq;
-            self.hasher.enqueue(ino, self.store.path(ino), seq);
+            self.hasher.enqueue(ino, seq);
         }
         if members {
             let mut tree = self.tree_write();
@@ -936,22 +945,14 @@ impl BrumeFs {
         // does both (see `settle`): members never see it emptied half-way.
         if set.size.is_some() && complete && !self.open_map().contains_key(&ino) {
             let seq = tree.get(ino)?.content_seq;
-            self.hasher.enqueue(ino, self.store.path(ino), seq);
+            self.hasher.enqueue(ino, seq);
             self.refresh_members_of(&mut tree, ino)?;
         }
         Ok(self.attr_of(tree.get(ino)?))
     }
 
     fn statfs_data(&self) -> FsResult<libc::statvfs> {
-        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_bytes())
-            .map_err(|_| FsError::Invalid { why: "data path" })?;
-        // SAFETY: statvfs writes into a zeroed struct we own; `path` is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(st)
+        Ok(self.store.statvfs()?)
     }
 
     /// Flushes everything to disk: used at unmount.

@@ -219,21 +219,27 @@ pub fn mount_with_link(
     let rehash = repair_sizes(&mut tree, &store).map_err(io)?;
     catalog.barrier()?;
     let tree = Arc::new(RwLock::new(tree));
-    let hasher = Hasher::start(Box::new({
-        let tree = tree.clone();
-        move |ino, seq, blocks| {
-            let mut tree = crate::fs::tree::write(&tree);
-            if let Err(e) = tree.set_blocks(ino, seq, blocks) {
-                tracing::debug!(%ino, cause = ?e, "hashed file is gone");
+    let hasher = Hasher::start(
+        Box::new({
+            let store = store.clone();
+            move |ino| store.open_read(ino)
+        }),
+        Box::new({
+            let tree = tree.clone();
+            move |ino, seq, blocks| {
+                let mut tree = crate::fs::tree::write(&tree);
+                if let Err(e) = tree.set_blocks(ino, seq, blocks) {
+                    tracing::debug!(%ino, cause = ?e, "hashed file is gone");
+                }
             }
-        }
-    }));
+        }),
+    );
     let unhashed = tree
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .unhashed_owned_files();
     for (ino, seq) in rehash.into_iter().chain(unhashed) {
-        hasher.enqueue(ino, store.path(ino), seq);
+        hasher.enqueue(ino, seq);
     }
     let wsserver = serde_json::to_vec_pretty(&serde_json::json!({
         "url": opts.config.server_url,
@@ -264,7 +270,6 @@ pub fn mount_with_link(
         store.clone(),
         catalog,
         hasher.clone(),
-        data.clone(),
         opts.config.fs.passthrough,
         wsserver,
         owner,
@@ -408,7 +413,6 @@ pub fn mount_with_link(
 /// their copies, until the store is restored and Brume mounted again.
 fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64)>> {
     use std::collections::HashMap;
-    use std::os::unix::fs::MetadataExt;
     struct Found {
         ino: Ino,
         group: Option<crate::ids::GroupId>,
@@ -434,18 +438,18 @@ fn repair_sizes(tree: &mut Tree, store: &Store) -> std::io::Result<Vec<(Ino, u64
     for ino in files {
         let Ok(node) = tree.get(ino) else { continue };
         let (size, group, recorded) = (node.row.size, node.row.group, node.row.mtime);
-        let (len, missing, times) = match std::fs::metadata(store.path(ino)) {
-            Ok(m) => (
-                m.len(),
+        let (len, missing, times) = match store.stat(ino) {
+            Ok(st) => (
+                st.st_size as u64,
                 false,
                 (
                     Stamp {
-                        secs: m.mtime(),
-                        nanos: m.mtime_nsec() as u32,
+                        secs: st.st_mtime,
+                        nanos: st.st_mtime_nsec as u32,
                     },
                     Stamp {
-                        secs: m.ctime(),
-                        nanos: m.ctime_nsec() as u32,
+                        secs: st.st_ctime,
+                        nanos: st.st_ctime_nsec as u32,
                     },
                 ),
             ),

@@ -1153,10 +1153,10 @@ impl Engine {
                 return None;
             }
         }
-        let path = self.inner.store.path(ino);
+        let store = self.inner.store.clone();
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(path).ok()?;
+            let f = store.open_read(ino).ok()?;
             let mut buf = vec![0u8; BLOCK_SIZE as usize];
             let off = u64::from(index) * BLOCK_SIZE;
             let mut got = 0;
