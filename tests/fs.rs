@@ -286,6 +286,70 @@ fn chmod_chown_utimens_statfs() {
     assert!(st.f_blocks > 0 && st.f_namemax == 255);
 }
 
+/// The daemon reaches its backing files through the directory it opened at
+/// mount, not by their paths: the data directory moved away while mounted
+/// changes nothing for the files (old or new, read, written, hashed, statfs),
+/// and no new store appears at the old path.
+#[test]
+fn files_keep_their_bytes_when_the_data_directory_moves_while_mounted() {
+    let (mut c, g) = Client::with_group(true);
+    fs::write(g.join("before"), b"one").unwrap();
+    let moved = c.dir.path().join("moved-data");
+    fs::rename(&c.data, &moved).unwrap();
+    fs::write(g.join("after"), b"two").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(g.join("before"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    assert_eq!(read(&g.join("before")), b"one+");
+    assert_eq!(read(&g.join("after")), b"two");
+    fs::write(g.join("gone"), b"x").unwrap();
+    let gone = fs::metadata(g.join("gone")).unwrap().ino();
+    let backing = moved.join(format!("objects/{:02x}/{gone}", gone & 0xff));
+    assert!(backing.is_file());
+    fs::remove_file(g.join("gone")).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the removed file's bytes to go",
+        || !backing.exists(),
+    );
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cpath(&g).as_ptr(), &mut st) }, 0);
+    let ino = fs::metadata(g.join("after")).unwrap().ino() as i64;
+    let db = rusqlite::Connection::open_with_flags(
+        moved.join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let hashes = || -> Vec<Vec<u8>> {
+        let mut q = db
+            .prepare("SELECT hash FROM blocks WHERE ino = ?1 ORDER BY idx")
+            .unwrap();
+        q.query_map([ino], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the new file's block hashes",
+        || hashes() == block_hashes(b"two"),
+    );
+    drop(db);
+    assert!(
+        !c.data.exists(),
+        "a store was made at the data directory's old path"
+    );
+    // Back where the configuration says, for the next mount: all there.
+    fs::rename(&moved, &c.data).unwrap();
+    c.remount();
+    assert_eq!(read(&g.join("before")), b"one+");
+    assert_eq!(read(&g.join("after")), b"two");
+    assert!(!g.join("gone").exists());
+}
+
 /// Runs `script` with `sh` in `dir` as nobody (uid and gid 65534).
 fn sh_as_nobody(dir: &Path, script: &str) {
     use std::os::unix::process::CommandExt;
