@@ -21,11 +21,10 @@
 //! deletes a removed node's bytes by path once the removal is committed); it
 //! names the objects folder where it is at the time of the call.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,57 +188,24 @@ impl Store {
 
     /// Every inode that has a backing file.
     pub fn list(&self) -> io::Result<Vec<Ino>> {
+        // The open folder, through the kernel's link to it: no path above it
+        // is looked up.
+        let here = PathBuf::from(format!("/proc/self/fd/{}", self.dir().as_raw_fd()));
         let mut out = Vec::new();
         for low in 0..=0xffu64 {
-            let dir = CString::new(fan_out(Ino(low))).expect("no NUL in hex");
-            let names = match self.open_at(&dir, libc::O_RDONLY | libc::O_DIRECTORY) {
-                Ok(d) => names_in(d)?,
+            let entries = match std::fs::read_dir(here.join(fan_out(Ino(low)))) {
+                Ok(entries) => entries,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            out.extend(
-                names
-                    .into_iter()
-                    .filter_map(|n| n.into_string().ok()?.parse().ok())
-                    .map(Ino),
-            );
+            for entry in entries {
+                if let Some(ino) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    out.push(Ino(ino));
+                }
+            }
         }
         Ok(out)
     }
-}
-
-/// The names in the open folder `dir` (`.` and `..` included), which it closes.
-fn names_in(dir: File) -> io::Result<Vec<OsString>> {
-    use std::os::fd::IntoRawFd;
-    // SAFETY: fdopendir(3) takes over the fd (closedir closes it); on failure
-    // the fd is still ours, so it is closed here.
-    let fd = dir.into_raw_fd();
-    let stream = unsafe { libc::fdopendir(fd) };
-    if stream.is_null() {
-        let e = io::Error::last_os_error();
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        return Err(e);
-    }
-    let mut out = Vec::new();
-    let result = loop {
-        // SAFETY: errno is thread-local; readdir(3) sets it only on failure,
-        // and returns entries that stay valid until the next call on `stream`.
-        unsafe { *libc::__errno_location() = 0 };
-        let entry = unsafe { libc::readdir(stream) };
-        if entry.is_null() {
-            let e = io::Error::last_os_error();
-            break if e.raw_os_error() == Some(0) {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) };
-        out.push(OsString::from_vec(name.to_bytes().to_vec()));
-    };
-    // SAFETY: `stream` came from fdopendir and is closed once.
-    unsafe { libc::closedir(stream) };
-    result.map(|()| out)
 }
 
 #[cfg(test)]
