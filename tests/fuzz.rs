@@ -1056,7 +1056,7 @@ mod sync {
     use brume::fs::tree::{Inval, ROOT, Situation, Tree};
     use brume::ids::{GroupId, Ino, UserName};
     use brume::sync::proto::{
-        BlockRef, Change, MAX_MESSAGE, MemberToOwner, NodeState, OwnerToMember, ProtoError,
+        BlockRef, Change, MAX_MESSAGE, MemberToOwner, NodeState, OwnerToMember, Problem, ProtoError,
     };
 
     use super::*;
@@ -1225,8 +1225,10 @@ mod sync {
                 }),
             (group, any::<[u8; 32]>())
                 .prop_map(|(group, hash)| OwnerToMember::NoBlock { group, hash }),
-            (group, any::<String>())
-                .prop_map(|(group, code)| OwnerToMember::Refused { group, code }),
+            (group, 0..3u8).prop_map(|(group, p)| OwnerToMember::Refused {
+                group,
+                problem: [Problem::NotMember, Problem::Held, Problem::Busy][usize::from(p)],
+            }),
         ]
     }
 
@@ -1438,7 +1440,7 @@ mod sync {
                     b"x",
                 ]
                 .concat(),
-                // Refused { group, code: <len> }
+                // Refused { group, problem: <huge variant index> }
                 [&[b'O', 5][..], &g, &n, b"E"].concat(),
                 // Snapshot { group, seq, nodes: [], last, unsettled: <len> }
                 [&[b'O', 1][..], &g, &varint(1), &varint(0), &[1], &n, b"abc"].concat(),

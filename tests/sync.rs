@@ -11,7 +11,7 @@ use brume::config::Config;
 use brume::fs::{MountOptions, Mounted, mount_with_link};
 use brume::ids::UserName;
 use brume::sync::engine::{BoxFuture, Engine, Link};
-use brume::sync::proto::{MemberToOwner, OwnerToMember};
+use brume::sync::proto::{MemberToOwner, OwnerToMember, Problem};
 use tokio::sync::mpsc;
 
 use crate::harness::{is_mounted, wait_until};
@@ -1130,9 +1130,13 @@ fn non_members_and_forged_requests_get_zero_bytes_and_members_cannot_write() {
     let bob_got = bob_sink.lock().unwrap().clone();
     assert_eq!(blocks(&mallory), 0, "{mallory:?}");
     assert!(
-        mallory
-            .iter()
-            .all(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER")),
+        mallory.iter().all(|m| matches!(
+            m,
+            OwnerToMember::Refused {
+                problem: Problem::NotMember,
+                ..
+            }
+        )),
         "{mallory:?}"
     );
     assert_eq!(blocks(&bob_got), 0, "{bob_got:?}");
@@ -1592,11 +1596,15 @@ fn the_owner_answers_other_messages_while_blocks_are_on_their_way() {
         .encode(),
     );
     wait_until(Duration::from_secs(60), "alice to refuse mallory", || {
-        mallory
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER"))
+        mallory.lock().unwrap().iter().any(|m| {
+            matches!(
+                m,
+                OwnerToMember::Refused {
+                    problem: Problem::NotMember,
+                    ..
+                }
+            )
+        })
     });
     hub.hold_blocks(false);
     wait_until(Duration::from_secs(20), "big complete at bob", || {
@@ -1711,7 +1719,15 @@ fn a_removed_member_is_told_and_one_listed_again_is_served_at_once() {
     let to_bob: Vec<OwnerToMember> = hub.recorded_to("bob").into_iter().map(|(_, m)| m).collect();
     let refused = to_bob
         .iter()
-        .position(|m| matches!(m, OwnerToMember::Refused { code, .. } if code == "ENOTMEMBER"))
+        .position(|m| {
+            matches!(
+                m,
+                OwnerToMember::Refused {
+                    problem: Problem::NotMember,
+                    ..
+                }
+            )
+        })
         .expect("a refusal");
     let served = to_bob
         .iter()
@@ -2055,4 +2071,211 @@ fn user_extended_attributes_reach_members_live_and_at_sync() {
         "the resync's change at bob",
         || xattr(&bob.path("alice/g/tagged"), "user.color").as_deref() == Some(b"red"),
     );
+}
+
+#[test]
+fn blocks_nobody_asked_for_are_dropped_and_evict_nothing() {
+    let hub = Hub::new();
+    let alice = Peer::start(&hub, "alice");
+    // bob keeps what he reads, in a cache of four blocks.
+    let bob = Peer::start_with_cache(&hub, "bob", 4 * 256 * 1024, false);
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\n").unwrap();
+    std::fs::create_dir_all(bob.path("alice/g")).unwrap();
+    let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &data).unwrap();
+    read_when(&bob.path("alice/g/f"), &data);
+    let before = bob.engine().cache_usage();
+    // A stranger, and the owner itself, send bob valid blocks he never asked
+    // for: enough to push f out of his cache if he took them.
+    for i in 0..12u32 {
+        let block = vec![i as u8; 256 * 1024];
+        let hash = brume::blocks::hash_block(&block).0;
+        for from in ["mallory", "alice"] {
+            let msg = OwnerToMember::Block {
+                group: "g".into(),
+                hash,
+                data: block.clone(),
+            };
+            hub.deliver("bob", from, msg.encode());
+        }
+        let msg = OwnerToMember::NoBlock {
+            group: "g".into(),
+            hash: data_hash(&data),
+        };
+        hub.deliver("bob", "mallory", msg.encode());
+    }
+    wait_until(Duration::from_secs(60), "bob to drop them all", || {
+        bob.engine().unasked_blocks() == 36
+    });
+    assert_eq!(bob.engine().cache_usage(), before);
+    // f is still whole in bob's cache: he reads it with alice away.
+    hub.set_offline("alice", true);
+    assert_eq!(std::fs::read(bob.path("alice/g/f")).unwrap(), data);
+}
+
+/// The hash of the first block of `data`.
+fn data_hash(data: &[u8]) -> [u8; 32] {
+    brume::blocks::hash_block(&data[..data.len().min(256 * 1024)]).0
+}
+
+#[test]
+fn an_endless_snapshot_is_dropped_with_bounded_memory_and_sync_goes_on() {
+    use brume::sync::engine::SNAPSHOT_MOST_BYTES;
+    use brume::sync::proto::NodeState;
+    let (hub, alice, bob) = shared();
+    joined(&bob);
+    // "alice" (a buggy or hostile owner) sends snapshot chunks that never end:
+    // nodes of 16 KiB of extended attributes each, about 300 KB a chunk.
+    let chunk = |k: u64| OwnerToMember::Snapshot {
+        group: "g".into(),
+        seq: 1,
+        nodes: (0..18)
+            .map(|i| NodeState {
+                id: 1_000_000 + k * 18 + i,
+                parent: 1,
+                name: format!("n{k}-{i}").into_bytes(),
+                kind: 1,
+                perm: 0o644,
+                size: 0,
+                mtime: (0, 0),
+                version: 1,
+                target: None,
+                blocks: Vec::new(),
+                list: None,
+                xattrs: vec![(b"user.pad".to_vec(), vec![b'x'; 16 * 1024 - 8])],
+            })
+            .collect(),
+        last: false,
+        unsettled: Vec::new(),
+    };
+    let mut most = 0;
+    let chunks = (SNAPSHOT_MOST_BYTES / (18 * 16 * 1024)) as u64 + 100;
+    for k in 0..chunks {
+        hub.deliver("bob", "alice", chunk(k).encode());
+        most = most.max(bob.engine().snapshot_bytes());
+    }
+    wait_until(Duration::from_secs(120), "ETOOBIG at bob", || {
+        problem_of(&bob).is_some_and(|p| p.starts_with("ETOOBIG"))
+    });
+    assert!(most <= SNAPSHOT_MOST_BYTES, "held {most} bytes");
+    assert_eq!(bob.engine().snapshot_bytes(), 0);
+    // Nothing of it was applied, and alice's next change still reaches bob.
+    assert!(!bob.path("alice/g/n0-0").exists());
+    std::fs::write(alice.path("alice/g/after"), b"after").unwrap();
+    read_when(&bob.path("alice/g/after"), b"after");
+}
+
+#[test]
+fn a_subscribe_flood_is_throttled_and_the_member_stays_served() {
+    let (hub, alice, bob) = shared();
+    joined(&bob);
+    hub.record();
+    let subscribe = MemberToOwner::Subscribe {
+        group: "g".into(),
+        since: 0,
+    }
+    .encode();
+    for _ in 0..60 {
+        hub.deliver("alice", "bob", subscribe.clone());
+    }
+    let answers = || {
+        let got = hub.recorded_to("bob");
+        let snapshots = got
+            .iter()
+            .filter(|(_, m)| matches!(m, OwnerToMember::Snapshot { last: true, .. }))
+            .count();
+        let busy = got
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m,
+                    OwnerToMember::Refused {
+                        problem: Problem::Busy,
+                        ..
+                    }
+                )
+            })
+            .count();
+        (snapshots, busy)
+    };
+    wait_until(Duration::from_secs(60), "an answer to each", || {
+        let (s, b) = answers();
+        s + b >= 60
+    });
+    let (snapshots, busy) = answers();
+    // A burst of 16, then one every 2 s.
+    assert!(snapshots <= 18, "{snapshots} snapshots sent");
+    assert!(busy >= 42, "{busy} refused");
+    // bob is still subscribed: alice's next change reaches him.
+    std::fs::write(alice.path("alice/g/after"), b"after").unwrap();
+    read_when(&bob.path("alice/g/after"), b"after");
+}
+
+#[test]
+fn a_member_flooding_block_requests_is_refused_beyond_its_share() {
+    let (hub, alice, bob) = shared();
+    joined(&bob);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
+    std::fs::write(alice.path("alice/g/f"), &data).unwrap();
+    read_when(&bob.path("alice/g/f"), &data);
+    let id =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(alice.path("alice/g/f")).unwrap());
+    // The blocks alice sends wait on their way (a congested link), so every
+    // request she takes stays in progress.
+    hub.hold_blocks(true);
+    hub.record();
+    let get = MemberToOwner::GetBlock {
+        group: "g".into(),
+        id,
+        index: 0,
+        hash: data_hash(&data),
+        urgent: false,
+    }
+    .encode();
+    for _ in 0..300 {
+        hub.deliver("alice", "bob", get.clone());
+    }
+    let busy = || {
+        hub.recorded_to("bob")
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m,
+                    OwnerToMember::Refused {
+                        problem: Problem::Busy,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the requests beyond 256 refused",
+        || busy() == 300 - 256,
+    );
+    // A stranger is still answered meanwhile.
+    let mallory = hub.sink("mallory");
+    hub.deliver("alice", "mallory", get.clone());
+    wait_until(Duration::from_secs(60), "alice to refuse mallory", || {
+        mallory.lock().unwrap().iter().any(|m| {
+            matches!(
+                m,
+                OwnerToMember::Refused {
+                    problem: Problem::NotMember,
+                    ..
+                }
+            )
+        })
+    });
+    hub.hold_blocks(false);
+    wait_until(Duration::from_secs(60), "the 256 taken answered", || {
+        hub.recorded_to("bob")
+            .iter()
+            .filter(|(_, m)| matches!(m, OwnerToMember::Block { .. }))
+            .count()
+            == 256
+    });
+    assert_eq!(busy(), 300 - 256);
 }

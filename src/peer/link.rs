@@ -155,7 +155,9 @@ pub(crate) enum LinkError {
     #[error(transparent)]
     Handshake(#[from] handshake::HandshakeError),
     /// The peer speaks another protocol version.
-    #[error("peer speaks protocol version {theirs}, we speak {ours}")]
+    #[error(
+        "peer speaks protocol version {theirs}, we speak {ours}: the older side must upgrade Brume"
+    )]
     Version {
         /// Theirs.
         theirs: u16,

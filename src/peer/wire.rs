@@ -10,9 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::ids::GroupName;
 
-/// Version of the peer protocol, sent in the handshake; a peer speaking another
-/// version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the peer protocol (and of the sync messages it carries), sent in
+/// the handshake; a peer speaking another version is refused. Version 2: typed
+/// refusals (`EBUSY` among them).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of the frame header: tag (1) and body length (4).
 pub const HEADER: usize = 5;

@@ -23,7 +23,7 @@ use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent, ino_of_id};
 use crate::ids::{BlockHash, GroupId, Ino, UserName};
 use crate::sync::proto::{
     BlockRef, Change, LIST_PIECE, ListRef, MemberToOwner, NODES_BYTES, NodeState, OwnerToMember,
-    SNAPSHOT_CHUNK, VERSION,
+    Problem, SNAPSHOT_CHUNK, VERSION,
 };
 
 /// A boxed future, for the object-safe [`Link`].
@@ -44,10 +44,10 @@ pub trait Link: Send + Sync + 'static {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FetchError {
     /// The owner refused us the group (`ENOTMEMBER`, `EHELD`).
-    #[error("the owner refused: {code}")]
+    #[error("the owner refused: {problem}")]
     Refused {
-        /// The code it gave.
-        code: String,
+        /// Why.
+        problem: Problem,
     },
     /// The owner did not answer in time (offline, unreachable).
     #[error("the owner did not send block {hash} in time")]
@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub full_copy: bool,
     /// Background block requests in flight per client.
     pub fill_parallelism: usize,
+    /// Most bytes of one snapshot a member holds while its chunks arrive; a
+    /// larger one is dropped (`ETOOBIG`), so an owner cannot fill our memory.
+    pub snapshot_most_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +92,7 @@ impl Default for EngineConfig {
             read_timeout: Duration::from_secs(5),
             fill_parallelism: 32,
             full_copy: true,
+            snapshot_most_bytes: SNAPSHOT_MOST_BYTES,
         }
     }
 }
@@ -146,6 +150,46 @@ impl Default for MemberGroupStatus {
             waiting_for: None,
         }
     }
+}
+
+/// Default for [`EngineConfig::snapshot_most_bytes`]: room for a group of about
+/// two million files.
+pub const SNAPSHOT_MOST_BYTES: usize = 256 << 20;
+
+/// Member side: what is wrong with a joined group, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GroupProblem {
+    /// The owner refused us.
+    Refused(Problem),
+    /// This side cannot store what comes (`ELOCAL`: a full disk, say).
+    Local(String),
+    /// The subscription could not be sent (what the link said).
+    Unreachable(String),
+    /// The owner's snapshot was larger than we accept (`ETOOBIG`).
+    TooBig,
+}
+
+impl std::fmt::Display for GroupProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupProblem::Refused(p) => write!(f, "{p}"),
+            GroupProblem::Local(e) => write!(f, "ELOCAL {e}"),
+            GroupProblem::Unreachable(e) => f.write_str(e),
+            GroupProblem::TooBig => write!(
+                f,
+                "ETOOBIG: the owner's snapshot exceeds the limit; asking again later"
+            ),
+        }
+    }
+}
+
+/// Member side: the sync state of a joined group kept by the engine.
+#[derive(Debug, Clone, Default)]
+struct MemberState {
+    /// The last problem, until the next snapshot or change is applied.
+    problem: Option<GroupProblem>,
+    /// Refusals (or dropped snapshots) in a row: the retry delay doubles.
+    refusals: u32,
 }
 
 /// Batches of kernel invalidations queued for the invalidation thread.
@@ -215,8 +259,15 @@ struct Inner {
     /// state, when it comes, completes that sync (so a member edit is kept as a
     /// sync conflict).
     unsettled: Mutex<HashMap<GroupId, HashSet<u64>>>,
-    /// Member side: per-group status.
-    groups: Mutex<HashMap<GroupId, MemberGroupStatus>>,
+    /// Member side: per-group state.
+    groups: Mutex<HashMap<GroupId, MemberState>>,
+    /// Member side: blocks (and `NoBlock` answers) dropped because nobody asked
+    /// their sender for them.
+    unasked_blocks: std::sync::atomic::AtomicU64,
+    /// Owner side: how often each peer may subscribe.
+    subscribe_rates: Mutex<HashMap<UserName, Bucket>>,
+    /// Owner side: block requests of each peer being served or waiting to be.
+    serving: Mutex<HashMap<UserName, usize>>,
     /// Bounds background block requests.
     fill_slots: Arc<Semaphore>,
     /// Owner side: bounds the block requests being served at once.
@@ -329,7 +380,89 @@ impl LocalFull {
 }
 
 /// Member side: a snapshot's nodes and unsettled files, as its chunks arrive.
-type SnapshotParts = (Vec<NodeState>, HashSet<u64>);
+#[derive(Debug, Default)]
+struct SnapshotParts {
+    nodes: Vec<NodeState>,
+    unsettled: HashSet<u64>,
+    /// About how many bytes it holds so far.
+    bytes: usize,
+    /// Grew past the limit: dropped, and its chunks are ignored until the last.
+    dropped: bool,
+}
+
+/// Owner side: a token bucket bounding how often one peer subscribes.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn full() -> Self {
+        Self {
+            tokens: SUBSCRIBE_BURST,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() / SUBSCRIBE_EVERY.as_secs_f64();
+        self.tokens = (self.tokens + earned).min(SUBSCRIBE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Owner side: subscriptions one peer may make at once ...
+const SUBSCRIBE_BURST: f64 = 16.0;
+/// ... and then one per this long (each costs a snapshot of the group).
+const SUBSCRIBE_EVERY: Duration = Duration::from_secs(2);
+/// Owner side: one block request of a peer counted in [`Inner::serving`]
+/// until dropped.
+struct Serving {
+    engine: Engine,
+    peer: UserName,
+}
+
+impl Serving {
+    /// Counts a request of `peer`, unless it has [`SERVING_PER_PEER`] already.
+    fn start(engine: &Engine, peer: &UserName) -> Option<Self> {
+        let mut serving = lock(&engine.inner.serving);
+        let n = serving.entry(peer.clone()).or_default();
+        if *n >= SERVING_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            engine: engine.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut serving = lock(&self.engine.inner.serving);
+        if let Some(n) = serving.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                serving.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Owner side: block requests of one peer served or waiting at once; more are
+/// refused with `EBUSY` (a member asks for at most its fill parallelism plus
+/// what its readers wait for).
+const SERVING_PER_PEER: usize = 256;
 
 /// Member side: a block list arriving in pieces.
 #[derive(Debug)]
@@ -340,10 +473,12 @@ struct ListAssembly {
     asked: tokio::time::Instant,
 }
 
-/// Member side: those waiting for one block, and the group it was asked of.
+/// Member side: those waiting for one block, the group it was asked of and the
+/// peer asked (only that peer's answer is taken).
 #[derive(Debug)]
 struct Waiting {
     group: GroupId,
+    asked: UserName,
     senders: Vec<oneshot::Sender<Fetched>>,
 }
 
@@ -487,6 +622,9 @@ impl Engine {
             snapshots: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
+            unasked_blocks: std::sync::atomic::AtomicU64::new(0),
+            subscribe_rates: Mutex::new(HashMap::new()),
+            serving: Mutex::new(HashMap::new()),
             filling: Mutex::new(HashMap::new()),
             fill_failed: Mutex::new(HashSet::new()),
             repin_scheduled: Mutex::new(false),
@@ -542,7 +680,12 @@ impl Engine {
         tree.joined_groups()
             .into_iter()
             .map(|(g, owner, name, applied)| {
-                let mut s = groups.get(&g).cloned().unwrap_or_default();
+                let state = groups.get(&g).cloned().unwrap_or_default();
+                let mut s = MemberGroupStatus {
+                    problem: state.problem.map(|p| p.to_string()),
+                    refusals: state.refusals,
+                    ..Default::default()
+                };
                 s.applied = applied;
                 s.full_copy = self.inner.config.full_copy;
                 for (_, _, blocks) in tree.mirrored_files(g) {
@@ -830,7 +973,7 @@ impl Engine {
         for m in revoked {
             tracing::info!(peer = %m, group = %name, "membership revoked");
             self.remember_refused(g, &m);
-            self.refuse(&m, &name, "ENOTMEMBER").await;
+            self.refuse(&m, &name, Problem::NotMember).await;
         }
         self.serve_readded(g, &members).await;
     }
@@ -1004,12 +1147,31 @@ impl Engine {
         true
     }
 
-    async fn refuse(&self, to: &UserName, group: &str, code: &str) {
+    async fn refuse(&self, to: &UserName, group: &str, problem: Problem) {
         let msg = OwnerToMember::Refused {
             group: group.to_owned(),
-            code: code.to_owned(),
+            problem,
         };
         let _ = self.inner.link.send(to, true, msg.encode()).await;
+    }
+
+    /// Whether `peer` may subscribe now (a token of its bucket), so that a peer
+    /// that subscribes again and again cannot have us read and send snapshots
+    /// without end.
+    fn may_subscribe(&self, peer: &UserName) -> bool {
+        let mut rates = lock(&self.inner.subscribe_rates);
+        if rates.len() > REFUSED_MOST && !rates.contains_key(peer) {
+            // Peers whose bucket has filled again are as if never seen.
+            let now = tokio::time::Instant::now();
+            rates.retain(|_, b| {
+                now.duration_since(b.at).as_secs_f64()
+                    < SUBSCRIBE_BURST * SUBSCRIBE_EVERY.as_secs_f64()
+            });
+        }
+        rates
+            .entry(peer.clone())
+            .or_insert_with(Bucket::full)
+            .take()
     }
 
     /// The owned group `name` if `peer` is a member of it.
@@ -1027,6 +1189,10 @@ impl Engine {
                 }
             }
             MemberToOwner::Subscribe { group, since } => {
+                if !self.may_subscribe(from) {
+                    tracing::warn!(peer = %from, %group, "refused: subscribing too often (EBUSY)");
+                    return self.refuse(from, &group, Problem::Busy).await;
+                }
                 let Some(g) = self.member_group(from, &group) else {
                     tracing::info!(peer = %from, %group, "refused: not a member");
                     let owned = {
@@ -1036,7 +1202,7 @@ impl Engine {
                     if let Some(g) = owned {
                         self.remember_refused(g, from);
                     }
-                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                    return self.refuse(from, &group, Problem::NotMember).await;
                 };
                 if self
                     .tree_read()
@@ -1044,7 +1210,7 @@ impl Engine {
                     .is_some_and(|grp| grp.held.is_some())
                 {
                     tracing::warn!(peer = %from, %group, "refused: the group is held");
-                    return self.refuse(from, &group, "EHELD").await;
+                    return self.refuse(from, &group, Problem::Held).await;
                 }
                 tracing::info!(peer = %from, %group, since, "member subscribed");
                 if let Some(set) = lock(&self.inner.refused).get_mut(&g) {
@@ -1069,18 +1235,22 @@ impl Engine {
                 urgent,
             } => {
                 let Some(g) = self.member_group(from, &group) else {
-                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                    return self.refuse(from, &group, Problem::NotMember).await;
+                };
+                let Some(serving) = Serving::start(self, from) else {
+                    tracing::warn!(peer = %from, %group, "refused: too many block requests at once (EBUSY)");
+                    return self.refuse(from, &group, Problem::Busy).await;
                 };
                 // Served in a task of its own, a few at once: reading, hashing and
                 // sending one block overlaps with the next, and the messages behind
-                // this one are not held up.
-                let Ok(permit) = self.inner.serve_slots.clone().acquire_owned().await else {
-                    return;
-                };
+                // this one (of any peer) never wait for a turn.
                 let engine = self.clone();
                 let from = from.clone();
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _serving = serving;
+                    let Ok(_permit) = engine.inner.serve_slots.clone().acquire_owned().await else {
+                        return;
+                    };
                     let reply = engine
                         .read_block(g, ino_of_id(id), index, BlockHash(hash))
                         .await;
@@ -1094,7 +1264,7 @@ impl Engine {
             MemberToOwner::Ack { .. } => {}
             MemberToOwner::GetBlockList { group, id, hash } => {
                 let Some(g) = self.member_group(from, &group) else {
-                    return self.refuse(from, &group, "ENOTMEMBER").await;
+                    return self.refuse(from, &group, Problem::NotMember).await;
                 };
                 let list = {
                     let tree = self.tree_read();
@@ -1196,6 +1366,14 @@ impl Engine {
         let Ok(owner) = UserName::new(&owner) else {
             return;
         };
+        // A snapshot dropped for its size is forgotten: the one asked for now
+        // is assembled afresh.
+        {
+            let mut snaps = lock(&self.inner.snapshots);
+            if snaps.get(&g).is_some_and(|p| p.dropped) {
+                snaps.remove(&g);
+            }
+        }
         let msgs = [
             MemberToOwner::Hello { version: VERSION },
             MemberToOwner::Subscribe {
@@ -1206,7 +1384,8 @@ impl Engine {
         for m in msgs {
             if let Err(e) = self.inner.link.send(&owner, true, m.encode()).await {
                 tracing::info!(%owner, group = %name, cause = %e, "cannot subscribe yet");
-                lock(&self.inner.groups).entry(g).or_default().problem = Some(e);
+                lock(&self.inner.groups).entry(g).or_default().problem =
+                    Some(GroupProblem::Unreachable(e));
                 return;
             }
         }
@@ -1259,12 +1438,32 @@ impl Engine {
                 let (all, unsettled) = {
                     let mut snaps = lock(&self.inner.snapshots);
                     let buf = snaps.entry(g).or_default();
-                    buf.0.extend(nodes);
-                    buf.1.extend(unsettled);
-                    if !last {
-                        return;
+                    let mut cut = false;
+                    if !buf.dropped {
+                        buf.bytes += nodes.iter().map(NodeState::wire_size).sum::<usize>()
+                            + 8 * unsettled.len();
+                        if buf.bytes > self.inner.config.snapshot_most_bytes {
+                            // Its memory goes now; its next chunks are ignored.
+                            *buf = SnapshotParts {
+                                dropped: true,
+                                ..Default::default()
+                            };
+                            cut = true;
+                        } else {
+                            buf.nodes.extend(nodes);
+                            buf.unsettled.extend(unsettled);
+                        }
                     }
-                    snaps.remove(&g).unwrap_or_default()
+                    let parts = if last { snaps.remove(&g) } else { None };
+                    drop(snaps);
+                    if cut {
+                        tracing::warn!(owner = %from, %group, limit = self.inner.config.snapshot_most_bytes, "dropping a snapshot larger than the limit (ETOOBIG)");
+                        self.refused(from, &group, g, GroupProblem::TooBig);
+                    }
+                    match parts {
+                        Some(p) if !p.dropped => (p.nodes, p.unsettled),
+                        _ => return,
+                    }
                 };
                 self.apply(g, seq, |tree, out, gone| {
                     let mut seen = HashSet::new();
@@ -1345,9 +1544,14 @@ impl Engine {
                 self.request_fill(g, FillWork::nodes(ids));
             }
             OwnerToMember::Block { group, hash, data } => {
+                let hash = BlockHash(hash);
+                // Only what we asked for, from the peer we asked: anything else
+                // could only push blocks we need out of the cache.
+                if !self.asked(&hash, from) {
+                    return self.unasked(from, &hash);
+                }
                 // Verified and written off the message loop: the next block's
                 // message need not wait for this one's disk.
-                let hash = BlockHash(hash);
                 let engine = self.clone();
                 let from = from.clone();
                 tokio::spawn(async move {
@@ -1376,7 +1580,7 @@ impl Engine {
                             if engine.inner.local_full.pause() {
                                 tracing::error!(cause = %e, "cannot store blocks; pausing background fetches until there is room");
                             }
-                            engine.local_problem(&from, &group, Some(format!("ELOCAL {e}")));
+                            engine.local_problem(&from, &group, Some(e.to_string()));
                             Ok(Arc::from(data))
                         }
                         Ok((Err(e), _)) => {
@@ -1436,47 +1640,90 @@ impl Engine {
             }
             OwnerToMember::NoBlock { hash, .. } => {
                 let hash = BlockHash(hash);
+                if !self.asked(&hash, from) {
+                    return self.unasked(from, &hash);
+                }
                 self.wake(&hash, Err(FetchError::Stale { hash }));
             }
-            OwnerToMember::Refused { group, code } => {
-                let Some(g) = self.joined(from, &group) else {
-                    return;
-                };
-                let delay = {
-                    let mut groups = lock(&self.inner.groups);
-                    let s = groups.entry(g).or_default();
-                    if s.problem.as_deref() == Some(code.as_str()) {
-                        tracing::debug!(owner = %from, %group, %code, "owner refused again");
-                    } else {
-                        tracing::warn!(owner = %from, %group, %code, "owner refused");
-                    }
-                    s.problem = Some(code.clone());
-                    s.refusals += 1;
-                    RETRY_FIRST
-                        .saturating_mul(1 << s.refusals.min(16))
-                        .min(RETRY_MAX)
-                };
-                // Reads and fills waiting on the group fail now, not at their
-                // timeout (after the refusal is recorded: see `fetch`).
-                self.wake_group(g, FetchError::Refused { code });
-                // Ask again later, once: the owner may add us to `.members` (it
-                // also serves us at once when it does, if we are reachable).
-                if !lock(&self.inner.retrying).insert(g) {
-                    return;
+            OwnerToMember::Refused { group, problem } => {
+                if let Some(g) = self.joined(from, &group) {
+                    self.refused(from, &group, g, GroupProblem::Refused(problem));
                 }
-                let engine = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    lock(&engine.inner.retrying).remove(&g);
-                    let still = lock(&engine.inner.groups)
-                        .get(&g)
-                        .is_some_and(|s| s.problem.is_some());
-                    if still {
-                        engine.subscribe(g).await;
-                    }
-                });
             }
         }
+    }
+
+    /// Whether block `hash` is waited for, asked of `peer`.
+    fn asked(&self, hash: &BlockHash, peer: &UserName) -> bool {
+        lock(&self.inner.waiters)
+            .get(hash)
+            .is_some_and(|w| w.asked == *peer)
+    }
+
+    /// Drops a block (or its absence) from `peer` that nobody asked it for.
+    fn unasked(&self, peer: &UserName, hash: &BlockHash) {
+        let n = self
+            .inner
+            .unasked_blocks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Logged once in a while: a peer sending them could flood the log.
+        if n.is_power_of_two() {
+            tracing::warn!(%peer, %hash, dropped = n + 1, "dropping blocks nobody asked this peer for");
+        }
+    }
+
+    /// Blocks (or their absence) dropped so far because nobody asked their
+    /// sender for them.
+    pub fn unasked_blocks(&self) -> u64 {
+        self.inner
+            .unasked_blocks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of snapshots being assembled now, of every joined group.
+    pub fn snapshot_bytes(&self) -> usize {
+        lock(&self.inner.snapshots).values().map(|p| p.bytes).sum()
+    }
+
+    /// The owner of joined group `g` (`group`) did not serve us: records why,
+    /// fails what waits on the group if it refused us the group, and asks again
+    /// later, after a delay that doubles with each refusal in a row.
+    fn refused(&self, from: &UserName, group: &str, g: GroupId, problem: GroupProblem) {
+        let delay = {
+            let mut groups = lock(&self.inner.groups);
+            let s = groups.entry(g).or_default();
+            if s.problem.as_ref() == Some(&problem) {
+                tracing::debug!(owner = %from, %group, %problem, "owner refused again");
+            } else {
+                tracing::warn!(owner = %from, %group, %problem, "owner refused");
+            }
+            s.problem = Some(problem.clone());
+            s.refusals += 1;
+            RETRY_FIRST
+                .saturating_mul(1 << s.refusals.min(16))
+                .min(RETRY_MAX)
+        };
+        // Reads and fills waiting on the group fail now, not at their timeout
+        // (after the refusal is recorded: see `fetch`).
+        if let GroupProblem::Refused(p @ (Problem::NotMember | Problem::Held)) = problem {
+            self.wake_group(g, FetchError::Refused { problem: p });
+        }
+        // Ask again later, once: the owner may add us to `.members` (it also
+        // serves us at once when it does, if we are reachable).
+        if !lock(&self.inner.retrying).insert(g) {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            lock(&engine.inner.retrying).remove(&g);
+            let still = lock(&engine.inner.groups)
+                .get(&g)
+                .is_some_and(|s| s.problem.is_some());
+            if still {
+                engine.subscribe(g).await;
+            }
+        });
     }
 
     /// Applies a batch under the tree's write lock, then tells the kernel what
@@ -1507,7 +1754,6 @@ impl Engine {
             let s = status.entry(g).or_default();
             s.problem = None;
             s.refusals = 0;
-            s.applied = s.applied.max(seq);
         }
         for node in gone {
             // Mirrored files edited locally had their bytes in the store.
@@ -1675,12 +1921,13 @@ impl Engine {
         }
     }
 
-    /// What the owner of joined group `g` refused us, while it does.
-    fn refusal(&self, g: GroupId) -> Option<String> {
-        lock(&self.inner.groups)
-            .get(&g)
-            .filter(|s| s.refusals > 0)
-            .and_then(|s| s.problem.clone())
+    /// What the owner of joined group `g` refused us, while it does: the
+    /// group (not a moment's `EBUSY`).
+    fn refusal(&self, g: GroupId) -> Option<Problem> {
+        match lock(&self.inner.groups).get(&g)?.problem {
+            Some(GroupProblem::Refused(p @ (Problem::NotMember | Problem::Held))) => Some(p),
+            _ => None,
+        }
     }
 
     /// Fails every fetch waiting on joined group `g`: its owner refused us.
@@ -1768,6 +2015,7 @@ impl Engine {
             let mut w = lock(&self.inner.waiters);
             let waiting = w.entry(hash).or_insert_with(|| Waiting {
                 group: g,
+                asked: owner.clone(),
                 senders: Vec::new(),
             });
             waiting.senders.push(tx);
@@ -1776,8 +2024,8 @@ impl Engine {
         // An owner that refused us refuses this too: fail now, not at the
         // timeout. (Looked at once waiting: a refusal that comes after this
         // wakes the waiters it finds.)
-        if let Some(code) = self.refusal(g) {
-            let err = FetchError::Refused { code };
+        if let Some(problem) = self.refusal(g) {
+            let err = FetchError::Refused { problem };
             self.wake(&hash, Err(err.clone()));
             return Err(err);
         }
@@ -1819,14 +2067,8 @@ impl Engine {
         let mut groups = lock(&self.inner.groups);
         let s = groups.entry(g).or_default();
         match problem {
-            Some(p) => s.problem = Some(p),
-            None if s
-                .problem
-                .as_deref()
-                .is_some_and(|p| p.starts_with("ELOCAL")) =>
-            {
-                s.problem = None;
-            }
+            Some(p) => s.problem = Some(GroupProblem::Local(p)),
+            None if matches!(s.problem, Some(GroupProblem::Local(_))) => s.problem = None,
             None => {}
         }
     }

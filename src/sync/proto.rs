@@ -207,6 +207,35 @@ pub enum Change {
     },
 }
 
+/// Why an owner refuses a member's request. Variants are only ever appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Problem {
+    /// `ENOTMEMBER`: the group's `.members` does not list the member.
+    NotMember,
+    /// `EHELD`: the group is held by the mass-delete guard (or its store is
+    /// missing); nothing of it is served until its owner releases it.
+    Held,
+    /// `EBUSY`: the member asked too often; it may ask again later.
+    Busy,
+}
+
+impl Problem {
+    /// The error code, as `brume status` and the logs show it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Problem::NotMember => "ENOTMEMBER",
+            Problem::Held => "EHELD",
+            Problem::Busy => "EBUSY",
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
 /// Messages from a member to the owner of a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberToOwner {
@@ -300,7 +329,7 @@ pub enum OwnerToMember {
         /// Its hash (the member verifies it).
         hash: [u8; 32],
         /// The bytes.
-        #[serde(with = "byte_string")]
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Tag 4: the block is no longer part of the file (it changed since).
@@ -310,13 +339,12 @@ pub enum OwnerToMember {
         /// The hash asked for.
         hash: [u8; 32],
     },
-    /// Tag 5: the request was refused; `code` is one of the error codes
-    /// (`ENOTMEMBER`, …).
+    /// Tag 5: the request was refused, and why.
     Refused {
         /// Group name.
         group: String,
-        /// Error code name.
-        code: String,
+        /// Why.
+        problem: Problem,
     },
     /// Tag 6: one piece of a block list, blocks `from..` of it; the pieces of
     /// one list are sent in order.
@@ -341,45 +369,6 @@ pub enum OwnerToMember {
         /// The hash asked for.
         hash: [u8; 32],
     },
-}
-
-/// A `Vec<u8>` as one byte string. In postcard that is the same encoding as a
-/// sequence of `u8` (a varint length, then the bytes), but copied at once
-/// instead of one element at a time.
-mod byte_string {
-    use serde::{Deserializer, Serializer, de};
-
-    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> de::Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-
-            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-
-            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Bytes)
-    }
 }
 
 fn check(bytes: &[u8]) -> Result<(), ProtoError> {
@@ -592,7 +581,7 @@ mod tests {
             .encode()[1],
             OwnerToMember::Refused {
                 group: g(),
-                code: "ENOTMEMBER".into(),
+                problem: Problem::NotMember,
             }
             .encode()[1],
             OwnerToMember::BlockList {
@@ -611,6 +600,29 @@ mod tests {
             .encode()[1],
         ];
         assert_eq!(o, [0, 1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn problems_keep_their_tags_and_codes() {
+        let all = [Problem::NotMember, Problem::Held, Problem::Busy];
+        let tags: Vec<u8> = all
+            .iter()
+            .map(|p| postcard::to_allocvec(p).unwrap()[0])
+            .collect();
+        assert_eq!(tags, [0, 1, 2]);
+        let codes: Vec<String> = all.iter().map(ToString::to_string).collect();
+        assert_eq!(codes, ["ENOTMEMBER", "EHELD", "EBUSY"]);
+        // A problem this build does not know is a malformed message, not a panic.
+        let mut unknown = OwnerToMember::Refused {
+            group: "g".into(),
+            problem: Problem::Busy,
+        }
+        .encode();
+        *unknown.last_mut().unwrap() = 99;
+        assert!(matches!(
+            OwnerToMember::decode(&unknown),
+            Err(ProtoError::Malformed { .. })
+        ));
     }
 
     #[test]
