@@ -10,7 +10,7 @@ use std::time::Duration;
 use brume::config::Config;
 use brume::fs::{MountOptions, Mounted, mount_with_link};
 use brume::ids::UserName;
-use brume::sync::engine::{BoxFuture, Engine, Link};
+use brume::sync::engine::{BoxFuture, Engine, Link, Priority, Reach};
 use brume::sync::proto::{MemberToOwner, OwnerToMember, Problem};
 use tokio::sync::mpsc;
 
@@ -49,6 +49,11 @@ pub(crate) struct Hub {
     changes_open: tokio::sync::watch::Sender<bool>,
     /// `Changes` messages waiting for `changes_open`.
     changes_waiting: std::sync::atomic::AtomicUsize,
+    /// Users whose engine takes nothing from its queue (a member that stopped
+    /// reading): what is sent to them waits once their queue is full.
+    stalled: tokio::sync::watch::Sender<HashSet<String>>,
+    /// Delivery queue length by user, where not the default.
+    capacity: Mutex<HashMap<String, usize>>,
 }
 
 impl Hub {
@@ -71,6 +76,8 @@ impl Hub {
             snapshots_waiting: std::sync::atomic::AtomicUsize::new(0),
             changes_open: tokio::sync::watch::Sender::new(true),
             changes_waiting: std::sync::atomic::AtomicUsize::new(0),
+            stalled: tokio::sync::watch::Sender::new(HashSet::new()),
+            capacity: Mutex::new(HashMap::new()),
         })
     }
 
@@ -134,11 +141,26 @@ impl Hub {
     }
 
     fn register(self: &Arc<Self>, user: &str, engine: Engine) {
-        let (tx, mut rx) = mpsc::channel::<(UserName, Vec<u8>)>(4096);
+        let capacity = self.capacity.lock().unwrap().get(user).copied();
+        let (tx, mut rx) = mpsc::channel::<(UserName, Vec<u8>)>(capacity.unwrap_or(4096));
         self.queues.lock().unwrap().insert(user.to_owned(), tx);
+        let mut stalled = self.stalled.subscribe();
+        let me = user.to_owned();
         self.runtime.spawn(async move {
             while let Some((from, payload)) = rx.recv().await {
+                let _ = stalled.wait_for(|s| !s.contains(&me)).await;
                 engine.on_message(&from, &payload).await;
+            }
+        });
+    }
+
+    /// Makes `user` take nothing more from its queue (`true`), or take again.
+    fn stall(&self, user: &str, stalled: bool) {
+        self.stalled.send_modify(|s| {
+            if stalled {
+                s.insert(user.to_owned());
+            } else {
+                s.remove(user);
             }
         });
     }
@@ -190,7 +212,8 @@ impl Link for HubLink {
     fn send<'a>(
         &'a self,
         to: &'a UserName,
-        _urgent: bool,
+        _priority: Priority,
+        _reach: Reach,
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
@@ -2199,21 +2222,23 @@ fn a_subscribe_flood_is_throttled_and_the_member_stays_served() {
             .count();
         (snapshots, busy)
     };
-    wait_until(Duration::from_secs(60), "an answer to each", || {
-        let (s, b) = answers();
-        s + b >= 60
-    });
-    let (snapshots, busy) = answers();
     // A burst of 16, then one every 2 s.
-    assert!(snapshots <= 18, "{snapshots} snapshots sent");
-    assert!(busy >= 42, "{busy} refused");
-    // bob is still subscribed: alice's next change reaches him.
+    wait_until(Duration::from_secs(60), "the flood refused", || {
+        answers().1 >= 42
+    });
+    // bob is still subscribed: alice's next change reaches him (after every
+    // snapshot queued before it).
     std::fs::write(alice.path("alice/g/after"), b"after").unwrap();
     read_when(&bob.path("alice/g/after"), b"after");
+    let (snapshots, busy) = answers();
+    assert!((1..=18).contains(&snapshots), "{snapshots} snapshots sent");
+    // bob's join took a token or two of his burst.
+    assert!(busy <= 60 - 14, "{busy} refused");
 }
 
 #[test]
 fn a_member_flooding_block_requests_is_refused_beyond_its_share() {
+    use brume::sync::outbox::QUEUE_BYTES;
     let (hub, alice, bob) = shared();
     joined(&bob);
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
@@ -2233,27 +2258,30 @@ fn a_member_flooding_block_requests_is_refused_beyond_its_share() {
         urgent: false,
     }
     .encode();
-    for _ in 0..300 {
+    const ASKED: usize = 600;
+    for _ in 0..ASKED {
         hub.deliver("alice", "bob", get.clone());
     }
-    let busy = || {
+    let count = |busy: bool| {
         hub.recorded_to("bob")
             .iter()
-            .filter(|(_, m)| {
-                matches!(
-                    m,
-                    OwnerToMember::Refused {
-                        problem: Problem::Busy,
-                        ..
-                    }
-                )
+            .filter(|(_, m)| match m {
+                OwnerToMember::Refused {
+                    problem: Problem::Busy,
+                    ..
+                } => busy,
+                OwnerToMember::Block { .. } => !busy,
+                _ => false,
             })
             .count()
     };
+    // At most 256 in progress, and what fits in bob's queue (12 MiB: 48
+    // blocks); the rest refused at once.
+    let most_served = 256 + QUEUE_BYTES / (256 * 1024) + 1;
     wait_until(
         Duration::from_secs(60),
-        "the requests beyond 256 refused",
-        || busy() == 300 - 256,
+        "the requests beyond refused",
+        || count(true) >= ASKED - most_served,
     );
     // A stranger is still answered meanwhile.
     let mallory = hub.sink("mallory");
@@ -2270,12 +2298,129 @@ fn a_member_flooding_block_requests_is_refused_beyond_its_share() {
         })
     });
     hub.hold_blocks(false);
-    wait_until(Duration::from_secs(60), "the 256 taken answered", || {
-        hub.recorded_to("bob")
-            .iter()
-            .filter(|(_, m)| matches!(m, OwnerToMember::Block { .. }))
-            .count()
-            == 256
+    wait_until(
+        Duration::from_secs(60),
+        "an answer to every request",
+        || count(true) + count(false) == ASKED,
+    );
+    assert!(count(false) <= most_served, "{} served", count(false));
+}
+
+/// alice owns `alice/g`, shared with bob and dave (whose delivery queue holds
+/// only two messages, so that a dave who stops reading soon holds up whoever
+/// sends to him); all three have joined.
+fn shared_with_a_slow_reader() -> (Arc<Hub>, Peer, Peer, Peer) {
+    let hub = Hub::new();
+    hub.capacity.lock().unwrap().insert("dave".into(), 2);
+    let alice = Peer::start(&hub, "alice");
+    let bob = Peer::start(&hub, "bob");
+    let dave = Peer::start(&hub, "dave");
+    std::fs::create_dir(alice.path("alice/g")).unwrap();
+    std::fs::write(alice.path("alice/g/.members"), b"bob\ndave\n").unwrap();
+    for m in [&bob, &dave] {
+        std::fs::create_dir_all(m.path("alice/g")).unwrap();
+        joined(m);
+    }
+    (hub, alice, bob, dave)
+}
+
+/// How long a new file of alice's takes to be read whole at bob.
+fn new_file_latency(alice: &Peer, bob: &Peer, name: &str) -> Duration {
+    let start = std::time::Instant::now();
+    std::fs::write(alice.path(&format!("alice/g/{name}")), name).unwrap();
+    read_when(&bob.path(&format!("alice/g/{name}")), name.as_bytes());
+    start.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn a_member_that_stops_reading_delays_neither_other_members_nor_the_owners_reads() {
+    let (hub, alice, bob, dave) = shared_with_a_slow_reader();
+    // erin shares `erin/h` with alice.
+    let erin = Peer::start(&hub, "erin");
+    std::fs::create_dir(erin.path("erin/h")).unwrap();
+    std::fs::write(erin.path("erin/h/.members"), b"alice\n").unwrap();
+    std::fs::create_dir_all(alice.path("erin/h")).unwrap();
+    wait_until(Duration::from_secs(60), "alice to join erin/h", || {
+        cached_xattr(&alice.path("erin/h/.members")).as_deref() == Some("1/1")
     });
-    assert_eq!(busy(), 300 - 256);
+    let without = median(
+        (0..7)
+            .map(|i| new_file_latency(&alice, &bob, &format!("before{i}")))
+            .collect(),
+    );
+    // dave stops reading, and asks alice for the group again: what she sends
+    // him fills his queue, then waits.
+    hub.stall("dave", true);
+    hub.deliver(
+        "alice",
+        "dave",
+        MemberToOwner::Subscribe {
+            group: "g".into(),
+            since: 0,
+        }
+        .encode(),
+    );
+    let with = median(
+        (0..7)
+            .map(|i| new_file_latency(&alice, &bob, &format!("after{i}")))
+            .collect(),
+    );
+    // Timer and polling granularity aside, no slower than twice.
+    eprintln!("new-file latency at bob: {without:?} without a stalled member, {with:?} with");
+    assert!(
+        with <= without * 2 + Duration::from_millis(20),
+        "new-file latency at bob {with:?} with dave stalled, {without:?} without"
+    );
+    // alice still reads what erin, a third peer, serves her.
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(erin.path("erin/h/new"), &data).unwrap();
+    read_when(&alice.path("erin/h/new"), &data);
+    // Once dave reads again he gets everything.
+    hub.stall("dave", false);
+    read_when(&dave.path("alice/g/after6"), b"after6");
+}
+
+#[test]
+fn a_member_that_stays_stalled_is_dropped_with_bounded_memory_and_resyncs() {
+    use brume::sync::outbox::QUEUE_BYTES;
+    let (hub, alice, bob, dave) = shared_with_a_slow_reader();
+    hub.record();
+    hub.stall("dave", true);
+    // More than a queue holds: files with 16 KiB of extended attributes each.
+    let pad = vec![b'x'; 16 * 1024 - 16];
+    let count = QUEUE_BYTES / pad.len() + 200;
+    let mut most = 0;
+    for i in 0..count {
+        let path = alice.path(&format!("alice/g/f{i}"));
+        std::fs::write(&path, b"x").unwrap();
+        set_xattr(&path, "user.pad", &pad);
+        most = most.max(alice.engine().queued_bytes(&UserName::new("dave").unwrap()));
+    }
+    read_when(&bob.path(&format!("alice/g/f{}", count - 1)), b"x");
+    assert!(
+        most <= QUEUE_BYTES + 1024 * 1024,
+        "{most} bytes queued for dave"
+    );
+    // dave reads again: told he fell behind, he subscribes again and gets it all.
+    hub.stall("dave", false);
+    wait_until(Duration::from_secs(120), "every file at dave", || {
+        xattr(&dave.path(&format!("alice/g/f{}", count - 1)), "user.pad").as_deref()
+            == Some(&pad[..])
+    });
+    assert_eq!(
+        walk_files(&dave.path("alice/g")),
+        walk_files(&bob.path("alice/g"))
+    );
+    assert!(hub.recorded_to("dave").iter().any(|(_, m)| matches!(
+        m,
+        OwnerToMember::Refused {
+            problem: Problem::Behind,
+            ..
+        }
+    )));
 }

@@ -21,6 +21,7 @@ use crate::blocks::cache::BlockCache;
 use crate::fs::store::Store;
 use crate::fs::tree::{Blocks, Inval, Situation, Tree, TreeEvent, ino_of_id};
 use crate::ids::{BlockHash, GroupId, Ino, UserName};
+use crate::sync::outbox::Outbox;
 use crate::sync::proto::{
     BlockRef, Change, LIST_PIECE, ListRef, MemberToOwner, NODES_BYTES, NodeState, OwnerToMember,
     Problem, SNAPSHOT_CHUNK, VERSION,
@@ -29,13 +30,37 @@ use crate::sync::proto::{
 /// A boxed future, for the object-safe [`Link`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How soon a message must arrive. Each is a lane of its own on a peer link:
+/// what a reader waits for goes ahead of bulk transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// Snapshots, changes, requests and refusals, in order.
+    Control,
+    /// Blocks (and requests for them) a program is waiting for.
+    Interactive,
+    /// Background block transfers.
+    Bulk,
+}
+
+/// Whether a send may set up a link to its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Only over a link that is up now: an owner answers and pushes to members
+    /// over the links they set up, and never waits for one to a member that is
+    /// away (it resyncs when back).
+    Linked,
+    /// Connects first if needed (a member asking its owner).
+    Dial,
+}
+
 /// How the engine reaches peers.
 pub trait Link: Send + Sync + 'static {
-    /// Sends `payload` to `to`; `urgent` messages go ahead of bulk transfers.
+    /// Sends `payload` to `to`, waiting while its lane is full.
     fn send<'a>(
         &'a self,
         to: &'a UserName,
-        urgent: bool,
+        priority: Priority,
+        reach: Reach,
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), String>>;
 }
@@ -225,6 +250,8 @@ struct Inner {
     store: Store,
     cache: Arc<BlockCache>,
     link: Arc<dyn Link>,
+    /// Owner side: what goes to each member, queued per member.
+    outbox: Arc<Outbox>,
     notifier: Option<fuser::Notifier>,
     /// Kernel cache invalidations, done in order by a thread of their own: the
     /// kernel's inode invalidation waits for reads of that inode in flight, which
@@ -246,12 +273,10 @@ struct Inner {
     /// several names that members may hold: sent in a push or a snapshot, and
     /// not removed since. A name that goes is sent as the removal of its id.
     links_sent: Mutex<HashMap<Ino, BTreeSet<u64>>>,
-    /// Owner side: members a snapshot is on its way to (how many snapshots), with
-    /// the pushes held back until it has gone. A push read after a snapshot must
-    /// not overtake it: the member would apply the push, then the older
-    /// snapshot, which removes what it does not name (such as a file still being
-    /// hashed when the snapshot was read, which that push had just brought).
-    snapshotting: Mutex<HashMap<UserName, HeldBack>>,
+    /// Owner side: the (member, group) pairs a snapshot is queued for. Another
+    /// subscription meanwhile needs none: that snapshot and the pushes queued
+    /// after it bring the member up to date.
+    snapshotting: Mutex<HashSet<(UserName, GroupId)>>,
     /// Member side: snapshot chunks received so far, per group: the nodes, and
     /// the ids of the files not settled yet.
     snapshots: Mutex<HashMap<GroupId, SnapshotParts>>,
@@ -482,15 +507,6 @@ struct Waiting {
     senders: Vec<oneshot::Sender<Fetched>>,
 }
 
-/// Owner side: the pushes held back for a member while snapshots go to it.
-#[derive(Debug, Default)]
-struct HeldBack {
-    /// Snapshots on their way.
-    snapshots: u32,
-    /// Encoded `Changes` messages, in order.
-    pushes: Vec<Vec<u8>>,
-}
-
 /// What a group's filler looks at for missing blocks.
 #[derive(Debug, Default)]
 enum FillWork {
@@ -606,6 +622,7 @@ impl Engine {
             tree,
             store,
             cache,
+            outbox: Outbox::new(link.clone()),
             link,
             notifier,
             invalidations,
@@ -618,7 +635,7 @@ impl Engine {
             subscriptions: Mutex::new(HashMap::new()),
             unhashed: Mutex::new(HashSet::new()),
             links_sent: Mutex::new(HashMap::new()),
-            snapshotting: Mutex::new(HashMap::new()),
+            snapshotting: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
@@ -746,17 +763,31 @@ impl Engine {
                         }
                     }
                     other => {
-                        self.push_changes(std::mem::take(&mut pushes)).await;
+                        self.push_changes(std::mem::take(&mut pushes));
                         match other {
-                            Ok(TreeEvent::Joined { group }) => self.subscribe(group).await,
+                            Ok(TreeEvent::Joined { group }) => {
+                                // Never waits here: the owner's link may take a
+                                // while to come up.
+                                let engine = self.clone();
+                                tokio::spawn(async move { engine.subscribe(group).await });
+                            }
                             Ok(TreeEvent::Members { group, members }) => {
-                                self.members_changed(group, members).await;
+                                self.members_changed(group, members);
                             }
                             Ok(TreeEvent::Left { owner, name }) => {
                                 self.free_left_blocks();
                                 if let Ok(owner) = UserName::new(&owner) {
                                     let msg = MemberToOwner::Unsubscribe { group: name };
-                                    let _ = self.inner.link.send(&owner, false, msg.encode()).await;
+                                    let link = self.inner.link.clone();
+                                    tokio::spawn(async move {
+                                        let sent = link.send(
+                                            &owner,
+                                            Priority::Control,
+                                            Reach::Dial,
+                                            msg.encode(),
+                                        );
+                                        let _ = sent.await;
+                                    });
                                 }
                             }
                             Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -764,7 +795,7 @@ impl Engine {
                                     missed = n,
                                     "sync fell behind the tree; resending snapshots"
                                 );
-                                self.resend_all_snapshots().await;
+                                self.resend_all_snapshots();
                             }
                             Err(broadcast::error::RecvError::Closed) => return,
                             Ok(TreeEvent::Changed { .. } | TreeEvent::Hashed { .. }) => {}
@@ -772,7 +803,7 @@ impl Engine {
                     }
                 }
             }
-            self.push_changes(pushes).await;
+            self.push_changes(pushes);
         }
     }
 
@@ -782,7 +813,7 @@ impl Engine {
     /// `Changes` messages as fit. Order within a group is kept (a parent is sent
     /// before the child made in it); a node changed several times in a row is sent
     /// once.
-    async fn push_changes(&self, pushes: Vec<(GroupId, Ino)>) {
+    fn push_changes(&self, pushes: Vec<(GroupId, Ino)>) {
         let mut by_group: Vec<(GroupId, Vec<Ino>)> = Vec::new();
         for (g, ino) in pushes {
             match by_group.iter_mut().find(|(x, _)| *x == g) {
@@ -795,16 +826,17 @@ impl Engine {
             }
         }
         for (g, inos) in by_group {
-            self.push_group(g, inos).await;
+            self.push_group(g, inos);
         }
     }
 
-    async fn push_group(&self, group: GroupId, inos: Vec<Ino>) {
+    fn push_group(&self, group: GroupId, inos: Vec<Ino>) {
         let members: Vec<UserName> = match lock(&self.inner.subscribers).get(&group) {
             Some(s) if !s.is_empty() => s.iter().cloned().collect(),
             _ => return,
         };
-        let (msgs, group_name, mut members) = {
+        let mut members = members;
+        {
             let tree = self.tree_read();
             let Some(g) = tree.group(group) else {
                 return;
@@ -871,36 +903,19 @@ impl Engine {
             if !batch.is_empty() {
                 msgs.push(batch);
             }
-            let msgs: Vec<Vec<u8>> = msgs
-                .into_iter()
-                .map(|changes| {
-                    OwnerToMember::Changes {
-                        group: name.clone(),
-                        seq,
-                        changes,
-                    }
-                    .encode()
-                })
-                .collect();
-            (msgs, name, members)
-        };
-        for bytes in msgs {
-            let mut reached = Vec::with_capacity(members.len());
-            for m in members {
-                // Behind a snapshot on its way: sent once it has gone.
-                if let Some(held) = lock(&self.inner.snapshotting).get_mut(&m) {
-                    held.pushes.push(bytes.clone());
-                    reached.push(m);
-                    continue;
+            // Queued under the tree's lock, which a snapshot is read and
+            // queued under too: a member gets them in the order they were read
+            // (a push never overtakes an older snapshot, which would remove
+            // what the push brought).
+            for changes in msgs {
+                let bytes = OwnerToMember::Changes {
+                    group: name.clone(),
+                    seq,
+                    changes,
                 }
-                if self
-                    .send_or_unsubscribe(&m, bytes.clone(), &group_name)
-                    .await
-                {
-                    reached.push(m);
-                }
+                .encode();
+                members.retain(|m| self.to_member(&tree, m, group, bytes.clone()));
             }
-            members = reached;
         }
     }
 
@@ -912,19 +927,57 @@ impl Engine {
             .unwrap_or(0)
     }
 
-    /// Sends `bytes` (of group `group`) to subscribed `member`. If the send fails,
-    /// drops the member's subscriptions, unless it has subscribed again since the
-    /// send began (on a new link, which must not lose them); it resyncs when back.
-    async fn send_or_unsubscribe(&self, member: &UserName, bytes: Vec<u8>, group: &str) -> bool {
-        let generation = self.subscription(member);
-        match self.inner.link.send(member, false, bytes).await {
+    /// Queues `bytes`, a push of group `g`, for subscribed `member`; false if
+    /// the member is no longer subscribed to anything (it fell behind).
+    fn to_member(&self, tree: &Tree, member: &UserName, g: GroupId, bytes: Vec<u8>) -> bool {
+        let on_done = self.unsubscribe_on_error(member, g);
+        match self
+            .inner
+            .outbox
+            .push(member, Priority::Control, bytes, Some(on_done))
+        {
             Ok(()) => true,
-            Err(e) => {
-                tracing::info!(peer = %member, %group, cause = %e, "member unreachable; it resyncs when back");
-                if self.subscription(member) == generation {
-                    self.drop_subscriber(member);
-                }
+            Err(crate::sync::outbox::Full) => {
+                self.fell_behind(tree, member);
                 false
+            }
+        }
+    }
+
+    /// What to do when a message for subscribed `member` of group `g` could not
+    /// be sent: drop its subscriptions, unless it has subscribed again since it
+    /// was queued (on a new link, which must not lose them); it resyncs when back.
+    fn unsubscribe_on_error(&self, member: &UserName, g: GroupId) -> crate::sync::outbox::OnDone {
+        let generation = self.subscription(member);
+        let engine = std::sync::Arc::downgrade(&self.inner);
+        let member = member.clone();
+        Box::new(move |sent| {
+            let (Err(e), Some(inner)) = (sent, engine.upgrade()) else {
+                return;
+            };
+            let engine = Engine { inner };
+            if engine.subscription(&member) == generation {
+                tracing::info!(peer = %member, group = %g, cause = %e, "member unreachable; it resyncs when back");
+                engine.drop_subscriber(&member);
+            }
+        })
+    }
+
+    /// `member` reads too slowly for what it is subscribed to: what waits for
+    /// it is dropped, and it is told `EBEHIND` for each group, so that it
+    /// subscribes again (and gets the group afresh) when it can.
+    fn fell_behind(&self, tree: &Tree, member: &UserName) {
+        let groups: Vec<GroupId> = {
+            let mut subs = lock(&self.inner.subscribers);
+            subs.iter_mut()
+                .filter_map(|(g, s)| s.remove(member).then_some(*g))
+                .collect()
+        };
+        tracing::warn!(peer = %member, waiting = self.inner.outbox.waiting(member, Priority::Control), "member fell behind; it is told to subscribe again");
+        self.inner.outbox.clear(member, Priority::Control);
+        for g in groups {
+            if let Some(grp) = tree.group(g) {
+                self.refuse(member, &grp.row.name, Problem::Behind);
             }
         }
     }
@@ -948,7 +1001,7 @@ impl Engine {
     /// this has been pushed): removed subscribers are told `ENOTMEMBER` and get
     /// nothing more; users refused or removed before and listed again are
     /// served at once, without waiting for them to ask again.
-    async fn members_changed(&self, g: GroupId, members: Vec<String>) {
+    fn members_changed(&self, g: GroupId, members: Vec<String>) {
         let members: HashSet<String> = members.into_iter().collect();
         let Some(name) = self.tree_read().group(g).map(|grp| grp.row.name.clone()) else {
             return;
@@ -973,14 +1026,14 @@ impl Engine {
         for m in revoked {
             tracing::info!(peer = %m, group = %name, "membership revoked");
             self.remember_refused(g, &m);
-            self.refuse(&m, &name, Problem::NotMember).await;
+            self.refuse(&m, &name, Problem::NotMember);
         }
-        self.serve_readded(g, &members).await;
+        self.serve_readded(g, &members);
     }
 
     /// Subscribes the users of `g` refused before whom `members` lists now, and
     /// sends each a snapshot.
-    async fn serve_readded(&self, g: GroupId, members: &HashSet<String>) {
+    fn serve_readded(&self, g: GroupId, members: &HashSet<String>) {
         let back: Vec<UserName> = {
             let mut refused = lock(&self.inner.refused);
             let Some(set) = refused.get_mut(&g) else {
@@ -999,7 +1052,7 @@ impl Engine {
         for user in back {
             tracing::info!(peer = %user, "member listed again; serving it");
             self.add_subscriber(g, &user);
-            self.send_snapshot(&user, g).await;
+            self.send_snapshot(&user, g);
         }
     }
 
@@ -1014,40 +1067,48 @@ impl Engine {
             .insert(member.clone());
     }
 
-    async fn resend_all_snapshots(&self) {
+    fn resend_all_snapshots(&self) {
         let subs: Vec<(GroupId, Vec<UserName>)> = lock(&self.inner.subscribers)
             .iter()
             .map(|(g, s)| (*g, s.iter().cloned().collect()))
             .collect();
         for (g, members) in subs {
             for m in members {
-                self.send_snapshot(&m, g).await;
+                // The events missed were not pushed: a snapshot queued before
+                // does not bring them.
+                lock(&self.inner.snapshotting).remove(&(m.clone(), g));
+                self.send_snapshot(&m, g);
             }
         }
     }
 
-    async fn send_snapshot(&self, to: &UserName, g: GroupId) {
-        let (name, seq, nodes, unsettled) = {
-            let tree = self.tree_read();
-            let Some(group) = tree.group(g) else {
-                return;
-            };
-            if group.held.is_some() {
-                return;
-            }
-            let Ok((nodes, pending)) = tree.group_snapshot(g) else {
-                return;
-            };
-            // Recorded under the tree lock: a file's `Hashed` event comes from
-            // under the write lock, so it cannot slip in before this and be missed.
-            lock(&self.inner.unhashed).extend(pending.iter().copied());
-            let links = tree.linked_names(g, pending.iter().copied());
-            let unsettled: Vec<u64> = pending
-                .iter()
-                .flat_map(|ino| tree.node_ids(*ino, &links))
-                .collect();
-            // The member may hold every name named here, settled or not: the
-            // removal of one that goes is sent.
+    /// Queues a snapshot of owned group `g` for `to`, unless one is queued for
+    /// it already.
+    fn send_snapshot(&self, to: &UserName, g: GroupId) {
+        let tree = self.tree_read();
+        let Some(group) = tree.group(g) else {
+            return;
+        };
+        if group.held.is_some() {
+            return;
+        }
+        let Ok((nodes, pending)) = tree.group_snapshot(g) else {
+            return;
+        };
+        if !lock(&self.inner.snapshotting).insert((to.clone(), g)) {
+            return;
+        }
+        // Recorded under the tree lock: a file's `Hashed` event comes from
+        // under the write lock, so it cannot slip in before this and be missed.
+        lock(&self.inner.unhashed).extend(pending.iter().copied());
+        let links = tree.linked_names(g, pending.iter().copied());
+        let unsettled: Vec<u64> = pending
+            .iter()
+            .flat_map(|ino| tree.node_ids(*ino, &links))
+            .collect();
+        // The member may hold every name named here, settled or not: the
+        // removal of one that goes is sent.
+        {
             let mut links_sent = lock(&self.inner.links_sent);
             for id in nodes
                 .iter()
@@ -1057,104 +1118,40 @@ impl Engine {
             {
                 links_sent.entry(ino_of_id(id)).or_default().insert(id);
             }
-            drop(links_sent);
-            // Likewise, every push read after this waits for the snapshot.
-            lock(&self.inner.snapshotting)
-                .entry(to.clone())
-                .or_default()
-                .snapshots += 1;
-            (
-                group.row.name.clone(),
-                tree.log_position(g),
-                nodes,
-                unsettled,
-            )
-        };
-        let mut delivered = self.send_chunks(to, &name, seq, nodes, unsettled).await;
-        // Then the pushes held back meanwhile, in order, until none is left; by
-        // the last of several snapshots on their way at once.
-        loop {
-            let held = {
-                let mut snapshotting = lock(&self.inner.snapshotting);
-                let Some(entry) = snapshotting.get_mut(to) else {
-                    return;
-                };
-                if entry.pushes.is_empty() || entry.snapshots > 1 || !delivered {
-                    entry.snapshots -= 1;
-                    if entry.snapshots == 0 {
-                        snapshotting.remove(to);
-                    }
-                    return;
-                }
-                std::mem::take(&mut entry.pushes)
-            };
-            for bytes in held {
-                if !self.send_or_unsubscribe(to, bytes, &name).await {
-                    delivered = false;
-                    break;
-                }
-            }
         }
-    }
-
-    /// Sends a snapshot's chunks to `to`; false if they did not all go.
-    async fn send_chunks(
-        &self,
-        to: &UserName,
-        name: &str,
-        seq: u64,
-        nodes: Vec<NodeState>,
-        unsettled: Vec<u64>,
-    ) -> bool {
-        // Chunks of a bounded number of nodes and bytes, whatever the group.
-        let mut chunks: Vec<Vec<NodeState>> = vec![Vec::new()];
-        let mut bytes = 0;
-        for n in nodes {
-            let size = n.wire_size();
-            let last = chunks.last().map_or(0, Vec::len);
-            if last > 0 && (last >= SNAPSHOT_CHUNK || bytes + size > NODES_BYTES) {
-                chunks.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += size;
-            if let Some(chunk) = chunks.last_mut() {
-                chunk.push(n);
-            }
-        }
-        // The unsettled files' ids go in the last chunks, a bounded number each.
-        let mut unsettled = unsettled.chunks(NODES_BYTES / 10).map(<[u64]>::to_vec);
-        let mut chunks: Vec<(Vec<NodeState>, Vec<u64>)> = chunks
-            .into_iter()
-            .map(|nodes| (nodes, Vec::new()))
-            .collect();
-        if let Some(last) = chunks.last_mut() {
-            last.1 = unsettled.next().unwrap_or_default();
-        }
-        chunks.extend(unsettled.map(|ids| (Vec::new(), ids)));
+        // Queued under the tree lock, like every push: a push read after this
+        // goes after it.
+        let chunks = snapshot_chunks(&group.row.name, tree.log_position(g), nodes, unsettled);
         let count = chunks.len();
-        for (i, (nodes, unsettled)) in chunks.into_iter().enumerate() {
-            let msg = OwnerToMember::Snapshot {
-                group: name.to_owned(),
-                seq,
-                nodes,
-                last: i + 1 == count,
-                unsettled,
-            };
-            if !self.send_or_unsubscribe(to, msg.encode(), name).await {
-                return false;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut on_done = self.unsubscribe_on_error(to, g);
+            if i + 1 == count {
+                let engine = std::sync::Arc::downgrade(&self.inner);
+                let key = (to.clone(), g);
+                let failed = on_done;
+                on_done = Box::new(move |sent| {
+                    if let Some(inner) = engine.upgrade() {
+                        lock(&inner.snapshotting).remove(&key);
+                    }
+                    failed(sent);
+                });
             }
+            self.inner
+                .outbox
+                .push_always(to, Priority::Control, chunk, Some(on_done));
         }
-        true
     }
 
-    async fn refuse(&self, to: &UserName, group: &str, problem: Problem) {
+    /// Queues a refusal for `to`.
+    fn refuse(&self, to: &UserName, group: &str, problem: Problem) {
         let msg = OwnerToMember::Refused {
             group: group.to_owned(),
             problem,
         };
-        let _ = self.inner.link.send(to, true, msg.encode()).await;
+        self.inner
+            .outbox
+            .push_always(to, Priority::Control, msg.encode(), None);
     }
-
     /// Whether `peer` may subscribe now (a token of its bucket), so that a peer
     /// that subscribes again and again cannot have us read and send snapshots
     /// without end.
@@ -1191,7 +1188,7 @@ impl Engine {
             MemberToOwner::Subscribe { group, since } => {
                 if !self.may_subscribe(from) {
                     tracing::warn!(peer = %from, %group, "refused: subscribing too often (EBUSY)");
-                    return self.refuse(from, &group, Problem::Busy).await;
+                    return self.refuse(from, &group, Problem::Busy);
                 }
                 let Some(g) = self.member_group(from, &group) else {
                     tracing::info!(peer = %from, %group, "refused: not a member");
@@ -1202,7 +1199,7 @@ impl Engine {
                     if let Some(g) = owned {
                         self.remember_refused(g, from);
                     }
-                    return self.refuse(from, &group, Problem::NotMember).await;
+                    return self.refuse(from, &group, Problem::NotMember);
                 };
                 if self
                     .tree_read()
@@ -1210,14 +1207,14 @@ impl Engine {
                     .is_some_and(|grp| grp.held.is_some())
                 {
                     tracing::warn!(peer = %from, %group, "refused: the group is held");
-                    return self.refuse(from, &group, Problem::Held).await;
+                    return self.refuse(from, &group, Problem::Held);
                 }
                 tracing::info!(peer = %from, %group, since, "member subscribed");
                 if let Some(set) = lock(&self.inner.refused).get_mut(&g) {
                     set.remove(from);
                 }
                 self.add_subscriber(g, from);
-                self.send_snapshot(from, g).await;
+                self.send_snapshot(from, g);
             }
             MemberToOwner::Unsubscribe { group } => {
                 let tree = self.tree_read();
@@ -1235,36 +1232,49 @@ impl Engine {
                 urgent,
             } => {
                 let Some(g) = self.member_group(from, &group) else {
-                    return self.refuse(from, &group, Problem::NotMember).await;
+                    return self.refuse(from, &group, Problem::NotMember);
                 };
                 let Some(serving) = Serving::start(self, from) else {
                     tracing::warn!(peer = %from, %group, "refused: too many block requests at once (EBUSY)");
-                    return self.refuse(from, &group, Problem::Busy).await;
+                    return self.refuse(from, &group, Problem::Busy);
                 };
                 // Served in a task of its own, a few at once: reading, hashing and
                 // sending one block overlaps with the next, and the messages behind
                 // this one (of any peer) never wait for a turn.
                 let engine = self.clone();
                 let from = from.clone();
+                let priority = if urgent {
+                    Priority::Interactive
+                } else {
+                    Priority::Bulk
+                };
                 tokio::spawn(async move {
                     let _serving = serving;
-                    let Ok(_permit) = engine.inner.serve_slots.clone().acquire_owned().await else {
-                        return;
+                    // Room in the member's queue first: one that reads slowly
+                    // holds up its own requests, never a serving slot.
+                    let outbox = &engine.inner.outbox;
+                    outbox.wait_room(&from, priority, BLOCK_SIZE as usize).await;
+                    let reply = {
+                        let Ok(_permit) = engine.inner.serve_slots.acquire().await else {
+                            return;
+                        };
+                        engine
+                            .read_block(g, ino_of_id(id), index, BlockHash(hash))
+                            .await
                     };
-                    let reply = engine
-                        .read_block(g, ino_of_id(id), index, BlockHash(hash))
-                        .await;
                     let msg = match reply {
                         Some(data) => OwnerToMember::Block { group, hash, data },
                         None => OwnerToMember::NoBlock { group, hash },
                     };
-                    let _ = engine.inner.link.send(&from, urgent, msg.encode()).await;
+                    outbox
+                        .push_waiting(&from, priority, msg.encode(), None)
+                        .await;
                 });
             }
             MemberToOwner::Ack { .. } => {}
             MemberToOwner::GetBlockList { group, id, hash } => {
                 let Some(g) = self.member_group(from, &group) else {
-                    return self.refuse(from, &group, Problem::NotMember).await;
+                    return self.refuse(from, &group, Problem::NotMember);
                 };
                 let list = {
                     let tree = self.tree_read();
@@ -1274,14 +1284,18 @@ impl Engine {
                         .then(|| tree.block_list(ino))
                         .flatten()
                 };
-                // Sent from a task of its own: a long list is several messages.
-                let engine = self.clone();
+                // Queued from a task of its own: a long list is several
+                // messages, queued as the member takes them. On the
+                // interactive lane: the member's fetches of the file wait
+                // for it, and it must not count against the pushes' bound.
+                let outbox = self.inner.outbox.clone();
                 let from = from.clone();
+                let priority = Priority::Interactive;
                 tokio::spawn(async move {
                     let Some(blocks) = list.filter(|b| crate::sync::proto::list_hash(b) == hash)
                     else {
                         let msg = OwnerToMember::NoBlockList { group, id, hash };
-                        let _ = engine.inner.link.send(&from, false, msg.encode()).await;
+                        outbox.push_always(&from, priority, msg.encode(), None);
                         return;
                     };
                     for (k, piece) in blocks.chunks(LIST_PIECE).enumerate() {
@@ -1292,15 +1306,9 @@ impl Engine {
                             from: (k * LIST_PIECE) as u64,
                             blocks: piece.to_vec(),
                         };
-                        if engine
-                            .inner
-                            .link
-                            .send(&from, false, msg.encode())
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+                        outbox
+                            .push_waiting(&from, priority, msg.encode(), None)
+                            .await;
                     }
                 });
             }
@@ -1382,7 +1390,11 @@ impl Engine {
             },
         ];
         for m in msgs {
-            if let Err(e) = self.inner.link.send(&owner, true, m.encode()).await {
+            let sent = self
+                .inner
+                .link
+                .send(&owner, Priority::Control, Reach::Dial, m.encode());
+            if let Err(e) = sent.await {
                 tracing::info!(%owner, group = %name, cause = %e, "cannot subscribe yet");
                 lock(&self.inner.groups).entry(g).or_default().problem =
                     Some(GroupProblem::Unreachable(e));
@@ -1645,6 +1657,19 @@ impl Engine {
                 }
                 self.wake(&hash, Err(FetchError::Stale { hash }));
             }
+            OwnerToMember::Refused {
+                group,
+                problem: Problem::Behind,
+            } => {
+                // The owner dropped what it had queued for us: what came of a
+                // snapshot is incomplete, and the group is asked for afresh.
+                if let Some(g) = self.joined(from, &group) {
+                    tracing::info!(owner = %from, %group, "the owner dropped changes for us (EBEHIND); subscribing again");
+                    lock(&self.inner.snapshots).remove(&g);
+                    let engine = self.clone();
+                    tokio::spawn(async move { engine.subscribe(g).await });
+                }
+            }
             OwnerToMember::Refused { group, problem } => {
                 if let Some(g) = self.joined(from, &group) {
                     self.refused(from, &group, g, GroupProblem::Refused(problem));
@@ -1670,6 +1695,14 @@ impl Engine {
         if n.is_power_of_two() {
             tracing::warn!(%peer, %hash, dropped = n + 1, "dropping blocks nobody asked this peer for");
         }
+    }
+
+    /// Owner side: bytes queued for `peer` and not sent yet.
+    pub fn queued_bytes(&self, peer: &UserName) -> usize {
+        [Priority::Control, Priority::Interactive, Priority::Bulk]
+            .into_iter()
+            .map(|p| self.inner.outbox.waiting(peer, p))
+            .sum()
     }
 
     /// Blocks (or their absence) dropped so far because nobody asked their
@@ -1760,7 +1793,10 @@ impl Engine {
             self.inner.store.remove(node.row.ino);
         }
         self.invalidate_later(invals);
-        self.request_lists(g).await;
+        // Asked from a task of its own: the messages behind this one never
+        // wait for the owner's link.
+        let engine = self.clone();
+        tokio::spawn(async move { engine.request_lists(g).await });
     }
 
     /// Has the kernel forget `invals` (after the tree lock is gone: the kernel
@@ -1835,7 +1871,11 @@ impl Engine {
                 id,
                 hash: list.hash,
             };
-            if let Err(e) = self.inner.link.send(&owner, true, msg.encode()).await {
+            let sent = self
+                .inner
+                .link
+                .send(&owner, Priority::Control, Reach::Dial, msg.encode());
+            if let Err(e) = sent.await {
                 tracing::debug!(%owner, %group, id, cause = %e, "cannot ask for a block list");
                 lock(&self.inner.lists).remove(&(g, id));
                 return;
@@ -2037,7 +2077,16 @@ impl Engine {
                 hash: hash.0,
                 urgent,
             };
-            if let Err(reason) = self.inner.link.send(&owner, urgent, msg.encode()).await {
+            let priority = if urgent {
+                Priority::Interactive
+            } else {
+                Priority::Control
+            };
+            let sent = self
+                .inner
+                .link
+                .send(&owner, priority, Reach::Dial, msg.encode());
+            if let Err(reason) = sent.await {
                 let err = FetchError::Unreachable { reason };
                 self.wake(&hash, Err(err.clone()));
                 lock(&self.inner.fill_failed).insert(g);
@@ -2233,6 +2282,55 @@ fn drain(
             }
         }
     }
+}
+
+/// A snapshot of group `name` at log position `seq`, as encoded chunks of a
+/// bounded number of nodes and bytes, whatever the group; the unsettled files'
+/// ids go in the last chunks, a bounded number each.
+fn snapshot_chunks(
+    name: &str,
+    seq: u64,
+    nodes: Vec<NodeState>,
+    unsettled: Vec<u64>,
+) -> Vec<Vec<u8>> {
+    let mut chunks: Vec<Vec<NodeState>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for n in nodes {
+        let size = n.wire_size();
+        let last = chunks.last().map_or(0, Vec::len);
+        if last > 0 && (last >= SNAPSHOT_CHUNK || bytes + size > NODES_BYTES) {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        if let Some(chunk) = chunks.last_mut() {
+            chunk.push(n);
+        }
+    }
+    let mut unsettled = unsettled.chunks(NODES_BYTES / 10).map(<[u64]>::to_vec);
+    let mut chunks: Vec<(Vec<NodeState>, Vec<u64>)> = chunks
+        .into_iter()
+        .map(|nodes| (nodes, Vec::new()))
+        .collect();
+    if let Some(last) = chunks.last_mut() {
+        last.1 = unsettled.next().unwrap_or_default();
+    }
+    chunks.extend(unsettled.map(|ids| (Vec::new(), ids)));
+    let count = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (nodes, unsettled))| {
+            OwnerToMember::Snapshot {
+                group: name.to_owned(),
+                seq,
+                nodes,
+                last: i + 1 == count,
+                unsettled,
+            }
+            .encode()
+        })
+        .collect()
 }
 
 /// About how many bytes `c` takes in a message.

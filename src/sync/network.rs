@@ -13,11 +13,9 @@ use crate::fs::tree::Tree;
 use crate::ids::{GroupName, UserName};
 use crate::peer::{Lane, Membership, PeerEvent, Peers, PeersConfig};
 use crate::signal::client::{ClientConfig, connect};
-use crate::sync::engine::{BoxFuture, Engine, Link};
+use crate::sync::engine::{BoxFuture, Engine, Link, Priority, Reach};
 
-/// The engine's link over [`Peers`]. Snapshots, changes and requests go on the
-/// control lane, in order; block data on the interactive lane when a reader waits
-/// for it, else on the bulk lane.
+/// The engine's link over [`Peers`]: each [`Priority`] is a lane of its own.
 pub struct PeersLink {
     peers: Peers,
 }
@@ -29,13 +27,11 @@ impl PeersLink {
     }
 }
 
-fn lane_of(payload: &[u8], urgent: bool) -> Lane {
-    // A block is `O` then tag 3 (see `sync::proto`).
-    match payload {
-        [b'O', 3, ..] if urgent => Lane::Interactive,
-        [b'O', 3, ..] => Lane::Bulk,
-        [b'M', 3, ..] if urgent => Lane::Interactive,
-        _ => Lane::Control,
+fn lane_of(priority: Priority) -> Lane {
+    match priority {
+        Priority::Control => Lane::Control,
+        Priority::Interactive => Lane::Interactive,
+        Priority::Bulk => Lane::Bulk,
     }
 }
 
@@ -43,19 +39,15 @@ impl Link for PeersLink {
     fn send<'a>(
         &'a self,
         to: &'a UserName,
-        urgent: bool,
+        priority: Priority,
+        reach: Reach,
         payload: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let lane = lane_of(&payload, urgent);
-            // An owner answers and pushes to members over the links they set
-            // up; it never waits for one to a member that is away (which
-            // resyncs when it is back), so that one absent member delays
-            // nothing and no push is delivered late as if it were live.
-            let sent = if payload.first() == Some(&b'O') {
-                self.peers.send_if_linked(to, lane, &payload).await
-            } else {
-                self.peers.send(to, lane, &payload).await
+            let lane = lane_of(priority);
+            let sent = match reach {
+                Reach::Linked => self.peers.send_if_linked(to, lane, &payload).await,
+                Reach::Dial => self.peers.send(to, lane, &payload).await,
             };
             sent.map_err(|e| match e.code() {
                 Some(code) => format!("{}: {e}", code.name()),

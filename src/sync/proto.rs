@@ -217,6 +217,9 @@ pub enum Problem {
     Held,
     /// `EBUSY`: the member asked too often; it may ask again later.
     Busy,
+    /// `EBEHIND`: the member took what was sent too slowly and the changes
+    /// queued for it were dropped; it subscribes again to get the group afresh.
+    Behind,
 }
 
 impl Problem {
@@ -226,6 +229,7 @@ impl Problem {
             Problem::NotMember => "ENOTMEMBER",
             Problem::Held => "EHELD",
             Problem::Busy => "EBUSY",
+            Problem::Behind => "EBEHIND",
         }
     }
 }
@@ -604,14 +608,19 @@ mod tests {
 
     #[test]
     fn problems_keep_their_tags_and_codes() {
-        let all = [Problem::NotMember, Problem::Held, Problem::Busy];
+        let all = [
+            Problem::NotMember,
+            Problem::Held,
+            Problem::Busy,
+            Problem::Behind,
+        ];
         let tags: Vec<u8> = all
             .iter()
             .map(|p| postcard::to_allocvec(p).unwrap()[0])
             .collect();
-        assert_eq!(tags, [0, 1, 2]);
+        assert_eq!(tags, [0, 1, 2, 3]);
         let codes: Vec<String> = all.iter().map(ToString::to_string).collect();
-        assert_eq!(codes, ["ENOTMEMBER", "EHELD", "EBUSY"]);
+        assert_eq!(codes, ["ENOTMEMBER", "EHELD", "EBUSY", "EBEHIND"]);
         // A problem this build does not know is a malformed message, not a panic.
         let mut unknown = OwnerToMember::Refused {
             group: "g".into(),
