@@ -22,6 +22,13 @@ Brume member (see Brume.begin) and their own Syncthing subdirectory:
   many       10,000 x 4 KiB files in 100 directories, until all are listed at the
              member with the right size (Brume also: until all are cached); peak
              RSS of both daemons of each system during it.
+  reconnect  (Brume only; Syncthing is not started if it is the only workload)
+             a group of --reconnect-files x 1 KiB files in 200 directories, fully at
+             the member; then, for 1 and for 1,000 changed files: the member's
+             daemon stops, the owner rewrites that many files, the member mounts
+             again; the time from its start until it reads the last of them, and
+             the bytes it received from the owner (its peer counters, which start
+             at 0 with the daemon), next to the bytes of the first full sync.
 
 As root (FUSE mounts; Brume uses passthrough as root), from the repository root:
 
@@ -870,6 +877,71 @@ def fmt_ms(s):
     return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
+def bench_reconnect(b, files, timeout):
+    """Bytes and time for a member to catch up after 1 and after 1,000 changes."""
+    b.begin("reconnect")
+    u = b.users["bob"]
+    dirs = 200
+    per = max(1, files // dirs)
+    t = now()
+    for d in range(dirs):
+        os.mkdir(os.path.join(b.owner, f"d{d}"))
+        for f in range(per):
+            write_file(os.path.join(b.owner, f"d{d}", f"f{f}"), b"%d/%d " % (d, f) + b"x" * 1000)
+    log(f"brume: wrote {dirs * per} files in {now() - t:.1f} s")
+    last = os.path.join(b.member, f"d{dirs - 1}", f"f{per - 1}")
+    wait_until(lambda: os.path.exists(last), timeout, 0.05, "the group at bob")
+    b.settle(timeout)
+    time.sleep(1.5)  # the live status is rewritten once a second
+    join_bytes = received_from_alice(b)
+    alice_log = os.path.join(b.users["alice"]["dir"], "mount.log")
+    runs = []
+    for n in (1, 1000):
+        subprocess.run(["fusermount3", "-u", u["mnt"]], check=True)
+        u["proc"].wait(timeout=30)
+        before = subscriptions(alice_log)
+        changed = []
+        for i in range(n):
+            d, f = i % dirs, (i // dirs) % per
+            path = os.path.join(b.owner, f"d{d}", f"f{f}")
+            body = b"changed %d of %d " % (i, n) + b"y" * 1000
+            write_file(path, body)
+            changed.append((os.path.join(b.member, f"d{d}", f"f{f}"), body))
+        time.sleep(0.5)  # let the owner hash them: a reconnect finds them settled
+        t = now()
+        b.mount("bob")
+        path, body = changed[-1]
+        ok = True
+        try:
+            wait_until(lambda: read_or_none(path) == body, timeout, 0.002, f"bob to catch up {n}")
+            secs = now() - t
+        except Exception as e:
+            log(f"brume: reconnect after {n}: {e}")
+            secs, ok = None, False
+        if ok:
+            wait_until(lambda: all(read_or_none(p) == w for p, w in changed), timeout, 0.05, "every change at bob")
+        time.sleep(1.5)
+        received = received_from_alice(b)
+        after = subscriptions(alice_log)
+        # Every subscription not answered from the log was answered by a snapshot.
+        snapshots = (after[0] - before[0]) - (after[1] - before[1])
+        log(f"brume: reconnect after {n} changes: {secs_or(secs)}, {received} bytes received")
+        runs.append(dict(changes=n, secs=secs, received=received, snapshots=snapshots))
+    return dict(files=dirs * per, join_bytes=join_bytes, runs=runs)
+
+
+def subscriptions(owner_log):
+    """(subscriptions, those answered from the change log) in the owner's log."""
+    with open(owner_log, "rb") as f:
+        text = f.read()
+    return text.count(b"member subscribed"), text.count(b"member caught up from the log")
+
+
+def received_from_alice(b):
+    live = b.status("bob").get("live") or {}
+    return int(((live.get("peers") or {}).get("alice") or {}).get("bytes_received", 0))
+
+
 def main():
     global ROOT, KEEP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -884,6 +956,8 @@ def main():
                     help="workloads to run, in this order (edit changes the file bulk made)")
     ap.add_argument("--timeout", type=int, default=600,
                     help="give up on one system's many-files, bulk or edit wait after this many seconds")
+    ap.add_argument("--reconnect-files", type=int, default=20000,
+                    help="files in the reconnect test's group (200 dirs)")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     args = ap.parse_args()
     KEEP = args.keep
@@ -899,20 +973,22 @@ def main():
     bver = subprocess.run([args.brume, "--version"], capture_output=True, text=True).stdout.strip()
     load0 = os.getloadavg()
 
+    todo = args.only.split(",")
     brume = Brume(args.brume, ROOT)
-    st = Syncthing(args.syncthing, ROOT, delay=1)
     brume.setup()
-    st.setup()
-    systems = [brume, st]
-
-    bad = non_loopback_sockets(st.all_pids())
-    log("syncthing sockets: " + ("all on loopback" if not bad else "NOT LOOPBACK: " + "; ".join(bad)))
-    if bad:
-        raise SystemExit("syncthing has a socket off loopback; stopping")
+    with_st = any(w != "reconnect" for w in todo)
+    st = Syncthing(args.syncthing, ROOT, delay=1) if with_st else None
+    systems = [brume]
+    if st:
+        st.setup()
+        systems.append(st)
+        bad = non_loopback_sockets(st.all_pids())
+        log("syncthing sockets: " + ("all on loopback" if not bad else "NOT LOOPBACK: " + "; ".join(bad)))
+        if bad:
+            raise SystemExit("syncthing has a socket off loopback; stopping")
     bad_b = non_loopback_sockets(brume.all_pids())
     log("brume sockets: " + ("all on loopback" if not bad_b else "bound/talking beyond 127.0.0.1: " + "; ".join(bad_b)))
 
-    todo = args.only.split(",")
     R = {}
     size = args.bulk_mib * MIB
     for w in todo:
@@ -935,6 +1011,8 @@ def main():
             os.unlink(src)
         elif w == "edit":
             R["edit"] = bench_edit(systems, size // 2, args.timeout)
+        elif w == "reconnect":
+            R["reconnect"] = bench_reconnect(brume, args.reconnect_files, args.timeout)
         elif w == "many":
             for s in systems:
                 s.begin("many")
@@ -946,13 +1024,14 @@ def main():
         log(f"syncthing new-file with fsWatcherDelayS=10: {args.default_delay_reps} reps")
         R["new10"] = bench_new_file([st], args.default_delay_reps, tag="d10")[st.name]
         log("syncthing (delay 10): " + ", ".join(fmt_ms(x) for x in R["new10"]))
-    bad = non_loopback_sockets(st.all_pids())
-    log("syncthing sockets at the end: " + ("all on loopback" if not bad else "NOT LOOPBACK: " + "; ".join(bad)))
+    if st:
+        bad = non_loopback_sockets(st.all_pids())
+        log("syncthing sockets at the end: " + ("all on loopback" if not bad else "NOT LOOPBACK: " + "; ".join(bad)))
 
     # ---------------- the table ----------------
     load1 = os.getloadavg()
     print()
-    print(f"Group sync, owner -> member, one run: {bver} vs syncthing {' '.join(ver[1:2])}")
+    print(f"Group sync, owner -> member, one run: {bver}" + (f" vs syncthing {' '.join(ver[1:2])}" if st else ""))
     print(f"machine: {os.cpu_count()} CPUs, {os.uname().release}; load average "
           f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end; order: {args.only}")
     print()
@@ -1020,6 +1099,22 @@ def main():
         floors.append(("1-byte edit <= 500 ms", b["secs"] is not None and b["secs"] <= 0.5, secs_or(b["secs"])))
         floors.append(("1-byte edit <= 1 MiB on the wire", b["secs"] is not None and b["wire"] <= MIB and b["lo"] <= MIB,
                        f"{b['wire'] / KIB:.0f} KiB counted, {b['lo'] / KIB:.0f} KiB on lo"))
+    if "reconnect" in R:
+        r = R["reconnect"]
+        print(f"| reconnect, group of {r['files']} files: first full sync, bytes received | "
+              f"{r['join_bytes'] / KIB:.1f} KiB | | |")
+        for c in r["runs"]:
+            print(f"| ↳ after {c['changes']} changed: member start -> caught up | {secs_or(c['secs'])} | | |")
+            print(f"| ↳ after {c['changes']} changed: bytes received | {c['received'] / KIB:.1f} KiB "
+                  f"({c['received'] / c['changes']:.0f} B per change; snapshots sent: {c['snapshots']}) | | |")
+        one, many = r["runs"][0], r["runs"][-1]
+        floors.append(("reconnect after 1 change <= 64 KiB received",
+                       one["received"] <= 64 * KIB, f"{one['received'] / KIB:.1f} KiB"))
+        floors.append(("reconnect after 1 change <= 500 ms to caught up",
+                       one["secs"] is not None and one["secs"] <= 0.5, secs_or(one["secs"])))
+        floors.append(("reconnect after 1,000 changes: no snapshot, bytes proportional",
+                       many["snapshots"] == 0 and many["received"] <= 2 * many["changes"] * max(1, one["received"]),
+                       f"{many['received'] / KIB:.1f} KiB = {many['received'] / one['received']:.0f}x the 1-change figure"))
     print()
     print("Brume floors:")
     for what, ok, val in floors:

@@ -194,6 +194,12 @@ pub struct GroupRow {
     pub owned: bool,
     /// The next change-log position.
     pub next_seq: Seq,
+    /// Owned: a random number given to the group's log when it was made, so
+    /// that a position means something only in the log it came from (a group
+    /// made again, under the same name, starts another log). Joined: the
+    /// owner's epoch of the position applied; 0 when the next sync must be a
+    /// snapshot.
+    pub epoch: u64,
 }
 
 /// What a change-log entry records.
@@ -227,6 +233,21 @@ impl ChangeOp {
             Self::Link => "link",
             Self::Xattr => "xattr",
         }
+    }
+
+    /// The op stored in the log as `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Create,
+            Self::Write,
+            Self::SetAttr,
+            Self::Rename,
+            Self::Remove,
+            Self::Link,
+            Self::Xattr,
+        ]
+        .into_iter()
+        .find(|op| op.as_str() == name)
     }
 }
 
@@ -290,8 +311,32 @@ pub enum Op {
     },
     /// Insert or replace a group.
     PutGroup(GroupRow),
-    /// Delete a group, its members and its change log.
+    /// Delete a group, its members, its change log and its members' acks.
     DeleteGroup(GroupId),
+    /// Drop old entries of a group's change log: those before `keep_from`
+    /// that are at or before `upto` or were written before `older_than_ns`.
+    /// The newest entry is never dropped (it tells the log's next position).
+    PruneChanges {
+        /// Group.
+        group: GroupId,
+        /// Entries at or before this position go.
+        upto: u64,
+        /// Entries written before this time (ns since the epoch) go too.
+        older_than_ns: i64,
+        /// Entries from this position on stay, whatever else says.
+        keep_from: u64,
+    },
+    /// Record the log position a member of an owned group has applied.
+    PutAck {
+        /// Group.
+        group: GroupId,
+        /// The member.
+        user: String,
+        /// Its position.
+        seq: u64,
+        /// When it said so (seconds since the epoch).
+        at: i64,
+    },
     /// Replace a group's member list.
     SetMembers {
         /// Group.
@@ -839,8 +884,8 @@ fn apply(
             }
             Op::PutGroup(g) => {
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO groups (id, owner, name, root, owned, next_seq) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO groups (id, owner, name, root, owned, next_seq, \
+                     epoch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![
                     g.id.0 as i64,
@@ -848,7 +893,8 @@ fn apply(
                     g.name,
                     g.root.0 as i64,
                     g.owned,
-                    g.next_seq.0 as i64
+                    g.next_seq.0 as i64,
+                    g.epoch as i64
                 ])?;
             }
             Op::DeleteGroup(g) => {
@@ -859,8 +905,43 @@ fn apply(
                     .execute([g])?;
                 tx.prepare_cached("DELETE FROM changes WHERE group_id = ?1")?
                     .execute([g])?;
+                tx.prepare_cached("DELETE FROM acks WHERE group_id = ?1")?
+                    .execute([g])?;
                 tx.prepare_cached("DELETE FROM meta WHERE key = ?1")?
                     .execute([conflicts_key(GroupId(g as u64))])?;
+            }
+            Op::PruneChanges {
+                group,
+                upto,
+                older_than_ns,
+                keep_from,
+            } => {
+                let newest: Option<i64> = tx
+                    .prepare_cached("SELECT MAX(seq) FROM changes WHERE group_id = ?1")?
+                    .query_row([group.0 as i64], |r| r.get(0))?;
+                let keep_from =
+                    newest.map_or(0, |n| ((*keep_from).min(i64::MAX as u64) as i64).min(n));
+                tx.prepare_cached(
+                    "DELETE FROM changes WHERE group_id = ?1 AND seq < ?2 \
+                     AND (seq <= ?3 OR at_ns < ?4)",
+                )?
+                .execute(params![
+                    group.0 as i64,
+                    keep_from,
+                    (*upto).min(i64::MAX as u64) as i64,
+                    older_than_ns
+                ])?;
+            }
+            Op::PutAck {
+                group,
+                user,
+                seq,
+                at,
+            } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO acks (group_id, user, seq, at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![group.0 as i64, user, *seq as i64, at])?;
             }
             Op::SetMembers { group, users } => {
                 tx.prepare_cached("DELETE FROM members WHERE group_id = ?1")?
@@ -1002,7 +1083,7 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
     })? {
         s.xattrs.push(x?);
     }
-    let mut q = conn.prepare("SELECT id, owner, name, root, owned, next_seq FROM groups")?;
+    let mut q = conn.prepare("SELECT id, owner, name, root, owned, next_seq, epoch FROM groups")?;
     for g in q.query_map([], |r| {
         Ok(GroupRow {
             id: GroupId(r.get::<_, i64>(0)? as u64),
@@ -1011,6 +1092,7 @@ fn load(conn: &Connection) -> Result<Snapshot, rusqlite::Error> {
             root: Ino(r.get::<_, i64>(3)? as u64),
             owned: r.get(4)?,
             next_seq: Seq(r.get::<_, i64>(5)? as u64),
+            epoch: r.get::<_, i64>(6)? as u64,
         })
     })? {
         s.groups.push(g?);
@@ -1121,6 +1203,114 @@ pub fn pinned_keys(path: &Path) -> Result<Vec<(String, [u8; 32])>, CatalogError>
         Ok((r.get(0)?, k))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// What a group's change log holds after a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSince {
+    /// The entries after it, oldest first: (position, what, node).
+    Entries(Vec<(Seq, ChangeOp, Ino)>),
+    /// The log no longer reaches back to it, or more than the most asked
+    /// for follow it.
+    Beyond,
+}
+
+/// The entries of group `g`'s log after position `since`, at most `most` of
+/// them, read from the catalog at `path` (a connection of its own: the
+/// catalog's writer never waits for it).
+pub fn log_since(
+    path: &Path,
+    g: GroupId,
+    since: u64,
+    most: usize,
+) -> Result<LogSince, CatalogError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+            CatalogError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })?;
+    let first: Option<i64> = conn.query_row(
+        "SELECT MIN(seq) FROM changes WHERE group_id = ?1",
+        [g.0 as i64],
+        |r| r.get(0),
+    )?;
+    // The log must hold every entry after `since`: its first is at most the next.
+    if first.is_some_and(|f| f as u64 > since.saturating_add(1)) {
+        return Ok(LogSince::Beyond);
+    }
+    let mut q = conn.prepare(
+        "SELECT seq, op, ino FROM changes WHERE group_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let mut out = Vec::new();
+    let rows = q.query_map(
+        params![
+            g.0 as i64,
+            since.min(i64::MAX as u64) as i64,
+            most as i64 + 1
+        ],
+        |r| {
+            Ok((
+                Seq(r.get::<_, i64>(0)? as u64),
+                r.get::<_, String>(1)?,
+                Ino(r.get::<_, i64>(2)? as u64),
+            ))
+        },
+    )?;
+    for row in rows {
+        let (seq, op, ino) = row?;
+        // An entry this build does not know: only a snapshot is sure.
+        let Some(op) = ChangeOp::parse(&op) else {
+            return Ok(LogSince::Beyond);
+        };
+        out.push((seq, op, ino));
+    }
+    if out.len() > most {
+        return Ok(LogSince::Beyond);
+    }
+    Ok(LogSince::Entries(out))
+}
+
+/// The log positions members of owned groups said they applied, as (group,
+/// member, position, when in seconds since the epoch), read from the catalog at
+/// `path`.
+pub fn acks(path: &Path) -> Result<Vec<(GroupId, String, u64, i64)>, CatalogError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+            CatalogError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })?;
+    let mut q = conn.prepare("SELECT group_id, user, seq, at FROM acks")?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            GroupId(r.get::<_, i64>(0)? as u64),
+            r.get(1)?,
+            r.get::<_, i64>(2)? as u64,
+            r.get(3)?,
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The first and newest positions of group `g`'s change log at `path`, if it
+/// has entries.
+pub fn log_extent(path: &Path, g: GroupId) -> Result<Option<(u64, u64)>, CatalogError> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+            CatalogError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            }
+        })?;
+    let (first, newest): (Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT MIN(seq), MAX(seq) FROM changes WHERE group_id = ?1",
+        [g.0 as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(first.zip(newest).map(|(f, n)| (f as u64, n as u64)))
 }
 
 /// Reads a [`Summary`] from the catalog at `path` without modifying it.
@@ -1286,6 +1476,78 @@ mod tests {
             "a barrier waited out the window: {:?} for 200",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn the_log_is_read_after_a_position_and_pruned_never_past_its_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let (cat, _, _thread) = Catalog::open(&path).unwrap();
+        let g = GroupId(3);
+        for seq in 1..=10u64 {
+            cat.send(Op::AppendChange(ChangeRow {
+                group: g,
+                seq: Seq(seq),
+                op: if seq % 2 == 0 {
+                    ChangeOp::Write
+                } else {
+                    ChangeOp::Rename
+                },
+                ino: Ino(100 + seq),
+                parent: None,
+                new_parent: None,
+                ranges: None,
+            }))
+            .unwrap();
+        }
+        cat.barrier().unwrap();
+        let since = |s| log_since(&path, g, s, 100).unwrap();
+        let LogSince::Entries(e) = since(7) else {
+            panic!("the log reaches 7");
+        };
+        assert_eq!(
+            e,
+            [
+                (Seq(8), ChangeOp::Write, Ino(108)),
+                (Seq(9), ChangeOp::Rename, Ino(109)),
+                (Seq(10), ChangeOp::Write, Ino(110))
+            ]
+        );
+        assert_eq!(since(10), LogSince::Entries(vec![]));
+        // More than the most asked for: beyond.
+        assert_eq!(log_since(&path, g, 0, 9).unwrap(), LogSince::Beyond);
+        // Up to 5 goes; from 8 on stays whatever the age says.
+        cat.send(Op::PruneChanges {
+            group: g,
+            upto: 5,
+            older_than_ns: 0,
+            keep_from: 8,
+        })
+        .unwrap();
+        cat.barrier().unwrap();
+        assert_eq!(log_extent(&path, g).unwrap(), Some((6, 10)));
+        assert_eq!(since(4), LogSince::Beyond);
+        assert!(matches!(since(5), LogSince::Entries(e) if e.len() == 5));
+        // Everything old, everything asked: the newest stays.
+        cat.send(Op::PruneChanges {
+            group: g,
+            upto: u64::MAX,
+            older_than_ns: i64::MAX,
+            keep_from: u64::MAX,
+        })
+        .unwrap();
+        cat.barrier().unwrap();
+        assert_eq!(log_extent(&path, g).unwrap(), Some((10, 10)));
+        // Acknowledgements are kept by group and member.
+        cat.send(Op::PutAck {
+            group: g,
+            user: "bob".into(),
+            seq: 9,
+            at: 1234,
+        })
+        .unwrap();
+        cat.barrier().unwrap();
+        assert_eq!(acks(&path).unwrap(), [(g, "bob".to_string(), 9, 1234)]);
     }
 
     #[test]

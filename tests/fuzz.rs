@@ -1200,6 +1200,8 @@ mod sync {
                 any::<bool>()
             )
                 .prop_map(|(group, seq, nodes, last)| OwnerToMember::Snapshot {
+                    epoch: seq ^ 5,
+                    settled: seq,
                     group,
                     seq,
                     nodes,
@@ -1236,8 +1238,11 @@ mod sync {
         let group = "\\PC{0,12}";
         prop_oneof![
             any::<u16>().prop_map(|version| MemberToOwner::Hello { version }),
-            (group, any::<u64>())
-                .prop_map(|(group, since)| MemberToOwner::Subscribe { group, since }),
+            (group, any::<u64>()).prop_map(|(group, since)| MemberToOwner::Subscribe {
+                group,
+                epoch: since >> 3,
+                since
+            }),
             group.prop_map(|group| MemberToOwner::Unsubscribe { group }),
             (
                 group,
@@ -1253,7 +1258,11 @@ mod sync {
                     hash,
                     urgent
                 }),
-            (group, any::<u64>()).prop_map(|(group, seq)| MemberToOwner::Ack { group, seq }),
+            (group, any::<u64>()).prop_map(|(group, seq)| MemberToOwner::Ack {
+                group,
+                epoch: seq >> 1,
+                seq
+            }),
         ]
     }
 
@@ -1335,7 +1344,7 @@ mod sync {
                 seq: 1,
                 changes: vec![Change::Remove { id: 1 }, Change::Upsert(n.clone())],
             };
-            let snapshot = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes: vec![n.clone()], last: true, unsettled: vec![] };
+            let snapshot = OwnerToMember::Snapshot { group: "g".into(), epoch: 0, seq: 1, settled: 1, nodes: vec![n.clone()], last: true, unsettled: vec![] };
             for m in [changes, snapshot] {
                 match OwnerToMember::decode(&m.encode()) {
                     Ok(d) => {

@@ -4,7 +4,7 @@
 use rusqlite::Connection;
 
 /// The schema version this code reads and writes.
-pub(crate) const VERSION: i64 = 1;
+pub(crate) const VERSION: i64 = 2;
 
 const V1: &str = r#"
 CREATE TABLE meta (
@@ -94,6 +94,20 @@ CREATE TABLE blocks (
 ) WITHOUT ROWID;
 "#;
 
+/// Version 2: the epoch of each group's log (see `GroupRow::epoch`; groups
+/// from before have none, 0, until loaded), and the log position each member
+/// of an owned group said it applied (what the log keeps for it).
+const V2: &str = r#"
+ALTER TABLE groups ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE acks (
+    group_id  INTEGER NOT NULL,
+    user      TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    at        INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user)
+) WITHOUT ROWID;
+"#;
+
 /// Errors opening or migrating the schema.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -125,5 +139,51 @@ pub(crate) fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
         tx.pragma_update(None, "user_version", 1)?;
         tx.commit()?;
     }
+    if found < 2 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(V2)?;
+        tx.pragma_update(None, "user_version", 2)?;
+        tx.commit()?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_catalog_is_brought_up_to_date_keeping_its_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO groups (id, owner, name, root, owned, next_seq) \
+                 VALUES (1, 'alice', 'g', 5, 1, 7)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, VERSION);
+        let (next, epoch): (i64, i64) = conn
+            .query_row("SELECT next_seq, epoch FROM groups WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((next, epoch), (7, 0));
+        let acks: i64 = conn
+            .query_row("SELECT COUNT(*) FROM acks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(acks, 0);
+        // Prepared again, nothing changes.
+        prepare(&mut conn).unwrap();
+    }
 }

@@ -426,7 +426,12 @@ impl Tree {
             }
         }
         let mut groups = HashMap::new();
-        for row in snapshot.groups {
+        for mut row in snapshot.groups {
+            // An owned group from before logs had epochs gets one now.
+            if row.owned && row.epoch == 0 {
+                row.epoch = new_epoch();
+                catalog.send(Op::PutGroup(row.clone()))?;
+            }
             groups.insert(
                 row.id,
                 Group {
@@ -748,9 +753,26 @@ impl Tree {
                 let _ = self.events.send(TreeEvent::Changed { group: g, ino });
             } else if let Some(r) = self.get_mut(ino)?.row.remote.as_mut() {
                 r.local_edit = true;
+                // A mirror removed, moved or linked here is put back only by a
+                // snapshot (the owner's log has nothing new of it): the next
+                // sync is one.
+                if matches!(op, ChangeOp::Remove | ChangeOp::Rename | ChangeOp::Link) {
+                    self.forget_position(g)?;
+                }
             }
         }
         self.persist(ino)
+    }
+
+    /// Member side: the next sync of joined group `g` must be a snapshot.
+    fn forget_position(&mut self, g: GroupId) -> FsResult<()> {
+        if let Some(group) = self.groups.get_mut(&g)
+            && group.row.epoch != 0
+        {
+            group.row.epoch = 0;
+            self.catalog.send(Op::PutGroup(group.row.clone()))?;
+        }
+        Ok(())
     }
 
     /// Marks `ino`'s content as changed: its block list is stale until rehashed.
@@ -975,6 +997,7 @@ impl Tree {
                 root: ino,
                 // Owned: the first log position; joined: none applied yet.
                 next_seq: if owned { Seq(1) } else { Seq(0) },
+                epoch: if owned { new_epoch() } else { 0 },
             };
             self.catalog.send(Op::PutGroup(grow.clone()))?;
             let joined = !grow.owned;
@@ -1576,6 +1599,15 @@ impl Tree {
     pub fn mode_bits(kind: NodeKind) -> u32 {
         mode_kind(kind)
     }
+}
+
+/// A random, non-zero epoch for a new owned group's log.
+pub fn new_epoch() -> u64 {
+    // Without the system's random source, the time is unique enough to tell
+    // one log from the next.
+    getrandom::u64()
+        .unwrap_or_else(|_| Stamp::now().secs.unsigned_abs() ^ u64::from(Stamp::now().nanos))
+        .max(1)
 }
 
 #[cfg(test)]

@@ -1,12 +1,19 @@
-//! The sync engine of one client: the owner side (answer subscriptions with a
-//! snapshot, push every change of an owned group to its subscribed members, serve
-//! blocks to members only) and the member side (subscribe to joined groups when
-//! their owner is reachable, apply snapshots and changes, fetch blocks into the
+//! The sync engine of one client: the owner side (answer subscriptions with the
+//! changes since the member's position, from the change log, or a snapshot;
+//! push every change of an owned group to its subscribed members; serve blocks
+//! to members only; keep the log for the members that acknowledge it) and the
+//! member side (subscribe to joined groups when their owner is reachable, apply
+//! catch-ups, snapshots and changes, acknowledge them, fetch blocks into the
 //! cache, urgently for a waiting reader and in the background for the rest).
+//!
+//! What an owner sends goes through [`Outbox`], one queue per member and
+//! priority, so a slow member delays only itself. Peers are bounded even when
+//! they are members: blocks are taken only from the peer asked, snapshots only
+//! up to a size, subscriptions and block requests only at a rate.
 //!
 //! The engine talks to peers through a [`Link`]: the peer link in the daemon, an
 //! in-process loopback in some tests. Nothing a member does is ever sent to an
-//! owner except requests.
+//! owner except requests and acknowledgements.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -268,7 +275,18 @@ struct Inner {
     /// again since the send began (its new link must not lose them).
     subscriptions: Mutex<HashMap<UserName, u64>>,
     /// Owner side: files changed before they were hashed; pushed once hashed.
-    unhashed: Mutex<HashSet<Ino>>,
+    /// (By file: its group and the log position of its first change not sent
+    /// yet. A member's position never passes it until it is sent: see
+    /// [`Engine::settled`].)
+    unhashed: Mutex<HashMap<Ino, (GroupId, u64)>>,
+    /// Owner side: the log position each member said it applied, by owned
+    /// group, and when (what the log keeps for it).
+    acks: Mutex<HashMap<(GroupId, UserName), Acked>>,
+    /// Member side: joined groups with an acknowledgement to send soon.
+    acking: Mutex<HashSet<GroupId>>,
+    /// Member side: joined groups subscribed to whose snapshot or catch-up has
+    /// not arrived whole yet: pushes meanwhile do not move the position.
+    syncing: Mutex<HashSet<GroupId>>,
     /// Owner side: the link ids (the names other than the first) of files with
     /// several names that members may hold: sent in a push or a snapshot, and
     /// not removed since. A name that goes is sent as the removal of its id.
@@ -286,13 +304,19 @@ struct Inner {
     unsettled: Mutex<HashMap<GroupId, HashSet<u64>>>,
     /// Member side: per-group state.
     groups: Mutex<HashMap<GroupId, MemberState>>,
+    /// Member side: blocks asked of each peer lately, and when.
+    asked_lately: Mutex<HashMap<(UserName, BlockHash), tokio::time::Instant>>,
     /// Member side: blocks (and `NoBlock` answers) dropped because nobody asked
     /// their sender for them.
     unasked_blocks: std::sync::atomic::AtomicU64,
-    /// Owner side: how often each peer may subscribe.
-    subscribe_rates: Mutex<HashMap<UserName, Bucket>>,
+    /// Owner side: how often each peer may subscribe to each group.
+    subscribe_rates: Mutex<HashMap<(UserName, String), Bucket>>,
     /// Owner side: block requests of each peer being served or waiting to be.
     serving: Mutex<HashMap<UserName, usize>>,
+    /// Owner side: the blocks being served to each peer, until sent: the same
+    /// block asked again meanwhile (the member's wait timed out) is not sent
+    /// twice.
+    answering: Mutex<HashSet<(UserName, [u8; 32])>>,
     /// Bounds background block requests.
     fill_slots: Arc<Semaphore>,
     /// Owner side: bounds the block requests being served at once.
@@ -404,6 +428,21 @@ impl LocalFull {
     }
 }
 
+/// Member side: what applying a message does to a joined group's position in
+/// the owner's log.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    /// Nothing (part of an answer still arriving, or a push while one is).
+    Kept,
+    /// A push: the position moves up to `seq`.
+    Pushed(u64),
+    /// The last part of a catch-up in the log of `epoch`.
+    CaughtUp { epoch: u64, seq: u64 },
+    /// The last chunk of a snapshot: the position is `seq` in the log of
+    /// `epoch`, whatever it was.
+    Synced { epoch: u64, seq: u64 },
+}
+
 /// Member side: a snapshot's nodes and unsettled files, as its chunks arrive.
 #[derive(Debug, Default)]
 struct SnapshotParts {
@@ -445,6 +484,66 @@ impl Bucket {
     }
 }
 
+/// Owner side: a member's word on the log position it applied.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    seq: u64,
+    /// When (seconds since the epoch).
+    at: i64,
+    /// When last taken, to take at most one a second per member and group.
+    taken: Option<tokio::time::Instant>,
+}
+
+/// How much of each owned group's change log is kept: what members that
+/// acknowledged lately have not applied yet, within bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct LogKeeping {
+    /// Entries kept whatever else says (the newest).
+    pub least: u64,
+    /// Most entries kept: a member further behind gets a snapshot.
+    pub most: u64,
+    /// Members that acknowledged within this long keep what they have not
+    /// applied.
+    pub acked_within: Duration,
+    /// Entries older than this go, unless among the newest `least`.
+    pub max_age: Duration,
+}
+
+impl Default for LogKeeping {
+    fn default() -> Self {
+        Self {
+            least: 1024,
+            most: 100_000,
+            acked_within: Duration::from_secs(30 * 24 * 3600),
+            max_age: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+/// How often the owner prunes its groups' logs.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Member side: how long after applying something the member acknowledges
+/// it (one acknowledgement for a burst).
+const ACK_DELAY: Duration = Duration::from_secs(1);
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Member side: how long an answer to a block request is taken after the
+/// request was given up on ...
+const ASKED_LATELY: Duration = Duration::from_secs(120);
+/// ... for at most this many requests.
+const ASKED_LATELY_MOST: usize = 16_384;
+
+/// Owner side: most log entries a catch-up is made of; a member further
+/// behind gets a snapshot.
+const CATCH_UP_MOST: usize = 100_000;
+
 /// Owner side: subscriptions one peer may make at once ...
 const SUBSCRIBE_BURST: f64 = 16.0;
 /// ... and then one per this long (each costs a snapshot of the group).
@@ -481,6 +580,19 @@ impl Drop for Serving {
                 serving.remove(&self.peer);
             }
         }
+    }
+}
+
+/// Owner side: a block being answered to a peer, in [`Inner::answering`]
+/// until dropped.
+struct Answering {
+    engine: Engine,
+    key: (UserName, [u8; 32]),
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        lock(&self.engine.inner.answering).remove(&self.key);
     }
 }
 
@@ -633,15 +745,20 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
-            unhashed: Mutex::new(HashSet::new()),
+            unhashed: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(HashSet::new()),
+            acks: Mutex::new(HashMap::new()),
+            acking: Mutex::new(HashSet::new()),
             links_sent: Mutex::new(HashMap::new()),
             snapshotting: Mutex::new(HashSet::new()),
             snapshots: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             unasked_blocks: std::sync::atomic::AtomicU64::new(0),
+            asked_lately: Mutex::new(HashMap::new()),
             subscribe_rates: Mutex::new(HashMap::new()),
             serving: Mutex::new(HashMap::new()),
+            answering: Mutex::new(HashSet::new()),
             filling: Mutex::new(HashMap::new()),
             fill_failed: Mutex::new(HashSet::new()),
             repin_scheduled: Mutex::new(false),
@@ -657,6 +774,7 @@ impl Engine {
         // the tree (and so the mount) is gone.
         tokio::spawn(engine.clone().follow(events));
         tokio::spawn(Self::refill(Arc::downgrade(&engine.inner)));
+        tokio::spawn(Self::keep_logs(Arc::downgrade(&engine.inner)));
         engine
     }
 
@@ -758,7 +876,7 @@ impl Engine {
                     Ok(TreeEvent::Changed { group, ino }) => pushes.push((group, ino)),
                     Ok(TreeEvent::Hashed { group, ino }) => {
                         // If its `Changed` is in this batch, that one sends it.
-                        if lock(&self.inner.unhashed).remove(&ino) {
+                        if lock(&self.inner.unhashed).remove(&ino).is_some() {
                             pushes.push((group, ino));
                         }
                     }
@@ -870,15 +988,20 @@ impl Engine {
                             links_sent.insert(ino, now);
                         }
                         changes.extend(states.into_iter().map(Change::Upsert));
+                        // Sent: it no longer holds members' positions back.
+                        lock(&self.inner.unhashed).remove(&ino);
                     }
                     None => match tree.get(ino) {
                         // Exists but is not hashed yet: sent when it is.
                         Ok(n) if n.row.nlink > 0 && n.row.group == Some(group) => {
                             if root != Some(ino) {
-                                lock(&self.inner.unhashed).insert(ino);
+                                lock(&self.inner.unhashed)
+                                    .entry(ino)
+                                    .or_insert((group, n.row.version.0));
                             }
                         }
                         _ => {
+                            lock(&self.inner.unhashed).remove(&ino);
                             changes.push(Change::Remove { id: ino.0 });
                             let before = links_sent.remove(&ino).unwrap_or_default();
                             changes.extend(before.into_iter().map(|id| Change::Remove { id }));
@@ -887,22 +1010,9 @@ impl Engine {
                 }
             }
             drop(links_sent);
-            let seq = tree.log_position(group);
-            let mut msgs = Vec::new();
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            for c in changes {
-                let size = change_size(&c);
-                if !batch.is_empty() && bytes + size > NODES_BYTES {
-                    msgs.push(std::mem::take(&mut batch));
-                    bytes = 0;
-                }
-                bytes += size;
-                batch.push(c);
-            }
-            if !batch.is_empty() {
-                msgs.push(batch);
-            }
+            let seq = self.settled(&tree, group);
+            let mut msgs = batches(changes);
+            msgs.retain(|m| !m.is_empty());
             // Queued under the tree's lock, which a snapshot is read and
             // queued under too: a member gets them in the order they were read
             // (a push never overtakes an older snapshot, which would remove
@@ -974,6 +1084,7 @@ impl Engine {
                 .collect()
         };
         tracing::warn!(peer = %member, waiting = self.inner.outbox.waiting(member, Priority::Control), "member fell behind; it is told to subscribe again");
+        lock(&self.inner.snapshotting).retain(|(m, _)| m != member);
         self.inner.outbox.clear(member, Priority::Control);
         for g in groups {
             if let Some(grp) = tree.group(g) {
@@ -986,6 +1097,9 @@ impl Engine {
         for subs in lock(&self.inner.subscribers).values_mut() {
             subs.remove(member);
         }
+        // What is pushed from now on misses it: a snapshot queued before is not
+        // enough when it subscribes again.
+        lock(&self.inner.snapshotting).retain(|(m, _)| m != member);
     }
 
     /// Remembers that `user` asked for owned group `g` and was refused.
@@ -1026,6 +1140,7 @@ impl Engine {
         for m in revoked {
             tracing::info!(peer = %m, group = %name, "membership revoked");
             self.remember_refused(g, &m);
+            lock(&self.inner.snapshotting).remove(&(m.clone(), g));
             self.refuse(&m, &name, Problem::NotMember);
         }
         self.serve_readded(g, &members);
@@ -1082,6 +1197,256 @@ impl Engine {
         }
     }
 
+    /// Owner side: drops what no member needs from every owned group's change
+    /// log, as `keeping` says. The database does it in the background.
+    pub fn prune_logs(&self, keeping: &LogKeeping) {
+        let now = unix_now();
+        let acks = lock(&self.inner.acks).clone();
+        let tree = self.tree_read();
+        let owned: Vec<GroupId> = tree
+            .groups()
+            .filter(|g| g.row.owned)
+            .map(|g| g.row.id)
+            .collect();
+        for g in owned {
+            let newest = tree.log_position(g);
+            let recent = |at: i64| now.saturating_sub(at) <= keeping.acked_within.as_secs() as i64;
+            // What the members that acknowledged lately still need.
+            let need = tree
+                .group(g)
+                .map(|grp| grp.members.clone())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| UserName::new(m).ok())
+                .filter_map(|m| acks.get(&(g, m)))
+                .filter(|a| recent(a.at))
+                .map(|a| a.seq)
+                .fold(newest, u64::min);
+            let upto = need.max(newest.saturating_sub(keeping.most));
+            let older_than_ns = (now.saturating_sub(keeping.max_age.as_secs() as i64))
+                .saturating_mul(1_000_000_000);
+            let op = crate::catalog::Op::PruneChanges {
+                group: g,
+                upto,
+                older_than_ns,
+                keep_from: (newest + 1).saturating_sub(keeping.least.max(1)),
+            };
+            if let Err(e) = tree.catalog().send(op) {
+                tracing::warn!(cause = %e, "cannot prune a change log");
+            }
+        }
+    }
+
+    /// Owner side: the log position `member` last said it applied in owned
+    /// group `name`.
+    pub fn acknowledged(&self, name: &str, member: &UserName) -> Option<u64> {
+        let g = {
+            let tree = self.tree_read();
+            tree.find_group(tree.me().as_str(), name)?
+        };
+        lock(&self.inner.acks)
+            .get(&(g, member.clone()))
+            .map(|a| a.seq)
+    }
+
+    /// Owner side: loads what members acknowledged, then prunes the change
+    /// logs every [`PRUNE_EVERY`]. Ends when the engine is gone.
+    async fn keep_logs(inner: std::sync::Weak<Inner>) {
+        let Some(path) = inner.upgrade().map(|inner| {
+            let engine = Self { inner };
+            engine.tree_read().catalog().path().to_owned()
+        }) else {
+            return;
+        };
+        let loaded = tokio::task::spawn_blocking(move || crate::catalog::acks(&path)).await;
+        if let Some(inner) = inner.upgrade() {
+            match loaded {
+                Ok(Ok(rows)) => {
+                    let mut acks = lock(&inner.acks);
+                    for (g, user, seq, at) in rows {
+                        if let Ok(user) = UserName::new(&user) {
+                            acks.entry((g, user)).or_insert(Acked {
+                                seq,
+                                at,
+                                taken: None,
+                            });
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(cause = %e, "cannot read members' acknowledgements"),
+                Err(_) => {}
+            }
+        }
+        let mut tick = tokio::time::interval(PRUNE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            Self { inner }.prune_logs(&LogKeeping::default());
+        }
+    }
+
+    /// Owner side: the log position of owned group `g` a member is at once it
+    /// has everything sent so far: the newest, or just before the first change
+    /// of a file not sent yet (still being hashed), which a member that
+    /// reconnects must get from the log.
+    fn settled(&self, tree: &Tree, g: GroupId) -> u64 {
+        let newest = tree.log_position(g);
+        lock(&self.inner.unhashed)
+            .values()
+            .filter(|(group, _)| *group == g)
+            .map(|(_, v)| v.saturating_sub(1))
+            .fold(newest, u64::min)
+    }
+
+    /// Owner side: files of `g` that exist but cannot be sent yet: each is
+    /// pushed once hashed.
+    fn unsettled_until_hashed(&self, tree: &Tree, g: GroupId, pending: &[Ino]) {
+        let mut unhashed = lock(&self.inner.unhashed);
+        for ino in pending {
+            let version = tree.get(*ino).map_or(0, |n| n.row.version.0);
+            unhashed.entry(*ino).or_insert((g, version));
+        }
+    }
+
+    /// Owner side: answers the subscription of `member` to owned group `g`
+    /// from position `since` with the changes since, from the log, or with a
+    /// snapshot when the log cannot say.
+    async fn catch_up(&self, member: UserName, g: GroupId, since: u64) {
+        let (catalog, path) = {
+            let tree = self.tree_read();
+            (tree.catalog().clone(), tree.catalog().path().to_owned())
+        };
+        // A change in the tree may not be in the database yet: read after a
+        // barrier, and again if the log grew meanwhile.
+        for _ in 0..3 {
+            let (catalog, path) = (catalog.clone(), path.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                catalog.barrier()?;
+                crate::catalog::log_since(&path, g, since, CATCH_UP_MOST)
+            })
+            .await;
+            let entries = match read {
+                Ok(Ok(crate::catalog::LogSince::Entries(e))) => e,
+                Ok(Ok(crate::catalog::LogSince::Beyond)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "cannot read the change log; sending a snapshot");
+                    break;
+                }
+                Err(_) => break,
+            };
+            let tree = self.tree_read();
+            let end = entries.last().map_or(since, |(seq, ..)| seq.0);
+            if end != tree.log_position(g) {
+                continue;
+            }
+            let Some(group) = tree.group(g).filter(|grp| grp.held.is_none()) else {
+                return;
+            };
+            let Some((changes, pending)) = self.changes_since(&tree, g, &entries) else {
+                break;
+            };
+            // Queued under the tree lock, with the member made a subscriber in
+            // the same breath: every later change is pushed after this.
+            self.add_subscriber(g, &member);
+            self.unsettled_until_hashed(&tree, g, &pending);
+            let seq = self.settled(&tree, g);
+            let parts = batches(changes);
+            let count = parts.len();
+            for (i, changes) in parts.into_iter().enumerate() {
+                let last = i + 1 == count;
+                let msg = OwnerToMember::CatchUp {
+                    group: group.row.name.clone(),
+                    epoch: tree.epoch(g),
+                    since,
+                    seq,
+                    changes,
+                    unsettled: if last {
+                        pending.iter().map(|i| i.0).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    last,
+                };
+                let on_done = self.unsubscribe_on_error(&member, g);
+                self.inner.outbox.push_always(
+                    &member,
+                    Priority::Control,
+                    msg.encode(),
+                    Some(on_done),
+                );
+            }
+            tracing::info!(peer = %member, group = %group.row.name, since, entries = entries.len(), "member caught up from the log");
+            return;
+        }
+        self.add_subscriber(g, &member);
+        self.send_snapshot(&member, g);
+    }
+
+    /// Owner side: the changes that bring a member of owned group `g` from
+    /// the log position before `entries` to now: the current state of each
+    /// node named (parents first), then the removals; and the files that are
+    /// not hashed yet. `None` where only a snapshot is sure (hard links).
+    fn changes_since(
+        &self,
+        tree: &Tree,
+        g: GroupId,
+        entries: &[(crate::ids::Seq, crate::catalog::ChangeOp, Ino)],
+    ) -> Option<(Vec<Change>, Vec<Ino>)> {
+        use crate::catalog::ChangeOp;
+        let root = tree.group_root(g).ok()?;
+        let mut named = Vec::new();
+        let mut seen = HashSet::new();
+        let mut removed = HashSet::new();
+        for (_, op, ino) in entries {
+            match op {
+                ChangeOp::Link => return None,
+                ChangeOp::Remove => {
+                    removed.insert(*ino);
+                }
+                _ => {}
+            }
+            if seen.insert(*ino) {
+                named.push(*ino);
+            }
+        }
+        let links_sent = lock(&self.inner.links_sent);
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
+        let mut pending = Vec::new();
+        for ino in named {
+            if ino == root {
+                continue;
+            }
+            match tree.get(ino) {
+                Ok(n) if n.row.nlink > 0 && n.row.group == Some(g) => {
+                    // A name of a file with several (or that had several) went
+                    // or came: only a snapshot says which the member keeps.
+                    if removed.contains(&ino)
+                        || links_sent.contains_key(&ino)
+                        || (n.row.kind != crate::catalog::NodeKind::Dir && n.row.nlink > 1)
+                    {
+                        return None;
+                    }
+                    match tree.node_state(ino) {
+                        Some(state) => upserts.push((tree.depth(ino), state)),
+                        None => pending.push(ino),
+                    }
+                }
+                _ => removes.push(Change::Remove { id: ino.0 }),
+            }
+        }
+        upserts.sort_by_key(|(depth, _)| *depth);
+        let mut changes: Vec<Change> = upserts
+            .into_iter()
+            .map(|(_, s)| Change::Upsert(s))
+            .collect();
+        changes.extend(removes);
+        Some((changes, pending))
+    }
+
     /// Queues a snapshot of owned group `g` for `to`, unless one is queued for
     /// it already.
     fn send_snapshot(&self, to: &UserName, g: GroupId) {
@@ -1100,7 +1465,7 @@ impl Engine {
         }
         // Recorded under the tree lock: a file's `Hashed` event comes from
         // under the write lock, so it cannot slip in before this and be missed.
-        lock(&self.inner.unhashed).extend(pending.iter().copied());
+        self.unsettled_until_hashed(&tree, g, &pending);
         let links = tree.linked_names(g, pending.iter().copied());
         let unsettled: Vec<u64> = pending
             .iter()
@@ -1121,7 +1486,13 @@ impl Engine {
         }
         // Queued under the tree lock, like every push: a push read after this
         // goes after it.
-        let chunks = snapshot_chunks(&group.row.name, tree.log_position(g), nodes, unsettled);
+        let chunks = snapshot_chunks(
+            &group.row.name,
+            tree.epoch(g),
+            (tree.log_position(g), self.settled(&tree, g)),
+            nodes,
+            unsettled,
+        );
         let count = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut on_done = self.unsubscribe_on_error(to, g);
@@ -1152,12 +1523,13 @@ impl Engine {
             .outbox
             .push_always(to, Priority::Control, msg.encode(), None);
     }
-    /// Whether `peer` may subscribe now (a token of its bucket), so that a peer
-    /// that subscribes again and again cannot have us read and send snapshots
-    /// without end.
-    fn may_subscribe(&self, peer: &UserName) -> bool {
+    /// Whether `peer` may subscribe to `group` now (a token of its bucket), so
+    /// that a peer that subscribes again and again cannot have us read and send
+    /// snapshots without end.
+    fn may_subscribe(&self, peer: &UserName, group: &str) -> bool {
+        let key = (peer.clone(), group.to_owned());
         let mut rates = lock(&self.inner.subscribe_rates);
-        if rates.len() > REFUSED_MOST && !rates.contains_key(peer) {
+        if rates.len() > REFUSED_MOST && !rates.contains_key(&key) {
             // Peers whose bucket has filled again are as if never seen.
             let now = tokio::time::Instant::now();
             rates.retain(|_, b| {
@@ -1165,10 +1537,7 @@ impl Engine {
                     < SUBSCRIBE_BURST * SUBSCRIBE_EVERY.as_secs_f64()
             });
         }
-        rates
-            .entry(peer.clone())
-            .or_insert_with(Bucket::full)
-            .take()
+        rates.entry(key).or_insert_with(Bucket::full).take()
     }
 
     /// The owned group `name` if `peer` is a member of it.
@@ -1185,8 +1554,12 @@ impl Engine {
                     tracing::warn!(peer = %from, version, "peer speaks another sync version");
                 }
             }
-            MemberToOwner::Subscribe { group, since } => {
-                if !self.may_subscribe(from) {
+            MemberToOwner::Subscribe {
+                group,
+                epoch,
+                since,
+            } => {
+                if !self.may_subscribe(from, &group) {
                     tracing::warn!(peer = %from, %group, "refused: subscribing too often (EBUSY)");
                     return self.refuse(from, &group, Problem::Busy);
                 }
@@ -1209,12 +1582,23 @@ impl Engine {
                     tracing::warn!(peer = %from, %group, "refused: the group is held");
                     return self.refuse(from, &group, Problem::Held);
                 }
-                tracing::info!(peer = %from, %group, since, "member subscribed");
+                tracing::info!(peer = %from, %group, epoch, since, "member subscribed");
                 if let Some(set) = lock(&self.inner.refused).get_mut(&g) {
                     set.remove(from);
                 }
-                self.add_subscriber(g, from);
-                self.send_snapshot(from, g);
+                let in_log = {
+                    let tree = self.tree_read();
+                    epoch != 0 && epoch == tree.epoch(g) && since <= tree.log_position(g)
+                };
+                if in_log {
+                    // Read from the database in a task of its own.
+                    let engine = self.clone();
+                    let from = from.clone();
+                    tokio::spawn(async move { engine.catch_up(from, g, since).await });
+                } else {
+                    self.add_subscriber(g, from);
+                    self.send_snapshot(from, g);
+                }
             }
             MemberToOwner::Unsubscribe { group } => {
                 let tree = self.tree_read();
@@ -1222,6 +1606,7 @@ impl Engine {
                     && let Some(s) = lock(&self.inner.subscribers).get_mut(&g)
                 {
                     s.remove(from);
+                    lock(&self.inner.snapshotting).remove(&(from.clone(), g));
                 }
             }
             MemberToOwner::GetBlock {
@@ -1233,6 +1618,15 @@ impl Engine {
             } => {
                 let Some(g) = self.member_group(from, &group) else {
                     return self.refuse(from, &group, Problem::NotMember);
+                };
+                let key = (from.clone(), hash);
+                if !lock(&self.inner.answering).insert(key.clone()) {
+                    // Its answer is on its way already.
+                    return;
+                }
+                let answering = Answering {
+                    engine: self.clone(),
+                    key,
                 };
                 let Some(serving) = Serving::start(self, from) else {
                     tracing::warn!(peer = %from, %group, "refused: too many block requests at once (EBUSY)");
@@ -1253,7 +1647,12 @@ impl Engine {
                     // Room in the member's queue first: one that reads slowly
                     // holds up its own requests, never a serving slot.
                     let outbox = &engine.inner.outbox;
+                    let generation = outbox.generation(&from, priority);
                     outbox.wait_room(&from, priority, BLOCK_SIZE as usize).await;
+                    // The member's link was lost meanwhile: it asks again.
+                    if outbox.generation(&from, priority) != generation {
+                        return;
+                    }
                     let reply = {
                         let Ok(_permit) = engine.inner.serve_slots.acquire().await else {
                             return;
@@ -1266,12 +1665,55 @@ impl Engine {
                         Some(data) => OwnerToMember::Block { group, hash, data },
                         None => OwnerToMember::NoBlock { group, hash },
                     };
+                    // Answered once sent (or dropped): `answering` goes with it.
+                    let on_done: crate::sync::outbox::OnDone = Box::new(move |_| drop(answering));
                     outbox
-                        .push_waiting(&from, priority, msg.encode(), None)
+                        .push_waiting(&from, priority, msg.encode(), generation, Some(on_done))
                         .await;
                 });
             }
-            MemberToOwner::Ack { .. } => {}
+            MemberToOwner::Ack { group, epoch, seq } => {
+                let Some(g) = self.member_group(from, &group) else {
+                    return;
+                };
+                {
+                    let tree = self.tree_read();
+                    if epoch != tree.epoch(g) || seq > tree.log_position(g) {
+                        return;
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                let at = unix_now();
+                {
+                    let mut acks = lock(&self.inner.acks);
+                    let entry = acks.entry((g, from.clone())).or_insert(Acked {
+                        seq: 0,
+                        at,
+                        taken: None,
+                    });
+                    // At most one a second: each is a database write.
+                    if entry
+                        .taken
+                        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+                    {
+                        return;
+                    }
+                    *entry = Acked {
+                        seq,
+                        at,
+                        taken: Some(now),
+                    };
+                }
+                let sent = self.tree_read().catalog().send(crate::catalog::Op::PutAck {
+                    group: g,
+                    user: from.to_string(),
+                    seq,
+                    at,
+                });
+                if let Err(e) = sent {
+                    tracing::warn!(cause = %e, "cannot record a member's acknowledgement");
+                }
+            }
             MemberToOwner::GetBlockList { group, id, hash } => {
                 let Some(g) = self.member_group(from, &group) else {
                     return self.refuse(from, &group, Problem::NotMember);
@@ -1291,6 +1733,7 @@ impl Engine {
                 let outbox = self.inner.outbox.clone();
                 let from = from.clone();
                 let priority = Priority::Interactive;
+                let generation = outbox.generation(&from, priority);
                 tokio::spawn(async move {
                     let Some(blocks) = list.filter(|b| crate::sync::proto::list_hash(b) == hash)
                     else {
@@ -1307,7 +1750,7 @@ impl Engine {
                             blocks: piece.to_vec(),
                         };
                         outbox
-                            .push_waiting(&from, priority, msg.encode(), None)
+                            .push_waiting(&from, priority, msg.encode(), generation, None)
                             .await;
                     }
                 });
@@ -1357,7 +1800,7 @@ impl Engine {
 
     /// Asks the owner of joined group `g` for it (on join, start and reconnect).
     pub async fn subscribe(&self, g: GroupId) {
-        let (owner, name, since) = {
+        let (owner, name, epoch, since) = {
             let tree = self.tree_read();
             let Some(group) = tree.group(g) else {
                 return;
@@ -1368,9 +1811,18 @@ impl Engine {
             (
                 group.row.owner.clone(),
                 group.row.name.clone(),
+                // A position is of use only if everything it stands for is
+                // here.
+                if tree.mirror_lacks_blocks(g) {
+                    0
+                } else {
+                    tree.epoch(g)
+                },
                 tree.log_position(g),
             )
         };
+        // Until the answer has come whole, pushes do not move the position.
+        lock(&self.inner.syncing).insert(g);
         let Ok(owner) = UserName::new(&owner) else {
             return;
         };
@@ -1386,6 +1838,7 @@ impl Engine {
             MemberToOwner::Hello { version: VERSION },
             MemberToOwner::Subscribe {
                 group: name.clone(),
+                epoch,
                 since,
             },
         ];
@@ -1439,7 +1892,9 @@ impl Engine {
             OwnerToMember::Hello { .. } => {}
             OwnerToMember::Snapshot {
                 group,
+                epoch,
                 seq,
+                settled,
                 nodes,
                 last,
                 unsettled,
@@ -1477,7 +1932,12 @@ impl Engine {
                         _ => return,
                     }
                 };
-                self.apply(g, seq, |tree, out, gone| {
+                lock(&self.inner.syncing).remove(&g);
+                let position = Position::Synced {
+                    epoch,
+                    seq: settled.min(seq),
+                };
+                self.apply(g, position, |tree, out, gone| {
                     let mut seen = HashSet::new();
                     for n in &all {
                         seen.insert(n.id);
@@ -1512,7 +1972,12 @@ impl Engine {
                         })
                         .collect()
                 };
-                self.apply(g, seq, |tree, out, gone| {
+                let position = if lock(&self.inner.syncing).contains(&g) {
+                    Position::Kept
+                } else {
+                    Position::Pushed(seq)
+                };
+                self.apply(g, position, |tree, out, gone| {
                     for c in &changes {
                         let r = match c {
                             Change::Upsert(n) => {
@@ -1538,6 +2003,71 @@ impl Engine {
                     // What the changed files hold now is pinned before any of it
                     // arrives; what they held before is released by the next
                     // recomputation.
+                    self.inner.cache.pin_at_least(
+                        changes
+                            .iter()
+                            .flat_map(|c| match c {
+                                Change::Upsert(n) => n.blocks.as_slice(),
+                                Change::Remove { .. } => &[],
+                            })
+                            .map(|b| BlockHash(b.hash)),
+                    );
+                    self.schedule_repin();
+                }
+                let ids = changes.iter().filter_map(|c| match c {
+                    Change::Upsert(n) => Some(n.id),
+                    Change::Remove { .. } => None,
+                });
+                self.request_fill(g, FillWork::nodes(ids));
+            }
+            OwnerToMember::CatchUp {
+                group,
+                epoch,
+                since,
+                seq,
+                changes,
+                unsettled,
+                last,
+            } => {
+                let Some(g) = self.joined(from, &group) else {
+                    return;
+                };
+                let position = if last {
+                    lock(&self.inner.syncing).remove(&g);
+                    Position::CaughtUp { epoch, seq }
+                } else {
+                    Position::Kept
+                };
+                tracing::debug!(owner = %from, %group, since, seq, changes = changes.len(), last, "catching up");
+                // Files named unsettled complete this sync when their state comes.
+                {
+                    let mut waiting = lock(&self.inner.unsettled);
+                    let ids = waiting.entry(g).or_default();
+                    for c in &changes {
+                        if let Change::Upsert(n) = c {
+                            ids.remove(&n.id);
+                        }
+                    }
+                    ids.extend(unsettled);
+                }
+                // Applied as a sync: the member's own edits of what changed are
+                // kept as sync conflict copies, as with a snapshot.
+                self.apply(g, position, |tree, out, gone| {
+                    for c in &changes {
+                        let r = match c {
+                            Change::Upsert(n) => tree.apply_upsert(g, n, Situation::Sync, out),
+                            Change::Remove { id } => tree
+                                .apply_remove(g, *id, Situation::Sync, out)
+                                .map(|g2| gone.extend(g2)),
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!(cause = %e, "cannot apply change");
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+                if self.inner.config.full_copy {
                     self.inner.cache.pin_at_least(
                         changes
                             .iter()
@@ -1680,9 +2210,29 @@ impl Engine {
 
     /// Whether block `hash` is waited for, asked of `peer`.
     fn asked(&self, hash: &BlockHash, peer: &UserName) -> bool {
-        lock(&self.inner.waiters)
+        if lock(&self.inner.waiters)
             .get(hash)
             .is_some_and(|w| w.asked == *peer)
+        {
+            return true;
+        }
+        // Asked lately and given up on (the wait timed out, a link was cut for
+        // a while): the answer is still good, and taking it saves asking again.
+        lock(&self.inner.asked_lately)
+            .get(&(peer.clone(), *hash))
+            .is_some_and(|at| at.elapsed() < ASKED_LATELY)
+    }
+
+    /// Remembers that `hash` was asked of `peer` (see [`Engine::asked`]).
+    fn asking(&self, peer: &UserName, hash: BlockHash) {
+        let mut lately = lock(&self.inner.asked_lately);
+        if lately.len() >= ASKED_LATELY_MOST {
+            lately.retain(|_, at| at.elapsed() < ASKED_LATELY);
+            if lately.len() >= ASKED_LATELY_MOST {
+                lately.clear();
+            }
+        }
+        lately.insert((peer.clone(), hash), tokio::time::Instant::now());
     }
 
     /// Drops a block (or its absence) from `peer` that nobody asked it for.
@@ -1694,6 +2244,15 @@ impl Engine {
         // Logged once in a while: a peer sending them could flood the log.
         if n.is_power_of_two() {
             tracing::warn!(%peer, %hash, dropped = n + 1, "dropping blocks nobody asked this peer for");
+        }
+    }
+
+    /// The link to `peer` went down or was replaced: the blocks it asked for
+    /// over the old one are not sent over the new one (it asks again for
+    /// what it still lacks), so that nothing is sent twice.
+    pub fn link_changed(&self, peer: &UserName) {
+        for p in [Priority::Interactive, Priority::Bulk] {
+            self.inner.outbox.clear(peer, p);
         }
     }
 
@@ -1731,10 +2290,15 @@ impl Engine {
                 tracing::warn!(owner = %from, %group, %problem, "owner refused");
             }
             s.problem = Some(problem.clone());
-            s.refusals += 1;
-            RETRY_FIRST
-                .saturating_mul(1 << s.refusals.min(16))
-                .min(RETRY_MAX)
+            if problem == GroupProblem::Refused(Problem::Busy) {
+                // Asked too often: the owner takes one more every 2 s.
+                SUBSCRIBE_EVERY
+            } else {
+                s.refusals += 1;
+                RETRY_FIRST
+                    .saturating_mul(1 << s.refusals.min(16))
+                    .min(RETRY_MAX)
+            }
         };
         // Reads and fills waiting on the group fail now, not at their timeout
         // (after the refusal is recorded: see `fetch`).
@@ -1764,7 +2328,7 @@ impl Engine {
     async fn apply(
         &self,
         g: GroupId,
-        seq: u64,
+        position: Position,
         f: impl FnOnce(
             &mut Tree,
             &mut Vec<Inval>,
@@ -1778,8 +2342,22 @@ impl Engine {
             if let Err(e) = f(&mut tree, &mut invals, &mut gone) {
                 tracing::warn!(cause = %e, "sync apply failed");
             }
-            if let Err(e) = tree.set_applied(g, seq) {
+            let recorded = match position {
+                Position::Kept => Ok(()),
+                Position::Pushed(seq) => tree.set_applied(g, seq),
+                // Unless the member removed or moved a mirror meanwhile (its
+                // next sync must then be a snapshot).
+                Position::CaughtUp { epoch, seq } if tree.epoch(g) == epoch => {
+                    tree.set_applied(g, seq)
+                }
+                Position::CaughtUp { .. } => Ok(()),
+                Position::Synced { epoch, seq } => tree.set_synced(g, epoch, seq),
+            };
+            if let Err(e) = recorded {
                 tracing::warn!(cause = %e, "cannot record the applied position");
+            }
+            if !matches!(position, Position::Kept) {
+                self.schedule_ack(g);
             }
         }
         {
@@ -1797,6 +2375,49 @@ impl Engine {
         // wait for the owner's link.
         let engine = self.clone();
         tokio::spawn(async move { engine.request_lists(g).await });
+    }
+
+    /// Member side: tells the owner of joined group `g`, a little later, the
+    /// position applied (once for a burst), so that its log keeps what comes
+    /// after.
+    fn schedule_ack(&self, g: GroupId) {
+        if !lock(&self.inner.acking).insert(g) {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ACK_DELAY).await;
+            lock(&engine.inner.acking).remove(&g);
+            let ack = {
+                let tree = engine.tree_read();
+                tree.group(g)
+                    .filter(|grp| !grp.row.owned && tree.epoch(g) != 0)
+                    .map(|grp| {
+                        (
+                            grp.row.owner.clone(),
+                            MemberToOwner::Ack {
+                                group: grp.row.name.clone(),
+                                epoch: tree.epoch(g),
+                                seq: tree.log_position(g),
+                            },
+                        )
+                    })
+            };
+            let Some((owner, msg)) = ack else {
+                return;
+            };
+            let Ok(owner) = UserName::new(&owner) else {
+                return;
+            };
+            let sent =
+                engine
+                    .inner
+                    .link
+                    .send(&owner, Priority::Control, Reach::Linked, msg.encode());
+            if let Err(e) = sent.await {
+                tracing::debug!(%owner, cause = %e, "cannot acknowledge yet");
+            }
+        });
     }
 
     /// Has the kernel forget `invals` (after the tree lock is gone: the kernel
@@ -2070,6 +2691,7 @@ impl Engine {
             return Err(err);
         }
         if first {
+            self.asking(&owner, hash);
             let msg = MemberToOwner::GetBlock {
                 group,
                 id,
@@ -2289,7 +2911,8 @@ fn drain(
 /// ids go in the last chunks, a bounded number each.
 fn snapshot_chunks(
     name: &str,
-    seq: u64,
+    epoch: u64,
+    (seq, settled): (u64, u64),
     nodes: Vec<NodeState>,
     unsettled: Vec<u64>,
 ) -> Vec<Vec<u8>> {
@@ -2323,7 +2946,9 @@ fn snapshot_chunks(
         .map(|(i, (nodes, unsettled))| {
             OwnerToMember::Snapshot {
                 group: name.to_owned(),
+                epoch,
                 seq,
+                settled,
                 nodes,
                 last: i + 1 == count,
                 unsettled,
@@ -2331,6 +2956,25 @@ fn snapshot_chunks(
             .encode()
         })
         .collect()
+}
+
+/// `changes` in messages of at most about [`NODES_BYTES`]; one (maybe empty)
+/// at least.
+fn batches(changes: Vec<Change>) -> Vec<Vec<Change>> {
+    let mut msgs = Vec::new();
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for c in changes {
+        let size = change_size(&c);
+        if !batch.is_empty() && bytes + size > NODES_BYTES {
+            msgs.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        bytes += size;
+        batch.push(c);
+    }
+    msgs.push(batch);
+    msgs
 }
 
 /// About how many bytes `c` takes in a message.

@@ -123,6 +123,7 @@ impl Network {
                 match event {
                     PeerEvent::Up { peer, .. } => {
                         tracing::info!(%peer, "peer link up");
+                        engine.link_changed(&peer);
                         engine.owner_online(&peer).await;
                     }
                     PeerEvent::Down { peer, reason } => {
@@ -130,6 +131,7 @@ impl Network {
                         // already replaced by one on which it subscribed again;
                         // the next push that cannot reach it drops them.
                         tracing::info!(%peer, %reason, "peer link down");
+                        engine.link_changed(&peer);
                     }
                     PeerEvent::Message { peer, payload, .. } => {
                         engine.on_message(&peer, &payload).await;

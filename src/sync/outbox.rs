@@ -16,8 +16,23 @@ use tokio::sync::Notify;
 use crate::ids::UserName;
 use crate::sync::engine::{Link, Priority, Reach};
 
-/// Most bytes of counted messages waiting in one queue.
+/// Most bytes of counted messages waiting in a member's control queue
+/// (changes): a member further behind is dropped and subscribes again.
 pub const QUEUE_BYTES: usize = 12 << 20;
+
+/// Most bytes of counted messages waiting in a member's queue of blocks: a few
+/// blocks keep its link busy, and no more are read ahead of what it takes (a
+/// member whose requests time out across a cut asks again, and what is queued
+/// would then go twice).
+pub const BLOCK_QUEUE_BYTES: usize = 1 << 20;
+
+/// The bound of a queue of `priority`.
+pub fn limit(priority: Priority) -> usize {
+    match priority {
+        Priority::Control => QUEUE_BYTES,
+        Priority::Interactive | Priority::Bulk => BLOCK_QUEUE_BYTES,
+    }
+}
 
 /// Called once a message has left (`Ok`), or with why it could not be sent:
 /// what the link said, or that the queue was cleared.
@@ -43,6 +58,9 @@ struct State {
     counted: usize,
     /// Whether a task is sending from this queue.
     draining: bool,
+    /// Bumped each time the queue is cleared: an answer to a request taken
+    /// before is not queued (see [`Outbox::generation`]).
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -90,7 +108,7 @@ impl Outbox {
     ) -> Result<(), Full> {
         let queue = self.queue(to, priority);
         let mut state = lock(&queue.state);
-        if state.counted > 0 && state.counted + payload.len() > QUEUE_BYTES {
+        if state.counted > 0 && state.counted + payload.len() > limit(priority) {
             return Err(Full);
         }
         state.counted += payload.len();
@@ -111,14 +129,23 @@ impl Outbox {
         self.enqueue(to, priority, &queue, state, payload, false, on_done);
     }
 
+    /// The queue's generation now: the queue of blocks of a peer is cleared
+    /// when a send to it fails (its link is lost), and what was asked over
+    /// that link is then not sent over the next one, where the peer asks again.
+    pub fn generation(&self, to: &UserName, priority: Priority) -> u64 {
+        lock(&self.queue(to, priority).state).generation
+    }
+
     /// Queues `payload` for `to` once it fits, waiting for room meanwhile: for
     /// senders of their own, such as a block being served, which then hold up
-    /// only themselves.
+    /// only themselves. Dropped (with `on_done`, untold) if the queue was
+    /// cleared since `generation`.
     pub async fn push_waiting(
         self: &Arc<Self>,
         to: &UserName,
         priority: Priority,
         payload: Vec<u8>,
+        generation: u64,
         on_done: Option<OnDone>,
     ) {
         let queue = self.queue(to, priority);
@@ -126,7 +153,10 @@ impl Outbox {
             let room = queue.room.notified();
             {
                 let mut state = lock(&queue.state);
-                if state.counted == 0 || state.counted + payload.len() <= QUEUE_BYTES {
+                if state.generation != generation {
+                    return;
+                }
+                if state.counted == 0 || state.counted + payload.len() <= limit(priority) {
                     state.counted += payload.len();
                     return self.enqueue(to, priority, &queue, state, payload, true, on_done);
                 }
@@ -143,7 +173,7 @@ impl Outbox {
             let room = queue.room.notified();
             {
                 let state = lock(&queue.state);
-                if state.counted == 0 || state.counted + len <= QUEUE_BYTES {
+                if state.counted == 0 || state.counted + len <= limit(priority) {
                     return;
                 }
             }
@@ -157,6 +187,7 @@ impl Outbox {
         let dropped: Vec<Item> = {
             let mut state = lock(&queue.state);
             state.counted = 0;
+            state.generation += 1;
             state.items.drain(..).collect()
         };
         queue.room.notify_waiters();
@@ -227,6 +258,11 @@ impl Outbox {
                 .link
                 .send(&to, priority, Reach::Linked, item.payload)
                 .await;
+            // Blocks asked over a lost link are asked again over the next: what
+            // is queued of them goes.
+            if sent.is_err() && priority != Priority::Control {
+                self.clear(&to, priority);
+            }
             if let Some(f) = item.on_done {
                 f(sent);
             }
@@ -293,7 +329,7 @@ mod tests {
             pushed += 1;
             assert!(pushed < 100, "the queue never fills");
         }
-        assert_eq!(pushed, QUEUE_BYTES / (1 << 20));
+        assert_eq!(pushed, limit(priority) / (1 << 20));
     }
 
     #[tokio::test]
@@ -325,30 +361,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiting_push_goes_in_once_there_is_room_and_how_it_went_is_told() {
+    async fn a_waiting_push_waits_for_room_and_is_dropped_if_the_queue_was_cleared() {
         let link = Arc::new(TestLink::default());
         let outbox = Outbox::new(link.clone());
         let stuck = user("stuck");
         fill(&outbox, &stuck, Priority::Bulk).await;
+        let before = outbox.generation(&stuck, Priority::Bulk);
         let waiter = {
             let outbox = outbox.clone();
             let stuck = stuck.clone();
             tokio::spawn(async move {
                 outbox
-                    .push_waiting(&stuck, Priority::Bulk, vec![7; 10], None)
+                    .push_waiting(&stuck, Priority::Bulk, vec![7; 10], before, None)
                     .await;
             })
         };
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "pushed without room");
+        // Cleared (its link lost): what was asked before is not queued.
         outbox.clear(&stuck, Priority::Bulk);
         waiter.await.unwrap();
+        assert_eq!(outbox.waiting(&stuck, Priority::Bulk), 0);
+        let now = outbox.generation(&stuck, Priority::Bulk);
+        assert_ne!(now, before);
+        outbox
+            .push_waiting(&stuck, Priority::Bulk, vec![7; 10], now, None)
+            .await;
         assert_eq!(outbox.waiting(&stuck, Priority::Bulk), 10);
-        // A send that fails calls its error handler.
+        // A send that fails calls its handler; a failed block send clears its
+        // queue.
+        let gone = user("gone");
         let (tx, rx) = tokio::sync::oneshot::channel();
         outbox
             .push(
-                &user("gone"),
+                &gone,
                 Priority::Control,
                 vec![1],
                 Some(Box::new(move |r| {
@@ -357,5 +403,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rx.await.unwrap(), Err("ENODEST".to_string()));
+        let before = outbox.generation(&gone, Priority::Bulk);
+        outbox.push(&gone, Priority::Bulk, vec![1], None).unwrap();
+        until("the failed send to clear the queue", || {
+            outbox.generation(&gone, Priority::Bulk) != before
+        })
+        .await;
     }
 }

@@ -248,11 +248,14 @@ pub enum MemberToOwner {
         /// [`VERSION`].
         version: u16,
     },
-    /// Tag 1: send me `group` from log position `since` (0: from scratch), then
-    /// keep pushing.
+    /// Tag 1: send me `group`: the changes after log position `since` if the
+    /// owner's log of `epoch` still holds them, else a snapshot; then keep
+    /// pushing.
     Subscribe {
         /// Group name (the owner is the peer).
         group: String,
+        /// The owner's epoch of `since`; 0 asks for a snapshot.
+        epoch: u64,
         /// Last log position applied by the member.
         since: u64,
     },
@@ -274,10 +277,13 @@ pub enum MemberToOwner {
         /// A program is waiting for it: serve before background fills.
         urgent: bool,
     },
-    /// Tag 4: everything up to `seq` is applied (the owner's cursor for us).
+    /// Tag 4: everything up to `seq` of the owner's log of `epoch` is applied:
+    /// the owner keeps what comes after in its log for us.
     Ack {
         /// Group name.
         group: String,
+        /// The epoch of the owner's log.
+        epoch: u64,
         /// Log position.
         seq: u64,
     },
@@ -306,8 +312,15 @@ pub enum OwnerToMember {
     Snapshot {
         /// Group name.
         group: String,
-        /// Log position the snapshot reflects.
+        /// The epoch of the owner's log.
+        epoch: u64,
+        /// Log position the snapshot reflects: nodes of the member newer than
+        /// this came in a later change and stay.
         seq: u64,
+        /// The position the member is at once it has applied the snapshot:
+        /// `seq`, or less while files are still being hashed (their state
+        /// follows; a member that goes away before must get it from the log).
+        settled: u64,
         /// Nodes.
         nodes: Vec<NodeState>,
         /// Whether this is the last chunk.
@@ -372,6 +385,27 @@ pub enum OwnerToMember {
         id: u64,
         /// The hash asked for.
         hash: [u8; 32],
+    },
+    /// Tag 8: one part of the answer to `Subscribe{since}` from a member whose
+    /// position the owner's log still reaches: the current state of every node
+    /// changed after `since` (parents first), then the removals. `last` marks
+    /// the final part; the member is then at `seq`.
+    CatchUp {
+        /// Group name.
+        group: String,
+        /// The epoch of the owner's log.
+        epoch: u64,
+        /// The member's position this starts from.
+        since: u64,
+        /// Log position the member is at once every part is applied.
+        seq: u64,
+        /// The changes.
+        changes: Vec<Change>,
+        /// Ids of files that exist but whose content is not settled yet: their
+        /// state follows once settled.
+        unsettled: Vec<u64>,
+        /// Whether this is the last part.
+        last: bool,
     },
 }
 
@@ -440,10 +474,12 @@ impl OwnerToMember {
         let msg: Self = decode(FROM_OWNER, bytes)?;
         match &msg {
             Self::Snapshot { nodes, .. } => nodes.iter().try_for_each(NodeState::validate)?,
-            Self::Changes { changes, .. } => changes.iter().try_for_each(|c| match c {
-                Change::Upsert(n) => n.validate(),
-                Change::Remove { .. } => Ok(()),
-            })?,
+            Self::Changes { changes, .. } | Self::CatchUp { changes, .. } => {
+                changes.iter().try_for_each(|c| match c {
+                    Change::Upsert(n) => n.validate(),
+                    Change::Remove { .. } => Ok(()),
+                })?
+            }
             Self::BlockList { blocks, .. } => {
                 if blocks.len() > LIST_PIECE {
                     return Err(ProtoError::Invalid {
@@ -531,6 +567,7 @@ mod tests {
             MemberToOwner::Hello { version: 1 }.encode()[1],
             MemberToOwner::Subscribe {
                 group: g(),
+                epoch: 0,
                 since: 0,
             }
             .encode()[1],
@@ -543,7 +580,12 @@ mod tests {
                 urgent: true,
             }
             .encode()[1],
-            MemberToOwner::Ack { group: g(), seq: 1 }.encode()[1],
+            MemberToOwner::Ack {
+                group: g(),
+                epoch: 1,
+                seq: 1,
+            }
+            .encode()[1],
             MemberToOwner::GetBlockList {
                 group: g(),
                 id: 1,
@@ -560,7 +602,9 @@ mod tests {
             OwnerToMember::Hello { version: 1 }.encode()[1],
             OwnerToMember::Snapshot {
                 group: g(),
+                epoch: 1,
                 seq: 1,
+                settled: 1,
                 nodes: vec![],
                 last: true,
                 unsettled: vec![],
@@ -602,8 +646,18 @@ mod tests {
                 hash: [0; 32],
             }
             .encode()[1],
+            OwnerToMember::CatchUp {
+                group: g(),
+                epoch: 1,
+                since: 0,
+                seq: 1,
+                changes: vec![],
+                unsettled: vec![],
+                last: true,
+            }
+            .encode()[1],
         ];
-        assert_eq!(o, [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(o, [0, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]
@@ -654,7 +708,9 @@ mod tests {
         n.size = 6;
         let msg = OwnerToMember::Snapshot {
             group: "g".into(),
+            epoch: 1,
             seq: 1,
+            settled: 1,
             nodes: vec![n],
             last: true,
             unsettled: vec![],
@@ -704,16 +760,16 @@ mod tests {
     proptest! {
         #[test]
         fn owner_messages_round_trip(nodes in proptest::collection::vec(arb_node(), 0..8), seq: u64, last: bool) {
-            let msg = OwnerToMember::Snapshot { group: "g".into(), seq, nodes, last, unsettled: vec![seq] };
+            let msg = OwnerToMember::Snapshot { group: "g".into(), epoch: seq ^ 1, seq, settled: seq / 2, nodes, last, unsettled: vec![seq] };
             prop_assert_eq!(OwnerToMember::decode(&msg.encode()).unwrap(), msg);
         }
 
         #[test]
         fn member_messages_round_trip(group in "[a-z]{1,10}", since: u64, id: u64, index: u32, urgent: bool) {
             for msg in [
-                MemberToOwner::Subscribe { group: group.clone(), since },
+                MemberToOwner::Subscribe { group: group.clone(), epoch: since ^ 7, since },
                 MemberToOwner::GetBlock { group: group.clone(), id, index, hash: [3; 32], urgent },
-                MemberToOwner::Ack { group: group.clone(), seq: since },
+                MemberToOwner::Ack { group: group.clone(), epoch: since ^ 3, seq: since },
             ] {
                 prop_assert_eq!(MemberToOwner::decode(&msg.encode()).unwrap(), msg);
             }
@@ -731,7 +787,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
             flip in any::<prop::sample::Index>(),
         ) {
-            let bytes = OwnerToMember::Snapshot { group: "g".into(), seq: 1, nodes, last: false, unsettled: vec![] }.encode();
+            let bytes = OwnerToMember::Snapshot { group: "g".into(), epoch: 1, seq: 1, settled: 1, nodes, last: false, unsettled: vec![] }.encode();
             let _ = OwnerToMember::decode(&bytes[..cut.index(bytes.len())]);
             let mut flipped = bytes.clone();
             let i = flip.index(flipped.len());

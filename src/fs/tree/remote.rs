@@ -403,6 +403,54 @@ impl Tree {
             .then_some(ino)
     }
 
+    /// The catalog this tree writes to.
+    pub fn catalog(&self) -> &crate::catalog::Catalog {
+        &self.catalog.catalog
+    }
+
+    /// The epoch of group `g`'s log: on an owner, its own; on a member, the
+    /// owner's epoch of the position applied (0: none usable).
+    pub fn epoch(&self, g: GroupId) -> u64 {
+        self.groups.get(&g).map_or(0, |g| g.row.epoch)
+    }
+
+    /// Member side: records that `g` is in step with the owner's log `epoch` at
+    /// position `seq` (after a snapshot or a catch-up: a snapshot of another
+    /// epoch may move the position back).
+    pub fn set_synced(&mut self, g: GroupId, epoch: u64, seq: u64) -> FsResult<()> {
+        let Some(group) = self.groups.get_mut(&g) else {
+            return Ok(());
+        };
+        // Never backwards in the same log: a replayed older snapshot changes
+        // nothing.
+        let seq = if group.row.epoch == epoch {
+            seq.max(group.row.next_seq.0)
+        } else {
+            seq
+        };
+        group.row.epoch = epoch;
+        group.row.next_seq = Seq(seq);
+        self.catalog.send(Op::PutGroup(group.row.clone()))?;
+        Ok(())
+    }
+
+    /// Owner side: how many directories `ino` is below its group's root.
+    pub fn depth(&self, ino: Ino) -> usize {
+        let mut depth = 0;
+        let mut at = ino;
+        while let Some(n) = self.nodes.get(&at) {
+            let Some(g) = n.row.group.and_then(|g| self.groups.get(&g)) else {
+                break;
+            };
+            if at == g.row.root || n.parent == at || depth > 4096 {
+                break;
+            }
+            at = n.parent;
+            depth += 1;
+        }
+        depth
+    }
+
     /// Member side: records the owner's log position applied in `g`.
     pub fn set_applied(&mut self, g: GroupId, seq: u64) -> FsResult<()> {
         let Some(group) = self.groups.get_mut(&g) else {
@@ -1038,6 +1086,22 @@ impl Tree {
                 Some((*ino, *id, blocks))
             })
             .collect()
+    }
+
+    /// Member side: whether a mirrored file of `g` knows neither its blocks nor
+    /// the list to ask for (its catalog lost them): only a snapshot restores it.
+    pub fn mirror_lacks_blocks(&self, g: GroupId) -> bool {
+        self.remote_ids
+            .iter()
+            .filter(|((group, _), _)| *group == g)
+            .filter_map(|(_, ino)| self.nodes.get(ino))
+            .any(|n| {
+                n.row.kind == NodeKind::File
+                    && n.row.nlink > 0
+                    && n.row.remote.is_some_and(|r| !r.local_edit)
+                    && n.blocks.is_none()
+                    && n.pending_list.is_none()
+            })
     }
 
     /// Joined groups as (group, owner, name, applied position).
