@@ -1186,13 +1186,7 @@ fn conflicts_key(g: GroupId) -> String {
 
 /// Pinned identity keys as (user, key), read without modifying the catalog.
 pub fn pinned_keys(path: &Path) -> Result<Vec<(String, [u8; 32])>, CatalogError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-            CatalogError::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            }
-        })?;
+    let conn = open_read_only(path)?;
     let mut q = conn.prepare("SELECT user, key FROM peer_keys ORDER BY user")?;
     let rows = q.query_map([], |r| {
         let key: Vec<u8> = r.get(1)?;
@@ -1203,6 +1197,16 @@ pub fn pinned_keys(path: &Path) -> Result<Vec<(String, [u8; 32])>, CatalogError>
         Ok((r.get(0)?, k))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A read-only connection to the catalog at `path`, beside the actor's.
+fn open_read_only(path: &Path) -> Result<Connection, CatalogError> {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+        CatalogError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    })
 }
 
 /// What a group's change log holds after a position.
@@ -1224,13 +1228,7 @@ pub fn log_since(
     since: u64,
     most: usize,
 ) -> Result<LogSince, CatalogError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-            CatalogError::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            }
-        })?;
+    let conn = open_read_only(path)?;
     let first: Option<i64> = conn.query_row(
         "SELECT MIN(seq) FROM changes WHERE group_id = ?1",
         [g.0 as i64],
@@ -1276,13 +1274,7 @@ pub fn log_since(
 /// member, position, when in seconds since the epoch), read from the catalog at
 /// `path`.
 pub fn acks(path: &Path) -> Result<Vec<(GroupId, String, u64, i64)>, CatalogError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-            CatalogError::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            }
-        })?;
+    let conn = open_read_only(path)?;
     let mut q = conn.prepare("SELECT group_id, user, seq, at FROM acks")?;
     let rows = q.query_map([], |r| {
         Ok((
@@ -1298,13 +1290,7 @@ pub fn acks(path: &Path) -> Result<Vec<(GroupId, String, u64, i64)>, CatalogErro
 /// The first and newest positions of group `g`'s change log at `path`, if it
 /// has entries.
 pub fn log_extent(path: &Path, g: GroupId) -> Result<Option<(u64, u64)>, CatalogError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-            CatalogError::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            }
-        })?;
+    let conn = open_read_only(path)?;
     let (first, newest): (Option<i64>, Option<i64>) = conn.query_row(
         "SELECT MIN(seq), MAX(seq) FROM changes WHERE group_id = ?1",
         [g.0 as i64],
@@ -1315,13 +1301,7 @@ pub fn log_extent(path: &Path, g: GroupId) -> Result<Option<(u64, u64)>, Catalog
 
 /// Reads a [`Summary`] from the catalog at `path` without modifying it.
 pub fn summarize(path: &Path) -> Result<Summary, CatalogError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-            CatalogError::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            }
-        })?;
+    let conn = open_read_only(path)?;
     let mut out = Summary::default();
     let mut q = conn.prepare(
         "SELECT g.id, g.owner, g.name, g.owned, \

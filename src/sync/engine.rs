@@ -1999,26 +1999,7 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                if self.inner.config.full_copy {
-                    // What the changed files hold now is pinned before any of it
-                    // arrives; what they held before is released by the next
-                    // recomputation.
-                    self.inner.cache.pin_at_least(
-                        changes
-                            .iter()
-                            .flat_map(|c| match c {
-                                Change::Upsert(n) => n.blocks.as_slice(),
-                                Change::Remove { .. } => &[],
-                            })
-                            .map(|b| BlockHash(b.hash)),
-                    );
-                    self.schedule_repin();
-                }
-                let ids = changes.iter().filter_map(|c| match c {
-                    Change::Upsert(n) => Some(n.id),
-                    Change::Remove { .. } => None,
-                });
-                self.request_fill(g, FillWork::nodes(ids));
+                self.fetch_changed(g, &changes);
             }
             OwnerToMember::CatchUp {
                 group,
@@ -2067,23 +2048,7 @@ impl Engine {
                     Ok(())
                 })
                 .await;
-                if self.inner.config.full_copy {
-                    self.inner.cache.pin_at_least(
-                        changes
-                            .iter()
-                            .flat_map(|c| match c {
-                                Change::Upsert(n) => n.blocks.as_slice(),
-                                Change::Remove { .. } => &[],
-                            })
-                            .map(|b| BlockHash(b.hash)),
-                    );
-                    self.schedule_repin();
-                }
-                let ids = changes.iter().filter_map(|c| match c {
-                    Change::Upsert(n) => Some(n.id),
-                    Change::Remove { .. } => None,
-                });
-                self.request_fill(g, FillWork::nodes(ids));
+                self.fetch_changed(g, &changes);
             }
             OwnerToMember::Block { group, hash, data } => {
                 let hash = BlockHash(hash);
@@ -2206,6 +2171,29 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// After changes of joined group `g` were applied: pins what the changed
+    /// files hold now (full copy) before any of it arrives (what they held
+    /// before is released by the next recomputation), and fetches it.
+    fn fetch_changed(&self, g: GroupId, changes: &[Change]) {
+        if self.inner.config.full_copy {
+            self.inner.cache.pin_at_least(
+                changes
+                    .iter()
+                    .flat_map(|c| match c {
+                        Change::Upsert(n) => n.blocks.as_slice(),
+                        Change::Remove { .. } => &[],
+                    })
+                    .map(|b| BlockHash(b.hash)),
+            );
+            self.schedule_repin();
+        }
+        let ids = changes.iter().filter_map(|c| match c {
+            Change::Upsert(n) => Some(n.id),
+            Change::Remove { .. } => None,
+        });
+        self.request_fill(g, FillWork::nodes(ids));
     }
 
     /// Whether block `hash` is waited for, asked of `peer`.
