@@ -1978,24 +1978,14 @@ impl Engine {
                     Position::Pushed(seq)
                 };
                 self.apply(g, position, |tree, out, gone| {
-                    for c in &changes {
-                        let r = match c {
-                            Change::Upsert(n) => {
-                                let situation = if completes_sync.contains(&n.id) {
-                                    Situation::Sync
-                                } else {
-                                    Situation::Update
-                                };
-                                tree.apply_upsert(g, n, situation, out)
-                            }
-                            Change::Remove { id } => tree
-                                .apply_remove(g, *id, Situation::Update, out)
-                                .map(|g2| gone.extend(g2)),
-                        };
-                        if let Err(e) = r {
-                            tracing::warn!(cause = %e, "cannot apply change");
+                    let upsert = |id| {
+                        if completes_sync.contains(&id) {
+                            Situation::Sync
+                        } else {
+                            Situation::Update
                         }
-                    }
+                    };
+                    apply_changes(tree, g, &changes, (out, gone), upsert, Situation::Update);
                     Ok(())
                 })
                 .await;
@@ -2034,17 +2024,8 @@ impl Engine {
                 // Applied as a sync: the member's own edits of what changed are
                 // kept as sync conflict copies, as with a snapshot.
                 self.apply(g, position, |tree, out, gone| {
-                    for c in &changes {
-                        let r = match c {
-                            Change::Upsert(n) => tree.apply_upsert(g, n, Situation::Sync, out),
-                            Change::Remove { id } => tree
-                                .apply_remove(g, *id, Situation::Sync, out)
-                                .map(|g2| gone.extend(g2)),
-                        };
-                        if let Err(e) = r {
-                            tracing::warn!(cause = %e, "cannot apply change");
-                        }
-                    }
+                    let upsert = |_| Situation::Sync;
+                    apply_changes(tree, g, &changes, (out, gone), upsert, Situation::Sync);
                     Ok(())
                 })
                 .await;
@@ -2944,6 +2925,30 @@ fn snapshot_chunks(
             .encode()
         })
         .collect()
+}
+
+/// Member side: applies `changes` to joined group `g`: an upsert of node `id`
+/// in the situation `upsert` gives (a sync or a live update), a removal in
+/// `removal`. A change that cannot be applied is logged and skipped.
+fn apply_changes(
+    tree: &mut Tree,
+    g: GroupId,
+    changes: &[Change],
+    (out, gone): (&mut Vec<Inval>, &mut Vec<crate::fs::tree::Node>),
+    upsert: impl Fn(u64) -> Situation,
+    removal: Situation,
+) {
+    for c in changes {
+        let r = match c {
+            Change::Upsert(n) => tree.apply_upsert(g, n, upsert(n.id), out),
+            Change::Remove { id } => tree
+                .apply_remove(g, *id, removal, out)
+                .map(|g2| gone.extend(g2)),
+        };
+        if let Err(e) = r {
+            tracing::warn!(cause = %e, "cannot apply change");
+        }
+    }
 }
 
 /// `changes` in messages of at most about [`NODES_BYTES`]; one (maybe empty)
